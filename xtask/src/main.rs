@@ -1,1 +1,133 @@
-fn main() {}
+//! Project automation for disha.
+//!
+//! - `cargo xtask ci` — everything CI checks (`.ci/run` calls exactly this): formatting, clippy
+//!   with `-D warnings`, the README's test command on the CPU backend, and type-checks of the
+//!   opt-in GPU backends.
+//! - `cargo xtask bench` — the benchmarks, with their summary tables.
+
+use std::process::{Command, ExitCode};
+use std::time::Instant;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(about = "disha project automation")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand, Debug)]
+enum Task {
+    /// Run every CI check, in CI's order, stopping at the first failure.
+    Ci {
+        /// Skip the GPU-backend type-checks (they compile wgpu / CUDA crates: several minutes cold).
+        #[arg(long)]
+        skip_gpu_check: bool,
+    },
+    /// Run the benchmarks (release build) and print their summary tables.
+    Bench {
+        /// Which benchmark: `adapters` (one adapted linear, every method, fwd+bwd).
+        #[arg(default_value = "adapters")]
+        which: String,
+    },
+}
+
+/// One step: a label, a program, its arguments, and extra environment variables.
+struct Step {
+    label: &'static str,
+    args: &'static [&'static str],
+    env: &'static [(&'static str, &'static str)],
+}
+
+/// The CI steps. The test step is the README's test command.
+const CI_STEPS: &[Step] = &[
+    Step {
+        label: "format",
+        args: &["fmt", "--all", "--check"],
+        env: &[],
+    },
+    Step {
+        label: "clippy",
+        args: &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
+        env: &[],
+    },
+    Step {
+        label: "tests (README: cargo test --workspace)",
+        args: &["test", "--workspace"],
+        env: &[],
+    },
+];
+
+/// Type-checks of the opt-in backends. CUDA builds normally need `nvcc` or LLVM at build time;
+/// `DOCS_RS=1` with an explicit `CUDARC_CUDA_VERSION` type-checks without either.
+const GPU_CHECK_STEPS: &[Step] = &[
+    Step {
+        label: "type-check wgpu backend",
+        args: &["check", "-p", "disha-core", "--features", "wgpu,fusion"],
+        env: &[],
+    },
+    Step {
+        label: "type-check cuda backend",
+        args: &["check", "-p", "disha-core", "--features", "cuda,fusion"],
+        env: &[("DOCS_RS", "1"), ("CUDARC_CUDA_VERSION", "12080")],
+    },
+];
+
+fn run(step: &Step) -> bool {
+    println!("\n==> {} : cargo {}", step.label, step.args.join(" "));
+    let start = Instant::now();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args(step.args)
+        .envs(step.env.iter().copied())
+        .status();
+    let ok = matches!(status, Ok(s) if s.success());
+    println!(
+        "<== {} : {} in {:.0?}",
+        step.label,
+        if ok { "ok" } else { "FAILED" },
+        start.elapsed()
+    );
+    if let Err(e) = status {
+        eprintln!("could not start cargo: {e}");
+    }
+    ok
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let steps: Vec<&Step> = match &cli.command {
+        Task::Ci { skip_gpu_check } => CI_STEPS
+            .iter()
+            .chain(GPU_CHECK_STEPS.iter().filter(|_| !skip_gpu_check))
+            .collect(),
+        Task::Bench { which } => match which.as_str() {
+            "adapters" => vec![&Step {
+                label: "bench: adapted linear, every method",
+                args: &["bench", "-p", "disha-core", "--bench", "adapted_linear"],
+                env: &[],
+            }],
+            other => {
+                eprintln!("unknown benchmark `{other}` (available: adapters)");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let start = Instant::now();
+    for step in steps {
+        if !run(step) {
+            eprintln!("\nxtask: step `{}` failed", step.label);
+            return ExitCode::FAILURE;
+        }
+    }
+    println!("\nxtask: all steps passed in {:.0?}", start.elapsed());
+    ExitCode::SUCCESS
+}

@@ -262,11 +262,17 @@ impl AdaptedLinear {
                 }
             })
             .collect();
-        if actual != expected || adapter_kind_differs(&spec, &adapter) {
+        let scale_differs = match &adapter {
+            Adapter::Lora(lora) => (lora.scale - spec.scale()).abs() > 1e-12 * spec.scale().abs(),
+            _ => false,
+        };
+        if actual != expected || adapter_kind_differs(&spec, &adapter) || scale_differs {
             return Err(self.invalid_state(format!(
-                "adapter `{name}` has tensors {actual:?} but a {} spec with r = {} needs {expected:?}",
+                "adapter `{name}` ({actual:?}) does not match its {} spec (r = {}, tensors \
+                 {expected:?}, scale {})",
                 spec.method_name(),
-                spec.r
+                spec.r,
+                spec.scale()
             )));
         }
         if self.state.active.is_empty() && self.state.merged.is_empty() {

@@ -143,6 +143,60 @@ fn t02_zero_init_is_an_exact_no_op() {
     }
 }
 
+// Merge / unmerge produce new tensors; a weight the caller still holds is never modified.
+#[test]
+fn t02b_merge_never_mutates_the_callers_tensors() {
+    let w = randn(8, 12, 1.0, 3);
+    let held = to_tensor(&w.t());
+    for spec in all_specs(12, 8, 4) {
+        let mut l = AdaptedLinear::from_weights(held.clone(), None);
+        l.add_adapter("a", &spec).unwrap();
+        randomize(&mut l, "a", 0.1, 4);
+        let adapter_before = to_mat(
+            l.adapter("a").unwrap().peft_tensors()[0]
+                .1
+                .clone()
+                .reshape([1, -1]),
+        );
+        l.merge().unwrap();
+        l.unmerge().unwrap();
+        assert_eq!(
+            to_mat(held.clone()).t(),
+            w,
+            "{}: caller's weight",
+            spec.method_name()
+        );
+        let adapter_after = to_mat(
+            l.adapter("a").unwrap().peft_tensors()[0]
+                .1
+                .clone()
+                .reshape([1, -1]),
+        );
+        assert_eq!(
+            adapter_after,
+            adapter_before,
+            "{}: adapter",
+            spec.method_name()
+        );
+    }
+    // A LoRA adapter whose scale disagrees with its spec is refused.
+    let mut l = layer(&w);
+    let lora = miss_to_lora(
+        &{
+            let mut b = layer(&w);
+            b.add_adapter("b", &AdapterSpec::bone(4)).unwrap();
+            b.adapter("b").unwrap().clone()
+        },
+        12,
+        8,
+    )
+    .unwrap();
+    let e = l
+        .insert_adapter("l", AdapterSpec::lora(4, 8.0), Adapter::Lora(lora))
+        .unwrap_err();
+    assert!(e.to_string().contains("scale"), "{e}");
+}
+
 // 3. Forward equals explicit ΔW, golden G1 exactly, both layouts; merged forward agrees.
 #[test]
 fn t03_golden_g1() {
