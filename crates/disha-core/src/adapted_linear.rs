@@ -3,10 +3,11 @@
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::{Initializer, Linear, LinearConfig};
-use burn::tensor::{DType, Device, Tensor};
+use burn::tensor::{Device, Tensor};
 
 use crate::adapter::{Adapter, AdapterSet};
-use crate::bat::{block_affine_linear, to_f32};
+use crate::bat::block_affine_linear;
+use crate::dtype::{to_dtype, to_f32};
 use crate::error::{DishaError, Result};
 use crate::spec::AdapterSpec;
 
@@ -398,10 +399,7 @@ impl AdaptedLinear {
                 };
             }
         }
-        if y.dtype() != in_dtype {
-            y = y.cast(in_dtype);
-        }
-        y
+        to_dtype(y, in_dtype)
     }
 
     /// The weight the layer would have with every pending adapter merged (Burn layout, base
@@ -425,11 +423,7 @@ impl AdaptedLinear {
             .filter_map(|n| self.adapters.get(n))
             .fold(to_f32(base), |w, adapter| adapter.merge_into(w))
             .detach();
-        if dtype == DType::F32 {
-            merged
-        } else {
-            merged.cast(dtype)
-        }
+        to_dtype(merged, dtype)
     }
 
     fn store_weight(&mut self, weight: Tensor<2>) {
@@ -503,13 +497,7 @@ impl AdaptedLinear {
                 }
             };
         }
-        let weight = weight.detach();
-        let weight = if dtype == DType::F32 {
-            weight
-        } else {
-            weight.cast(dtype)
-        };
-        self.store_weight(weight);
+        self.store_weight(to_dtype(weight.detach(), dtype));
         self.state.merged.clear();
         Ok(())
     }

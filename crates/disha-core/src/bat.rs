@@ -8,7 +8,9 @@
 //! reference for every backend. Nothing else in the crate forms `W'` for a forward pass.
 
 use burn::module::{Module, Param};
-use burn::tensor::{DType, Tensor, TensorData};
+use burn::tensor::{Tensor, TensorData};
+
+use crate::dtype::to_f32;
 
 use crate::inverse::{SingularMatrix, invert_batch};
 use crate::spec::BatOrientation;
@@ -122,15 +124,6 @@ pub fn block_affine_linear<const D: usize>(
 ) -> Tensor<D> {
     let transformed = adapter.transform_weight(weight);
     burn::tensor::module::linear(to_f32(x), transformed, bias.map(to_f32))
-}
-
-/// Casts to f32 unless already f32.
-pub(crate) fn to_f32<const D: usize>(t: Tensor<D>) -> Tensor<D> {
-    if t.dtype() == DType::F32 {
-        t
-    } else {
-        t.cast(DType::F32)
-    }
 }
 
 /// `[in, out]` → `[in/r, out/r, r, r]` with element `(b, a, p, q) = W_B⟨b,a⟩[p, q]`.

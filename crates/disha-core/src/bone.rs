@@ -2,7 +2,9 @@
 
 use burn::module::{Module, Param};
 use burn::nn::Dropout;
-use burn::tensor::{DType, Tensor};
+use burn::tensor::Tensor;
+
+use crate::dtype::to_f32;
 
 use crate::shard::{add_tiled_block, add_tiled_cols, flatten_rows, shard_sum, unflatten_rows};
 
@@ -56,12 +58,7 @@ impl BoneAdapter {
     /// - `y`: `[..., out]` — the running output the term is added to; returned with the term added.
     pub fn add_to_output<const D: usize>(&self, x: Tensor<D>, y: Tensor<D>) -> Tensor<D> {
         let dims = y.dims();
-        let x = flatten_rows(x);
-        let x = if x.dtype() == DType::F32 {
-            x
-        } else {
-            x.cast(DType::F32)
-        };
+        let x = to_f32(flatten_rows(x));
         let x = self.dropout.forward(x);
         let term = shard_sum(x, self.r()).matmul(self.block.val());
         let y = flatten_rows(y);

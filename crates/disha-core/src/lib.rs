@@ -23,6 +23,7 @@ mod adapter;
 mod bat;
 mod bone;
 mod convert;
+mod dtype;
 mod error;
 mod inverse;
 mod lora;

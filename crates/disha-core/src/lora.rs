@@ -2,7 +2,9 @@
 
 use burn::module::{Module, Param};
 use burn::nn::Dropout;
-use burn::tensor::{DType, Tensor};
+use burn::tensor::Tensor;
+
+use crate::dtype::to_f32;
 
 use crate::shard::{flatten_rows, unflatten_rows};
 
@@ -46,12 +48,7 @@ impl LoraAdapter {
     /// - `x`: `[..., in]`, `y`: `[..., out]`; output: `[..., out]`
     pub fn add_to_output<const D: usize>(&self, x: Tensor<D>, y: Tensor<D>) -> Tensor<D> {
         let dims = y.dims();
-        let x = flatten_rows(x);
-        let x = if x.dtype() == DType::F32 {
-            x
-        } else {
-            x.cast(DType::F32)
-        };
+        let x = to_f32(flatten_rows(x));
         let h = self
             .dropout
             .forward(x)

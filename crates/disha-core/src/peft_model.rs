@@ -203,6 +203,39 @@ fn plan_adapter<M: AdaptableModel + ?Sized>(
     Ok(plans)
 }
 
+/// Applies `op` to every layer `selected` picks. On the first failure, `undo` is applied to the
+/// layers already changed (best effort) and the error is returned, so the model is left as it
+/// was. Returns how many layers were changed.
+fn for_each_layer_or_roll_back<M: AdaptableModel + ?Sized>(
+    model: &mut M,
+    selected: impl Fn(&AdaptedLinear) -> bool,
+    op: impl Fn(&mut AdaptedLinear) -> Result<()>,
+    undo: impl Fn(&mut AdaptedLinear) -> Result<()>,
+) -> Result<usize> {
+    let mut done = Vec::new();
+    let mut error = None;
+    model.visit_linears_mut(&mut |site, linear| {
+        if error.is_some() || !selected(linear) {
+            return;
+        }
+        match op(linear) {
+            Ok(()) => done.push(site.name.clone()),
+            Err(e) => error = Some(e),
+        }
+    });
+    let Some(error) = error else {
+        return Ok(done.len());
+    };
+    model.visit_linears_mut(&mut |site, linear| {
+        if done.contains(&site.name)
+            && let Err(e) = undo(linear)
+        {
+            tracing::error!(layer = %site.name, %e, "could not roll back this layer");
+        }
+    });
+    Err(error)
+}
+
 /// Everything [`AdaptableModel`]s can do with adapters; implemented for every such model.
 pub trait PeftModelExt: AdaptableModel {
     /// Every adaptable layer with its `(site, d_input, d_output)`.
@@ -495,30 +528,19 @@ pub trait PeftModelExt: AdaptableModel {
     /// Nothing to merge anywhere, or a layer whose merge fails; layers merged by this call are
     /// unmerged again before the error is returned.
     fn merge_adapters(&mut self) -> Result<()> {
-        let mut merged_here = Vec::new();
-        let mut error = None;
-        self.visit_linears_mut(&mut |site, linear| {
-            let pending = linear
-                .active_adapters()
-                .iter()
-                .any(|a| !linear.merged_adapters().contains(a));
-            if error.is_some() || !pending || !linear.adapters_enabled() {
-                return;
-            }
-            match linear.merge() {
-                Ok(()) => merged_here.push(site.name.clone()),
-                Err(e) => error = Some(e),
-            }
-        });
-        if let Some(e) = error {
-            self.visit_linears_mut(&mut |site, linear| {
-                if merged_here.contains(&site.name) {
-                    let _ = linear.unmerge();
-                }
-            });
-            return Err(e);
-        }
-        if merged_here.is_empty() {
+        let has_pending = |l: &AdaptedLinear| {
+            l.adapters_enabled()
+                && l.active_adapters()
+                    .iter()
+                    .any(|a| !l.merged_adapters().contains(a))
+        };
+        let merged = for_each_layer_or_roll_back(
+            self,
+            has_pending,
+            AdaptedLinear::merge,
+            AdaptedLinear::unmerge,
+        )?;
+        if merged == 0 {
             return Err(DishaError::InvalidState {
                 layer: "<model>".into(),
                 message: "no layer has an active, unmerged adapter to merge".into(),
@@ -533,26 +555,13 @@ pub trait PeftModelExt: AdaptableModel {
     /// Nothing merged, or a layer whose unmerge fails (singular BAT block); layers unmerged by
     /// this call are merged again before the error is returned.
     fn unmerge_adapters(&mut self) -> Result<()> {
-        let mut unmerged_here = Vec::new();
-        let mut error = None;
-        self.visit_linears_mut(&mut |site, linear| {
-            if error.is_some() || !linear.is_merged() {
-                return;
-            }
-            match linear.unmerge() {
-                Ok(()) => unmerged_here.push(site.name.clone()),
-                Err(e) => error = Some(e),
-            }
-        });
-        if let Some(e) = error {
-            self.visit_linears_mut(&mut |site, linear| {
-                if unmerged_here.contains(&site.name) {
-                    let _ = linear.merge();
-                }
-            });
-            return Err(e);
-        }
-        if unmerged_here.is_empty() {
+        let unmerged = for_each_layer_or_roll_back(
+            self,
+            AdaptedLinear::is_merged,
+            AdaptedLinear::unmerge,
+            AdaptedLinear::merge,
+        )?;
+        if unmerged == 0 {
             return Err(DishaError::InvalidState {
                 layer: "<model>".into(),
                 message: "no layer is merged; nothing to unmerge".into(),

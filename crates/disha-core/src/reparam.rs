@@ -18,7 +18,7 @@ use burn::module::{
 use burn::tensor::Tensor;
 
 use crate::adapter::Adapter;
-use crate::bat::to_f32;
+use crate::dtype::{to_dtype, to_f32};
 use crate::error::Result;
 use crate::spec::AdapterSpec;
 
@@ -38,13 +38,7 @@ impl Reparameterization for DishaReparam {
         assert!(D == 2, "DishaReparam is attached to rank-2 weights only");
         let dtype = base.dtype();
         let weight: Tensor<2> = to_f32(base).reshape([dims[0], dims[1]]);
-        let merged = self.adapter.merge_into(weight);
-        let merged = if merged.dtype() == dtype {
-            merged
-        } else {
-            merged.cast(dtype)
-        };
-        merged.reshape(dims)
+        to_dtype(self.adapter.merge_into(weight), dtype).reshape(dims)
     }
 }
 
