@@ -231,6 +231,47 @@ mod tests {
     }
 
     #[test]
+    fn atomic_writes_replace_whole_files_and_leave_no_temporaries() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("file.bin");
+        write_atomic(&path, &[1u8; 1000]).unwrap();
+        write_atomic(&path, b"short").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"short");
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("file.bin")]);
+    }
+
+    #[test]
+    fn half_precision_tensors_load_as_f32() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.safetensors");
+        let values = [1.5f32, -2.25, 0.0, 1024.0];
+        let bf: Vec<u8> = values
+            .iter()
+            .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
+            .collect();
+        let hf: Vec<u8> = values
+            .iter()
+            .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+            .collect();
+        let bytes = safetensors::serialize(
+            [
+                ("b", TensorView::new(Dtype::BF16, vec![2, 2], &bf).unwrap()),
+                ("h", TensorView::new(Dtype::F16, vec![4], &hf).unwrap()),
+            ],
+            None,
+        )
+        .unwrap();
+        std::fs::write(&path, bytes).unwrap();
+        let tensors = read_safetensors(&path).unwrap();
+        assert_eq!(tensors["b"], HostTensor::new(vec![2, 2], values.to_vec()));
+        assert_eq!(tensors["h"], HostTensor::new(vec![4], values.to_vec()));
+    }
+
+    #[test]
     fn reports_missing_files_and_bad_dtypes() {
         let dir = tempfile::tempdir().unwrap();
         let e = read_adapter_dir(dir.path()).unwrap_err();
