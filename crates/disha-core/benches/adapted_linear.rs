@@ -107,20 +107,14 @@ fn bench(c: &mut Criterion) {
 /// Prints each case's median and its ratio to the frozen base, from criterion's estimates.
 fn summary() {
     let dir = output_dir().join(GROUP);
+    // Criterion sanitizes benchmark ids into directory names; match them on alphanumerics.
+    let key = |s: &str| s.replace(|c: char| !c.is_alphanumeric(), "");
     let median = |name: &str| -> Option<f64> {
-        let id = name.replace(['/', '\''], "_").replace(['(', ')'], "_");
-        let path = dir.join(&id).join("new/estimates.json");
-        let text = std::fs::read_to_string(&path).ok().or_else(|| {
-            // Criterion sanitizes ids its own way; fall back to a directory whose name matches.
-            std::fs::read_dir(&dir).ok()?.find_map(|e| {
-                let e = e.ok()?;
-                let n = e.file_name().to_string_lossy().to_string();
-                (n.replace(|c: char| !c.is_alphanumeric(), "")
-                    == name.replace(|c: char| !c.is_alphanumeric(), ""))
-                .then(|| std::fs::read_to_string(e.path().join("new/estimates.json")).ok())
-                .flatten()
-            })
-        })?;
+        let entry = std::fs::read_dir(&dir)
+            .ok()?
+            .filter_map(|e| e.ok())
+            .find(|e| key(&e.file_name().to_string_lossy()) == key(name))?;
+        let text = std::fs::read_to_string(entry.path().join("new/estimates.json")).ok()?;
         let json: serde_json::Value = serde_json::from_str(&text).ok()?;
         json["median"]["point_estimate"].as_f64()
     };

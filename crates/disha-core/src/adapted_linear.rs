@@ -183,6 +183,12 @@ impl AdaptedLinear {
         !self.state.merged.is_empty()
     }
 
+    /// `true` when enabled, active adapters are waiting to be merged (what [`merge`](Self::merge)
+    /// would fold in).
+    pub fn has_pending_adapters(&self) -> bool {
+        !self.pending().is_empty()
+    }
+
     /// `true` unless adapters are disabled.
     pub fn adapters_enabled(&self) -> bool {
         !self.state.disabled

@@ -11,7 +11,6 @@ use burn::module::{Module, Param};
 use burn::tensor::{Tensor, TensorData};
 
 use crate::dtype::to_f32;
-
 use crate::inverse::{SingularMatrix, invert_batch};
 use crate::spec::BatOrientation;
 

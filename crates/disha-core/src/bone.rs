@@ -5,7 +5,6 @@ use burn::nn::Dropout;
 use burn::tensor::Tensor;
 
 use crate::dtype::to_f32;
-
 use crate::shard::{add_tiled_block, add_tiled_cols, flatten_rows, shard_sum, unflatten_rows};
 
 /// A Bone or MiSS-mini adapter: one trainable block shared by every input shard.

@@ -5,7 +5,6 @@ use burn::nn::Dropout;
 use burn::tensor::Tensor;
 
 use crate::dtype::to_f32;
-
 use crate::shard::{flatten_rows, unflatten_rows};
 
 /// A LoRA adapter in activation space: `y = base(x) + s · (dropout(x) Aᵀ) Bᵀ`.

@@ -528,15 +528,9 @@ pub trait PeftModelExt: AdaptableModel {
     /// Nothing to merge anywhere, or a layer whose merge fails; layers merged by this call are
     /// unmerged again before the error is returned.
     fn merge_adapters(&mut self) -> Result<()> {
-        let has_pending = |l: &AdaptedLinear| {
-            l.adapters_enabled()
-                && l.active_adapters()
-                    .iter()
-                    .any(|a| !l.merged_adapters().contains(a))
-        };
         let merged = for_each_layer_or_roll_back(
             self,
-            has_pending,
+            AdaptedLinear::has_pending_adapters,
             AdaptedLinear::merge,
             AdaptedLinear::unmerge,
         )?;

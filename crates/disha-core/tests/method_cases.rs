@@ -179,7 +179,12 @@ fn t02b_merge_never_mutates_the_callers_tensors() {
             spec.method_name()
         );
     }
-    // A LoRA adapter whose scale disagrees with its spec is refused.
+}
+
+// A LoRA adapter whose scale disagrees with the spec it is inserted under is refused.
+#[test]
+fn t02c_insert_adapter_checks_the_lora_scale() {
+    let w = randn(8, 12, 1.0, 3);
     let mut l = layer(&w);
     let lora = miss_to_lora(
         &{
