@@ -27,7 +27,8 @@ enum Task {
     },
     /// Run the benchmarks (release build) and print their summary tables.
     Bench {
-        /// Which benchmark: `adapters` (one adapted linear, every method, fwd+bwd).
+        /// Which benchmark: `adapters` (one adapted linear, every method, fwd+bwd) or `models`
+        /// (SmolLM2-135M from `../shared/assets`: prefill, decode, Bone / LoRA train step).
         #[arg(default_value = "adapters")]
         which: String,
     },
@@ -71,12 +72,12 @@ const CI_STEPS: &[Step] = &[
 const GPU_CHECK_STEPS: &[Step] = &[
     Step {
         label: "type-check wgpu backend",
-        args: &["check", "-p", "disha-core", "--features", "wgpu,fusion"],
+        args: &["check", "-p", "disha-train", "--features", "wgpu,fusion"],
         env: &[],
     },
     Step {
         label: "type-check cuda backend",
-        args: &["check", "-p", "disha-core", "--features", "cuda,fusion"],
+        args: &["check", "-p", "disha-train", "--features", "cuda,fusion"],
         env: &[("DOCS_RS", "1"), ("CUDARC_CUDA_VERSION", "12080")],
     },
 ];
@@ -115,8 +116,13 @@ fn main() -> ExitCode {
                 args: &["bench", "-p", "disha-core", "--bench", "adapted_linear"],
                 env: &[],
             }],
+            "models" => vec![&Step {
+                label: "bench: SmolLM2-135M prefill, decode, Bone/LoRA train step",
+                args: &["bench", "-p", "disha-models", "--bench", "llama"],
+                env: &[],
+            }],
             other => {
-                eprintln!("unknown benchmark `{other}` (available: adapters)");
+                eprintln!("unknown benchmark `{other}` (available: adapters, models)");
                 return ExitCode::from(2);
             }
         },

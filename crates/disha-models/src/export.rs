@@ -1,0 +1,172 @@
+//! Writing a merged model as a plain HF directory (`config.json` + `model.safetensors`) that
+//! transformers loads with no PEFT installed.
+
+use std::path::Path;
+
+use burn::tensor::Tensor;
+use half::{bf16, f16};
+use safetensors::{Dtype, tensor::TensorView};
+use serde_json::Value;
+
+use crate::error::{ModelError, Result};
+use crate::llama::Llama;
+use disha_core::AdaptableModel;
+
+/// One tensor ready for serialization.
+struct Encoded {
+    name: String,
+    shape: Vec<usize>,
+    bytes: Vec<u8>,
+}
+
+fn encode(values: &[f32], dtype: Dtype) -> Vec<u8> {
+    match dtype {
+        Dtype::BF16 => values
+            .iter()
+            .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
+            .collect(),
+        Dtype::F16 => values
+            .iter()
+            .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+            .collect(),
+        _ => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    }
+}
+
+fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data()
+        .try_to_vec_as::<f32>()
+        .expect("float tensors convert to f32")
+}
+
+/// Writes `model` with every active adapter merged (PEFT `merge_and_unload` then
+/// `save_pretrained`) into the new directory `out`: `config.json` (the given one, verbatim),
+/// `model.safetensors` in the config's `dtype` (`float32`, `bfloat16` or `float16`; metadata
+/// `format=pt`), and a copy of each of `extra_files` (generation config, tokenizer files).
+///
+/// The model itself is not changed (the merged weights are computed on the side). The
+/// directory is assembled in a temporary sibling and renamed into place, so `out` either does
+/// not exist or is complete.
+///
+/// # Errors
+/// `out` exists and is not an empty directory, or I/O errors (naming the path).
+pub fn export_merged(
+    model: &Llama,
+    config_json: &Value,
+    extra_files: &[std::path::PathBuf],
+    out: &Path,
+) -> Result<()> {
+    if out.exists() {
+        let empty = out.is_dir()
+            && std::fs::read_dir(out)
+                .map_err(|e| ModelError::io(out, e))?
+                .next()
+                .is_none();
+        if !empty {
+            return Err(ModelError::io(
+                out,
+                std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "output exists and is not empty; choose a new --out directory",
+                ),
+            ));
+        }
+    }
+    let dtype = match model.config().dtype.as_str() {
+        "bfloat16" => Dtype::BF16,
+        "float16" => Dtype::F16,
+        _ => Dtype::F32,
+    };
+    let mut tensors = Vec::new();
+    let mut push = |name: String, shape: Vec<usize>, values: Vec<f32>| {
+        tensors.push(Encoded {
+            name,
+            shape,
+            bytes: encode(&values, dtype),
+        })
+    };
+    let embed = model.embed_tokens.weight.val();
+    push(
+        "model.embed_tokens.weight".into(),
+        embed.dims().to_vec(),
+        host(embed),
+    );
+    for (i, layer) in model.layers.iter().enumerate() {
+        for (norm, module) in [
+            ("input_layernorm", &layer.input_layernorm),
+            ("post_attention_layernorm", &layer.post_attention_layernorm),
+        ] {
+            let g = module.gamma.val();
+            push(
+                format!("model.layers.{i}.{norm}.weight"),
+                g.dims().to_vec(),
+                host(g),
+            );
+        }
+    }
+    let g = model.norm.gamma.val();
+    push("model.norm.weight".into(), g.dims().to_vec(), host(g));
+    model.visit_linears(&mut |site, linear| {
+        // Burn stores [in, out]; HF wants [out, in].
+        let w = linear.merged_weight().transpose();
+        push(format!("{}.weight", site.name), w.dims().to_vec(), host(w));
+        if let Some(b) = &linear.bias {
+            let b = b.val();
+            push(format!("{}.bias", site.name), b.dims().to_vec(), host(b));
+        }
+    });
+    let views = tensors
+        .iter()
+        .map(|t| {
+            TensorView::new(dtype, t.shape.clone(), &t.bytes)
+                .map(|v| (t.name.clone(), v))
+                .map_err(|e| ModelError::Safetensors {
+                    path: out.join("model.safetensors"),
+                    message: format!("tensor `{}`: {e}", t.name),
+                })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    let weights =
+        safetensors::serialize(views, Some(metadata)).map_err(|e| ModelError::Safetensors {
+            path: out.join("model.safetensors"),
+            message: e.to_string(),
+        })?;
+
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(parent).map_err(|e| ModelError::io(parent, e))?;
+    let staging = tempfile::Builder::new()
+        .prefix(".disha-export-")
+        .tempdir_in(parent)
+        .map_err(|e| ModelError::io(parent, e))?;
+    let write = |name: &str, bytes: &[u8]| -> Result<()> {
+        let path = staging.path().join(name);
+        std::fs::write(&path, bytes).map_err(|e| ModelError::io(&path, e))
+    };
+    write("model.safetensors", &weights)?;
+    let mut config = serde_json::to_string_pretty(config_json).expect("JSON values serialize");
+    config.push('\n');
+    write("config.json", config.as_bytes())?;
+    for file in extra_files {
+        let name = file
+            .file_name()
+            .ok_or_else(|| ModelError::io(file, std::io::Error::other("not a file name")))?;
+        let bytes = std::fs::read(file).map_err(|e| ModelError::io(file, e))?;
+        write(&name.to_string_lossy(), &bytes)?;
+    }
+    // Sync the files, then move the directory into place in one rename.
+    for entry in std::fs::read_dir(staging.path()).map_err(|e| ModelError::io(staging.path(), e))? {
+        let path = entry.map_err(|e| ModelError::io(staging.path(), e))?.path();
+        std::fs::File::open(&path)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| ModelError::io(&path, e))?;
+    }
+    let staged = staging.keep();
+    std::fs::rename(&staged, out).map_err(|e| {
+        let _ = std::fs::remove_dir_all(&staged);
+        ModelError::io(out, e)
+    })
+}

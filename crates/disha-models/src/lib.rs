@@ -1,0 +1,42 @@
+//! # disha-models
+//!
+//! Llama-family models for [disha](https://github.com/disha-rs/disha), written with Burn 0.22
+//! modules, every projection an [`disha_core::AdaptedLinear`] so PEFT adapters (MiSS / Bone,
+//! BAT, MiSS-mini, LoRA) load onto them by HF module name and reproduce transformers + PEFT.
+//!
+//! - [`llama::Llama`]: the model (rotate-half RoPE, GQA, KV cache, tied or untied head).
+//! - Loading: [`load_model`] takes an HF directory (single or sharded safetensors, f32 / f16 /
+//!   bf16) or a GGUF v3 file (F32, F16, BF16, Q8_0, Q4_0, Q4_1 dequantized into the frozen base).
+//! - [`TextTokenizer`]: `tokenizer.json` or the tokenizer embedded in a GGUF, with chat
+//!   templates rendered by `minijinja`.
+//! - [`generate`]: greedy / temperature / top-k / top-p sampling, seeded, with stop tokens and a
+//!   streaming callback.
+//! - [`export_merged`]: a plain HF directory of the merged model that transformers can load.
+#![warn(missing_docs)]
+
+mod chat;
+mod error;
+mod export;
+mod generate;
+pub mod gguf;
+mod gguf_llama;
+pub mod llama;
+mod load;
+mod rng;
+mod tokenizer;
+mod weights;
+
+pub use chat::{ChatMessage, ChatTemplate};
+
+/// The built-in chat templates' Jinja sources.
+pub mod chat_templates {
+    pub use crate::chat::{CHATML, LLAMA2, LLAMA3};
+}
+pub use error::{ModelError, Result};
+pub use export::export_merged;
+pub use generate::{GenerationConfig, generate};
+pub use gguf_llama::{GgufWeights, config_from_gguf, gguf_name, unpermute_rope_rows};
+pub use load::{LoadedModel, ModelFormat, load_model, load_tokenizer};
+pub use rng::SplitMix64;
+pub use tokenizer::TextTokenizer;
+pub use weights::{RandomWeights, SafetensorsWeights, WeightSource};

@@ -1,0 +1,498 @@
+//! Llama architecture hyperparameters, read from HF `config.json` (transformers 4.x and 5.x) or
+//! GGUF metadata.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+
+use crate::error::{ModelError, Result};
+
+/// How RoPE frequencies are rescaled for long contexts (`rope_scaling` / `rope_parameters`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum RopeScaling {
+    /// Plain RoPE.
+    Default,
+    /// Positions divided by `factor` (`rope_type: "linear"`).
+    Linear {
+        /// The divisor.
+        factor: f64,
+    },
+    /// Llama 3.1 / 3.2 frequency-dependent scaling (`rope_type: "llama3"`).
+    Llama3 {
+        /// Overall scale factor (8 for Llama 3.1, 32 for Llama 3.2).
+        factor: f64,
+        /// Wavelengths longer than `original / low_freq_factor` are scaled by `factor`.
+        low_freq_factor: f64,
+        /// Wavelengths shorter than `original / high_freq_factor` are kept.
+        high_freq_factor: f64,
+        /// The pre-training context length.
+        original_max_position_embeddings: f64,
+    },
+}
+
+/// Hyperparameters of a Llama-family decoder (Llama 2/3/3.1/3.2, TinyLlama, SmolLM2,
+/// Mistral-style GQA).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LlamaConfig {
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Model width.
+    pub hidden_size: usize,
+    /// MLP width.
+    pub intermediate_size: usize,
+    /// Number of decoder layers.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads (GQA when fewer than query heads).
+    pub num_key_value_heads: usize,
+    /// Per-head width (`hidden_size / num_attention_heads` unless given).
+    pub head_dim: usize,
+    /// RMSNorm epsilon.
+    pub rms_norm_eps: f64,
+    /// RoPE base.
+    pub rope_theta: f64,
+    /// RoPE frequency scaling.
+    pub rope_scaling: RopeScaling,
+    /// Longest position the model was trained for.
+    pub max_position_embeddings: usize,
+    /// The output head shares the embedding matrix.
+    pub tie_word_embeddings: bool,
+    /// q/k/v/o projections have biases.
+    pub attention_bias: bool,
+    /// gate/up/down projections have biases.
+    pub mlp_bias: bool,
+    /// Beginning-of-sequence token.
+    pub bos_token_id: Option<u32>,
+    /// End-of-sequence token(s).
+    pub eos_token_ids: Vec<u32>,
+    /// The checkpoint's parameter dtype (`"float32"`, `"bfloat16"`, `"float16"`); merged
+    /// exports are written in it.
+    pub dtype: String,
+}
+
+impl LlamaConfig {
+    /// Reads an HF `config.json`.
+    ///
+    /// # Errors
+    /// I/O, invalid JSON, a missing or malformed field (named), or an unsupported architecture
+    /// feature (a non-SiLU activation, an unknown `rope_type`).
+    pub fn from_hf_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+        let value: Value = serde_json::from_str(&text)
+            .map_err(|e| ModelError::config(path, "<json>", e.to_string()))?;
+        Self::from_hf_json(&value, path)
+    }
+
+    /// Parses an HF `config.json` value; `path` is only used in errors.
+    ///
+    /// # Errors
+    /// As [`Self::from_hf_file`].
+    pub fn from_hf_json(value: &Value, path: &Path) -> Result<Self> {
+        let obj = value
+            .as_object()
+            .ok_or_else(|| ModelError::config(path, "<root>", "expected a JSON object"))?;
+        let field = HfFields { obj, path };
+        if let Some(model_type) = obj.get("model_type").and_then(Value::as_str)
+            && !["llama", "mistral", "smollm2", "smollm3"].contains(&model_type)
+        {
+            return Err(ModelError::config(
+                path,
+                "model_type",
+                format!("`{model_type}` is not a Llama-family model (llama, mistral)"),
+            ));
+        }
+        let act = obj
+            .get("hidden_act")
+            .and_then(Value::as_str)
+            .unwrap_or("silu");
+        if act != "silu" {
+            return Err(ModelError::config(
+                path,
+                "hidden_act",
+                format!("`{act}`: Llama uses `silu`"),
+            ));
+        }
+        let hidden_size = field.usize("hidden_size")?;
+        let num_attention_heads = field.usize("num_attention_heads")?;
+        let head_dim = match obj.get("head_dim") {
+            Some(Value::Null) | None => {
+                if !hidden_size.is_multiple_of(num_attention_heads) {
+                    return Err(ModelError::config(
+                        path,
+                        "head_dim",
+                        format!(
+                            "absent, and hidden_size {hidden_size} is not divisible by \
+                             num_attention_heads {num_attention_heads}"
+                        ),
+                    ));
+                }
+                hidden_size / num_attention_heads
+            }
+            Some(_) => field.usize("head_dim")?,
+        };
+        let num_key_value_heads = match obj.get("num_key_value_heads") {
+            Some(Value::Null) | None => num_attention_heads,
+            Some(_) => field.usize("num_key_value_heads")?,
+        };
+        // transformers 5.x nests RoPE settings under `rope_parameters`; 4.x keeps `rope_theta`
+        // at the top level and the scaling under `rope_scaling`.
+        let rope_params = obj.get("rope_parameters").and_then(Value::as_object);
+        let rope_theta = match rope_params.and_then(|p| p.get("rope_theta")) {
+            Some(v) => v.as_f64().ok_or_else(|| {
+                ModelError::config(path, "rope_parameters.rope_theta", "expected a number")
+            })?,
+            None => obj
+                .get("rope_theta")
+                .map(|v| {
+                    v.as_f64()
+                        .ok_or_else(|| ModelError::config(path, "rope_theta", "expected a number"))
+                })
+                .transpose()?
+                .unwrap_or(10_000.0),
+        };
+        let scaling = match rope_params {
+            Some(p) => Some((p, "rope_parameters")),
+            None => obj
+                .get("rope_scaling")
+                .and_then(Value::as_object)
+                .map(|p| (p, "rope_scaling")),
+        };
+        let rope_scaling = match scaling {
+            Some((p, name)) => parse_rope_scaling(p, name, path)?,
+            None => RopeScaling::Default,
+        };
+        let eos_token_ids = match obj.get("eos_token_id") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(ids)) => ids
+                .iter()
+                .map(|v| {
+                    v.as_u64().map(|x| x as u32).ok_or_else(|| {
+                        ModelError::config(path, "eos_token_id", "expected integers")
+                    })
+                })
+                .collect::<Result<_>>()?,
+            Some(v) => vec![v.as_u64().ok_or_else(|| {
+                ModelError::config(path, "eos_token_id", "expected an integer or a list")
+            })? as u32],
+        };
+        let config = Self {
+            vocab_size: field.usize("vocab_size")?,
+            hidden_size,
+            intermediate_size: field.usize("intermediate_size")?,
+            num_hidden_layers: field.usize("num_hidden_layers")?,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            rms_norm_eps: field.f64_or("rms_norm_eps", 1e-6)?,
+            rope_theta,
+            rope_scaling,
+            max_position_embeddings: field.usize_or("max_position_embeddings", 2048)?,
+            tie_word_embeddings: field.bool_or("tie_word_embeddings", false)?,
+            attention_bias: field.bool_or("attention_bias", false)?,
+            mlp_bias: field.bool_or("mlp_bias", false)?,
+            bos_token_id: obj
+                .get("bos_token_id")
+                .and_then(Value::as_u64)
+                .map(|x| x as u32),
+            eos_token_ids,
+            dtype: obj
+                .get("dtype")
+                .or_else(|| obj.get("torch_dtype"))
+                .and_then(Value::as_str)
+                .unwrap_or("float32")
+                .to_string(),
+        };
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    /// Checks the head arithmetic.
+    ///
+    /// # Errors
+    /// Zero sizes, or query heads not a multiple of key/value heads.
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        for (name, v) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("head_dim", self.head_dim),
+        ] {
+            if v == 0 {
+                return Err(ModelError::config(path, name, "must be > 0"));
+            }
+        }
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
+            return Err(ModelError::config(
+                path,
+                "num_key_value_heads",
+                format!(
+                    "{} query heads are not a multiple of {} key/value heads",
+                    self.num_attention_heads, self.num_key_value_heads
+                ),
+            ));
+        }
+        if !self.head_dim.is_multiple_of(2) {
+            return Err(ModelError::config(
+                path,
+                "head_dim",
+                format!("{} is odd; RoPE rotates pairs", self.head_dim),
+            ));
+        }
+        Ok(())
+    }
+
+    /// An HF `config.json` (transformers 5.x style, `rope_parameters`) describing this model,
+    /// for exports from a GGUF source.
+    pub fn to_hf_json(&self) -> Value {
+        let mut rope = Map::new();
+        rope.insert("rope_theta".into(), json!(self.rope_theta));
+        match &self.rope_scaling {
+            RopeScaling::Default => {
+                rope.insert("rope_type".into(), json!("default"));
+            }
+            RopeScaling::Linear { factor } => {
+                rope.insert("rope_type".into(), json!("linear"));
+                rope.insert("factor".into(), json!(factor));
+            }
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                rope.insert("rope_type".into(), json!("llama3"));
+                rope.insert("factor".into(), json!(factor));
+                rope.insert("low_freq_factor".into(), json!(low_freq_factor));
+                rope.insert("high_freq_factor".into(), json!(high_freq_factor));
+                rope.insert(
+                    "original_max_position_embeddings".into(),
+                    json!(*original_max_position_embeddings as u64),
+                );
+            }
+        }
+        let eos = match self.eos_token_ids.as_slice() {
+            [] => Value::Null,
+            [one] => json!(one),
+            many => json!(many),
+        };
+        json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_parameters": Value::Object(rope),
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": self.attention_bias,
+            "mlp_bias": self.mlp_bias,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": eos,
+            "dtype": self.dtype,
+        })
+    }
+
+    /// Key/value width (`num_key_value_heads · head_dim`).
+    pub fn kv_dim(&self) -> usize {
+        self.num_key_value_heads * self.head_dim
+    }
+
+    /// Query width (`num_attention_heads · head_dim`).
+    pub fn q_dim(&self) -> usize {
+        self.num_attention_heads * self.head_dim
+    }
+}
+
+fn parse_rope_scaling(p: &Map<String, Value>, name: &str, path: &Path) -> Result<RopeScaling> {
+    let kind = p
+        .get("rope_type")
+        .or_else(|| p.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    let num = |key: &str| -> Result<f64> {
+        p.get(key).and_then(Value::as_f64).ok_or_else(|| {
+            ModelError::config(
+                path,
+                format!("{name}.{key}"),
+                format!("required for rope_type `{kind}`"),
+            )
+        })
+    };
+    match kind {
+        "default" => Ok(RopeScaling::Default),
+        "linear" => Ok(RopeScaling::Linear {
+            factor: num("factor")?,
+        }),
+        "llama3" => Ok(RopeScaling::Llama3 {
+            factor: num("factor")?,
+            low_freq_factor: num("low_freq_factor")?,
+            high_freq_factor: num("high_freq_factor")?,
+            original_max_position_embeddings: num("original_max_position_embeddings")?,
+        }),
+        other => Err(ModelError::config(
+            path,
+            format!("{name}.rope_type"),
+            format!("`{other}` is not supported (default, linear, llama3)"),
+        )),
+    }
+}
+
+/// Typed access to top-level `config.json` fields with errors naming the field.
+struct HfFields<'a> {
+    obj: &'a Map<String, Value>,
+    path: &'a Path,
+}
+
+impl HfFields<'_> {
+    fn usize(&self, key: &str) -> Result<usize> {
+        match self.obj.get(key) {
+            Some(v) => v.as_u64().map(|x| x as usize).ok_or_else(|| {
+                ModelError::config(
+                    self.path,
+                    key,
+                    format!("expected a non-negative integer, got {v}"),
+                )
+            }),
+            None => Err(ModelError::config(self.path, key, "missing")),
+        }
+    }
+
+    fn usize_or(&self, key: &str, default: usize) -> Result<usize> {
+        match self.obj.get(key) {
+            None | Some(Value::Null) => Ok(default),
+            Some(_) => self.usize(key),
+        }
+    }
+
+    fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
+        match self.obj.get(key) {
+            None | Some(Value::Null) => Ok(default),
+            Some(v) => v.as_f64().ok_or_else(|| {
+                ModelError::config(self.path, key, format!("expected a number, got {v}"))
+            }),
+        }
+    }
+
+    fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
+        match self.obj.get(key) {
+            None | Some(Value::Null) => Ok(default),
+            Some(v) => v.as_bool().ok_or_else(|| {
+                ModelError::config(self.path, key, format!("expected true or false, got {v}"))
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(v: Value) -> Result<LlamaConfig> {
+        LlamaConfig::from_hf_json(&v, Path::new("config.json"))
+    }
+
+    fn base() -> Value {
+        json!({"vocab_size": 128, "hidden_size": 64, "intermediate_size": 172,
+               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2})
+    }
+
+    #[test]
+    fn rope_theta_from_either_transformers_version() {
+        let mut v4 = base();
+        v4["rope_theta"] = json!(500000.0);
+        v4["rope_scaling"] = json!({"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
+        let mut v5 = base();
+        v5["rope_parameters"] = json!({"rope_theta": 500000.0, "rope_type": "llama3", "factor": 32.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
+        let a = parse(v4).unwrap();
+        let b = parse(v5).unwrap();
+        assert_eq!(a.rope_theta, 500000.0);
+        assert_eq!(a, b);
+        assert!(matches!(a.rope_scaling, RopeScaling::Llama3 { factor, .. } if factor == 32.0));
+        assert_eq!(a.head_dim, 16);
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let mut v = base();
+        v["hidden_act"] = json!("gelu");
+        assert!(parse(v).unwrap_err().to_string().contains("hidden_act"));
+        let mut v = base();
+        v["num_key_value_heads"] = json!(3);
+        assert!(
+            parse(v)
+                .unwrap_err()
+                .to_string()
+                .contains("num_key_value_heads")
+        );
+        let mut v = base();
+        v.as_object_mut().unwrap().remove("vocab_size");
+        assert!(
+            parse(v)
+                .unwrap_err()
+                .to_string()
+                .contains("`vocab_size`: missing")
+        );
+        let mut v = base();
+        v["rope_scaling"] = json!({"type": "yarn", "factor": 4.0});
+        assert!(
+            parse(v)
+                .unwrap_err()
+                .to_string()
+                .contains("rope_scaling.rope_type")
+        );
+    }
+
+    #[test]
+    fn hf_json_round_trips() {
+        let mut v = base();
+        v["rope_parameters"] = json!({"rope_theta": 500000.0, "rope_type": "llama3", "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
+        v["eos_token_id"] = json!([128001, 128009]);
+        let c = parse(v).unwrap();
+        assert_eq!(parse(c.to_hf_json()).unwrap(), c);
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests_support {
+    use super::*;
+
+    /// A tiny GQA config with non-divisible MLP width, for unit tests.
+    pub(crate) fn tiny_config() -> LlamaConfig {
+        LlamaConfig {
+            vocab_size: 32,
+            hidden_size: 16,
+            intermediate_size: 20,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            head_dim: 4,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            rope_scaling: RopeScaling::Default,
+            max_position_embeddings: 64,
+            tie_word_embeddings: false,
+            attention_bias: false,
+            mlp_bias: false,
+            bos_token_id: Some(1),
+            eos_token_ids: vec![2],
+            dtype: "float32".into(),
+        }
+    }
+}

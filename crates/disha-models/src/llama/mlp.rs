@@ -1,0 +1,28 @@
+//! The SwiGLU feed-forward block.
+
+use burn::module::Module;
+use burn::tensor::Tensor;
+use burn::tensor::activation::silu;
+use disha_core::AdaptedLinear;
+
+/// `down(silu(gate(x)) ⊙ up(x))`, every projection an adaptable linear.
+///
+/// # Shapes
+/// - input / output: `[..., hidden]`
+#[derive(Module, Debug)]
+pub struct LlamaMlp {
+    /// Gate projection `[hidden, intermediate]`.
+    pub gate_proj: AdaptedLinear,
+    /// Up projection `[hidden, intermediate]`.
+    pub up_proj: AdaptedLinear,
+    /// Down projection `[intermediate, hidden]`.
+    pub down_proj: AdaptedLinear,
+}
+
+impl LlamaMlp {
+    /// Applies the block.
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let gate = silu(self.gate_proj.forward(x.clone()));
+        self.down_proj.forward(gate * self.up_proj.forward(x))
+    }
+}

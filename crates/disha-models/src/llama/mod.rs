@@ -1,0 +1,15 @@
+//! The Llama family (Llama 2/3/3.1/3.2, TinyLlama, SmolLM2, Mistral-style GQA).
+
+mod attention;
+mod config;
+mod mlp;
+mod model;
+mod rope;
+
+pub use attention::{LayerKv, LlamaAttention};
+pub use config::{LlamaConfig, RopeScaling};
+pub use mlp::LlamaMlp;
+pub use model::{
+    IGNORE_INDEX, Llama, LlamaCache, LlamaDecoderLayer, causal_lm_loss, hf_tensor_shapes,
+};
+pub use rope::{RotaryEmbedding, apply_rotary};

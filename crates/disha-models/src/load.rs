@@ -1,0 +1,124 @@
+//! One entry point for `--model PATH`: an HF directory or a GGUF file.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::Device;
+use serde_json::Value;
+
+use crate::error::{ModelError, Result};
+use crate::gguf::GgufFile;
+use crate::gguf_llama::{GgufWeights, config_from_gguf};
+use crate::llama::{Llama, LlamaConfig};
+use crate::tokenizer::TextTokenizer;
+use crate::weights::SafetensorsWeights;
+
+/// Where a model was loaded from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModelFormat {
+    /// An HF directory with `config.json` and safetensors weights.
+    HfSafetensors,
+    /// A llama.cpp GGUF file (dequantized at load).
+    Gguf,
+}
+
+/// A loaded model and what is needed to write it back out.
+#[derive(Debug)]
+pub struct LoadedModel {
+    /// The model (base weights frozen, no adapters yet).
+    pub model: Llama,
+    /// What was read.
+    pub format: ModelFormat,
+    /// The path given.
+    pub path: PathBuf,
+    /// The original `config.json` (HF sources), kept verbatim for merged exports.
+    pub hf_config: Option<Value>,
+}
+
+impl LoadedModel {
+    /// The architecture.
+    pub fn config(&self) -> &LlamaConfig {
+        self.model.config()
+    }
+
+    /// The `config.json` a merged export should carry: the original one for HF sources, one
+    /// generated from the metadata for GGUF.
+    pub fn export_config(&self) -> Value {
+        self.hf_config
+            .clone()
+            .unwrap_or_else(|| self.config().to_hf_json())
+    }
+}
+
+fn is_gguf(path: &Path) -> bool {
+    path.is_file()
+        && (path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+            || std::fs::File::open(path)
+                .and_then(|mut f| {
+                    let mut magic = [0u8; 4];
+                    std::io::Read::read_exact(&mut f, &mut magic).map(|()| magic)
+                })
+                .is_ok_and(|m| &m == b"GGUF"))
+}
+
+/// Loads a Llama-family model from an HF directory (`config.json` + `model.safetensors` or a
+/// sharded index; f32, f16 or bf16 weights, computed in f32) or a GGUF file.
+///
+/// # Errors
+/// The path is neither; config or tensor errors naming the field or tensor.
+pub fn load_model(path: &Path, device: &Device) -> Result<LoadedModel> {
+    if is_gguf(path) {
+        let file = GgufFile::open(path)?;
+        let config = config_from_gguf(&file)?;
+        let mut weights = GgufWeights::new(file, &config);
+        let model = Llama::from_source(&config, &mut weights, device)?;
+        return Ok(LoadedModel {
+            model,
+            format: ModelFormat::Gguf,
+            path: path.to_path_buf(),
+            hf_config: None,
+        });
+    }
+    let config_path = path.join("config.json");
+    if !path.is_dir() || !config_path.is_file() {
+        return Err(ModelError::NotAModel {
+            path: path.to_path_buf(),
+        });
+    }
+    let text =
+        std::fs::read_to_string(&config_path).map_err(|e| ModelError::io(&config_path, e))?;
+    let json: Value = serde_json::from_str(&text)
+        .map_err(|e| ModelError::config(&config_path, "<json>", e.to_string()))?;
+    let config = LlamaConfig::from_hf_json(&json, &config_path)?;
+    let mut weights = SafetensorsWeights::open(path)?;
+    let model = Llama::from_source(&config, &mut weights, device)?;
+    Ok(LoadedModel {
+        model,
+        format: ModelFormat::HfSafetensors,
+        path: path.to_path_buf(),
+        hf_config: Some(json),
+    })
+}
+
+/// The tokenizer that belongs to `--model PATH`: `tokenizer.json` in an HF directory (with
+/// `tokenizer_config.json` / `chat_template.jinja`), or the one embedded in a GGUF file.
+///
+/// # Errors
+/// No tokenizer found (the message says where it looked), or it fails to load.
+pub fn load_tokenizer(path: &Path) -> Result<TextTokenizer> {
+    if is_gguf(path) {
+        return TextTokenizer::from_gguf(&GgufFile::open(path)?);
+    }
+    let file = path.join("tokenizer.json");
+    if file.is_file() {
+        return TextTokenizer::from_file(&file);
+    }
+    Err(ModelError::Tokenizer {
+        source_name: path.display().to_string(),
+        message: format!(
+            "no tokenizer: {} does not exist (pass a tokenizer.json explicitly)",
+            file.display()
+        ),
+    })
+}

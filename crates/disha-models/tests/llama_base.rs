@@ -1,0 +1,208 @@
+//! Base-model parity with transformers: logits, every hidden state and the loss of the tiny
+//! golden Llamas (GQA, rotate-half RoPE, untied head, divisible and non-divisible MLP widths).
+
+mod common;
+
+use std::path::Path;
+
+use burn::tensor::Device;
+use common::*;
+use disha_models::llama::causal_lm_loss;
+use disha_models::{ModelFormat, load_model};
+
+/// Logits reach |x| ≈ 4 here; f32 summation-order differences between PyTorch's and Burn's
+/// matmuls are ~1e-6, so 1e-4 (the fixtures' suggested tolerance) leaves a wide margin while
+/// catching any layout or RoPE error (those are O(1)).
+const LOGITS_TOL: f32 = 1e-4;
+
+fn check_base(model_dir: &Path, golden_path: &Path) {
+    let device = Device::default();
+    let loaded = load_model(model_dir, &device).unwrap();
+    assert_eq!(loaded.format, ModelFormat::HfSafetensors);
+    let golden = read_golden(golden_path);
+    let ids = ids_tensor(&golden["input_ids"], &device);
+    let logits = loaded.model.forward(ids.clone());
+    let d = assert_close(
+        "logits",
+        &host(logits.clone()),
+        &golden["logits"].f32,
+        LOGITS_TOL,
+    );
+    eprintln!("{}: logits max |diff| {d:e}", model_dir.display());
+    let states = loaded.model.hidden_states(ids.clone());
+    assert_eq!(states.len(), loaded.config().num_hidden_layers + 1);
+    for (i, s) in states.into_iter().enumerate() {
+        assert_close(
+            &format!("hidden_states.{i}"),
+            &host(s),
+            &golden[&format!("hidden_states.{i}")].f32,
+            LOGITS_TOL,
+        );
+    }
+    let loss = host(causal_lm_loss(logits, ids));
+    assert_close("loss", &loss, &golden["loss"].f32, 1e-5);
+}
+
+#[test]
+fn bundled_tiny_llama_matches_transformers() {
+    let dir = bundled_tiny();
+    check_base(&dir.join("base"), &dir.join("base_golden.safetensors"));
+}
+
+#[test]
+fn both_shared_tiny_llamas_match_transformers() {
+    let Some(root) = fixtures_root() else { return };
+    for config in ["div", "nondiv"] {
+        let dir = root.join("llama_tiny").join(config);
+        check_base(&dir.join("base"), &dir.join("base_golden.safetensors"));
+    }
+}
+
+#[test]
+fn incremental_decoding_equals_the_full_forward() {
+    let device = Device::default();
+    let loaded = load_model(&bundled_tiny().join("base"), &device).unwrap();
+    let golden = read_golden(&bundled_tiny().join("base_golden.safetensors"));
+    let ids = ids_tensor(&golden["input_ids"], &device);
+    let full = host(loaded.model.forward(ids.clone()));
+    let mut cache = disha_models::llama::LlamaCache::new();
+    let first = loaded
+        .model
+        .forward_cached(ids.clone().narrow(1, 0, 5), &mut cache);
+    let rest = loaded
+        .model
+        .forward_cached(ids.clone().narrow(1, 5, 7), &mut cache);
+    assert_eq!(cache.len(), 12);
+    let joined = host(burn::tensor::Tensor::cat(vec![first, rest], 1));
+    // Same math in a different grouping: only rounding differs.
+    assert_close("cached vs full", &joined, &full, 1e-5);
+}
+
+#[test]
+fn missing_and_misshapen_tensors_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = bundled_tiny().join("base");
+    std::fs::copy(
+        src.join("model.safetensors"),
+        tmp.path().join("model.safetensors"),
+    )
+    .unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    config["intermediate_size"] = serde_json::json!(170);
+    std::fs::write(tmp.path().join("config.json"), config.to_string()).unwrap();
+    let err = load_model(tmp.path(), &Device::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("model.layers.0.mlp.gate_proj.weight") && err.contains("[170, 64]"),
+        "{err}"
+    );
+    config["intermediate_size"] = serde_json::json!(176);
+    config["num_hidden_layers"] = serde_json::json!(3);
+    std::fs::write(tmp.path().join("config.json"), config.to_string()).unwrap();
+    let err = load_model(tmp.path(), &Device::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("missing tensor `model.layers.2."), "{err}");
+    let err = load_model(Path::new("/nonexistent/model"), &Device::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not a model"), "{err}");
+}
+
+/// Rewrites the bundled model as `shards` safetensors files (in `dtype`) plus an index.
+fn write_sharded(dir: &Path, shards: usize, dtype: safetensors::Dtype) {
+    let src = bundled_tiny().join("base");
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = file.names().into_iter().map(str::to_string).collect();
+    names.sort();
+    let mut weight_map = serde_json::Map::new();
+    for (i, chunk) in names.chunks(names.len().div_ceil(shards)).enumerate() {
+        let shard = format!("model-{:05}-of-{shards:05}.safetensors", i + 1);
+        let encoded: Vec<(String, Vec<usize>, Vec<u8>)> = chunk
+            .iter()
+            .map(|name| {
+                let view = file.tensor(name).unwrap();
+                let data: Vec<u8> = view
+                    .data()
+                    .chunks_exact(4)
+                    .flat_map(|b| {
+                        let v = f32::from_le_bytes(b.try_into().unwrap());
+                        match dtype {
+                            safetensors::Dtype::BF16 => {
+                                half::bf16::from_f32(v).to_le_bytes().to_vec()
+                            }
+                            safetensors::Dtype::F16 => {
+                                half::f16::from_f32(v).to_le_bytes().to_vec()
+                            }
+                            _ => v.to_le_bytes().to_vec(),
+                        }
+                    })
+                    .collect();
+                (name.clone(), view.shape().to_vec(), data)
+            })
+            .collect();
+        let views: Vec<_> = encoded
+            .iter()
+            .map(|(n, s, d)| {
+                (
+                    n.clone(),
+                    safetensors::tensor::TensorView::new(dtype, s.clone(), d).unwrap(),
+                )
+            })
+            .collect();
+        std::fs::write(
+            dir.join(&shard),
+            safetensors::serialize(views, None).unwrap(),
+        )
+        .unwrap();
+        for name in chunk {
+            weight_map.insert(name.clone(), serde_json::json!(shard));
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+}
+
+#[test]
+fn sharded_and_half_precision_checkpoints_load() {
+    let device = Device::default();
+    let golden = read_golden(&bundled_tiny().join("base_golden.safetensors"));
+    let ids = ids_tensor(&golden["input_ids"], &device);
+    let reference = &golden["logits"].f32;
+
+    let sharded = tempfile::tempdir().unwrap();
+    write_sharded(sharded.path(), 3, safetensors::Dtype::F32);
+    let model = load_model(sharded.path(), &device).unwrap().model;
+    // Same f32 weights, only the container differs: identical logits (up to the 1e-4 of the
+    // transformers comparison).
+    assert_close(
+        "sharded f32",
+        &host(model.forward(ids.clone())),
+        reference,
+        LOGITS_TOL,
+    );
+
+    for dtype in [safetensors::Dtype::BF16, safetensors::Dtype::F16] {
+        let dir = tempfile::tempdir().unwrap();
+        write_sharded(dir.path(), 2, dtype);
+        let model = load_model(dir.path(), &device).unwrap().model;
+        // Weights rounded to 8 (bf16) or 11 (f16) mantissa bits: logits of magnitude ~4 move
+        // by ~1e-2 at most for bf16; a mis-decoded tensor moves them by O(1).
+        let d = max_abs_diff(&host(model.forward(ids.clone())), reference);
+        let tol = if dtype == safetensors::Dtype::BF16 {
+            5e-2
+        } else {
+            5e-3
+        };
+        assert!(d > 0.0 && d < tol, "{dtype:?}: {d:e}");
+    }
+
+    // A shard listed in the index but missing is named.
+    std::fs::remove_file(sharded.path().join("model-00002-of-00003.safetensors")).unwrap();
+    let err = load_model(sharded.path(), &device).unwrap_err().to_string();
+    assert!(err.contains("model-00002-of-00003.safetensors"), "{err}");
+}

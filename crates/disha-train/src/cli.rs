@@ -1,0 +1,160 @@
+//! The command-line grammar (clap derive).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::device::DeviceChoice;
+
+/// DiSHA dimension-sharding fine-tuning (Bone / MiSS, BAT, MiSS-mini, LoRA) on Burn.
+///
+/// `--model` accepts an HF directory (config.json + safetensors, single or sharded) or a
+/// llama.cpp `.gguf` file; `--adapter` a PEFT adapter directory (MISS, legacy BONE or LORA).
+#[derive(Parser, Debug)]
+#[command(name = "disha", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Print the architecture, parameter counts and, with --adapter, what the adapter targets.
+    Inspect(InspectArgs),
+    /// Run the forward pass on token ids and write the logits (a parity tool).
+    Logits(LogitsArgs),
+    /// Generate text from a prompt (greedy by default), streaming it to stdout.
+    Generate(GenerateArgs),
+    /// Merge an adapter into the base weights and write a plain HF model directory.
+    Merge(MergeArgs),
+    /// Convert an adapter directory: legacy Bone → MiSS, or MiSS → an exactly equivalent LoRA.
+    ExportAdapter(ExportAdapterArgs),
+}
+
+/// The model, an optional adapter, and the device.
+#[derive(Args, Debug)]
+pub struct ModelArgs {
+    /// HF model directory or .gguf file.
+    #[arg(long, value_name = "PATH")]
+    pub model: PathBuf,
+    /// PEFT adapter directory to load on top of the model.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
+    /// Compute backend.
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    pub device: DeviceChoice,
+}
+
+/// `disha inspect`.
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+}
+
+/// `disha logits`.
+#[derive(Args, Debug)]
+pub struct LogitsArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Comma-separated token ids of one sequence, e.g. `1,2,3`.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        conflicts_with = "tokens_file",
+        required_unless_present = "tokens_file"
+    )]
+    pub tokens: Vec<i64>,
+    /// A safetensors file with an I64 `input_ids` tensor [batch, seq] (the fixtures' format).
+    #[arg(long, value_name = "FILE")]
+    pub tokens_file: Option<PathBuf>,
+    /// Write `logits` [batch, seq, vocab] (F32) and `input_ids` to this safetensors file.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+}
+
+/// `disha generate`.
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The prompt text.
+    #[arg(long)]
+    pub prompt: String,
+    /// Wrap the prompt in the model's chat template (as a user turn).
+    #[arg(long)]
+    pub chat: bool,
+    /// System message for --chat (otherwise the template's default, if any).
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
+    /// Chat template: a built-in (`chatml`, `llama2`, `llama3`) or a .jinja file; default: the
+    /// tokenizer's own.
+    #[arg(long, requires = "chat", value_name = "NAME|FILE")]
+    pub chat_template: Option<String>,
+    /// A tokenizer.json to use instead of the model's.
+    #[arg(long, value_name = "FILE")]
+    pub tokenizer: Option<PathBuf>,
+    /// Maximum number of new tokens.
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
+    /// Sampling temperature; 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Keep only the k most likely tokens.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Nucleus sampling: keep the smallest set with this probability mass.
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    /// Sampling seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// `disha merge`.
+#[derive(Args, Debug)]
+pub struct MergeArgs {
+    /// HF model directory or .gguf file.
+    #[arg(long, value_name = "PATH")]
+    pub model: PathBuf,
+    /// PEFT adapter directory to merge.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: PathBuf,
+    /// New output directory (must not exist, or be empty).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Compute backend.
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    pub device: DeviceChoice,
+}
+
+/// Target format of `disha export-adapter`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AdapterFormat {
+    /// PEFT MISS (reads legacy BONE directories and rewrites them as MISS).
+    Miss,
+    /// PEFT LORA, exactly equivalent (Bone / mini only; needs --model for the layer shapes).
+    Lora,
+}
+
+/// `disha export-adapter`.
+#[derive(Args, Debug)]
+pub struct ExportAdapterArgs {
+    /// The PEFT adapter directory to convert.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: PathBuf,
+    /// Output directory.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Target format.
+    #[arg(long, value_enum, default_value_t = AdapterFormat::Miss)]
+    pub to: AdapterFormat,
+    /// The base model (required for --to lora: LoRA's A matrix needs each layer's input size).
+    #[arg(long, value_name = "PATH", required_if_eq("to", "lora"))]
+    pub model: Option<PathBuf>,
+    /// Compute backend.
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    pub device: DeviceChoice,
+}

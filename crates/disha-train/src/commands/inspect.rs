@@ -1,0 +1,86 @@
+//! `disha inspect`: architecture, parameter counts, adapter targets.
+
+use std::collections::BTreeMap;
+
+use std::fmt::Write;
+
+use disha_core::PeftModelExt;
+use disha_models::{ModelFormat, load_tokenizer};
+
+use super::{load_model_args, print_stdout};
+use crate::cli::InspectArgs;
+use crate::error::CliResult;
+
+pub fn run(args: InspectArgs) -> CliResult {
+    let mut out = String::new();
+    let (loaded, adapter, _) = load_model_args(&args.model)?;
+    let c = loaded.config();
+    let format = match loaded.format {
+        ModelFormat::HfSafetensors => "HF safetensors",
+        ModelFormat::Gguf => "GGUF (dequantized to f32)",
+    };
+    let _ = writeln!(out, "model        {} [{format}]", loaded.path.display());
+    let _ = writeln!(
+        out,
+        "architecture Llama: {} layers, hidden {}, MLP {}, heads {} (kv {}), head_dim {}",
+        c.num_hidden_layers,
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.head_dim
+    );
+    let _ = writeln!(
+        out,
+        "             vocab {}, rope_theta {}, rope scaling {:?}, rms eps {:e}, tied head {}, dtype {}",
+        c.vocab_size, c.rope_theta, c.rope_scaling, c.rms_norm_eps, c.tie_word_embeddings, c.dtype
+    );
+    let _ = match load_tokenizer(&loaded.path) {
+        Ok(t) => writeln!(
+            out,
+            "tokenizer    {} tokens, chat template: {}",
+            t.vocab_size(),
+            if t.chat_template().is_some() {
+                "yes"
+            } else {
+                "no"
+            }
+        ),
+        Err(e) => writeln!(out, "tokenizer    none ({e})"),
+    };
+    // The seven projections of layer 0 (every layer has the same shapes).
+    let sites = loaded.model.linear_sites();
+    let _ = writeln!(out, "linear layers {} adaptable:", sites.len());
+    for (site, d_in, d_out) in sites.iter().filter(|(s, _, _)| {
+        s.name.starts_with("model.layers.0.") || !s.name.starts_with("model.layers.")
+    }) {
+        let _ = writeln!(out, "  {:<36} [in {d_in:>6} -> out {d_out:>6}]", site.name);
+    }
+    if let Some(config) = adapter {
+        let spec = config.spec();
+        let _ = writeln!(
+            out,
+            "adapter      {} (PEFT {:?}, r = {}) from {}",
+            spec.method_name(),
+            config.peft_type,
+            config.r,
+            args.model
+                .adapter
+                .as_ref()
+                .expect("adapter loaded")
+                .display()
+        );
+        let mut by_module: BTreeMap<String, usize> = BTreeMap::new();
+        disha_core::AdaptableModel::visit_linears(&loaded.model, &mut |site, linear| {
+            if linear.adapter(super::ADAPTER_NAME).is_some() {
+                let short = site.name.rsplit('.').next().unwrap_or(&site.name);
+                *by_module.entry(short.to_string()).or_default() += 1;
+            }
+        });
+        let targets: Vec<String> = by_module.iter().map(|(m, n)| format!("{m} x{n}")).collect();
+        let _ = writeln!(out, "targets      {}", targets.join(", "));
+    }
+    let _ = writeln!(out, "{}", loaded.model.parameter_count());
+    print_stdout(&out);
+    Ok(())
+}

@@ -1,0 +1,303 @@
+//! End-to-end tests of the `disha` binary: exit codes, one-line errors, and the parity
+//! outputs of `logits`, `merge` and `export-adapter` against the golden fixtures.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn disha(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_disha"))
+        .args(args)
+        .output()
+        .expect("the disha binary runs")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = disha(args);
+    assert!(
+        out.status.success(),
+        "disha {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs a command that must fail; returns its stderr, checked to be one `error:` line.
+fn fails(args: &[&str]) -> String {
+    let out = disha(args);
+    assert!(!out.status.success(), "disha {args:?} should fail");
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.starts_with("error: "), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+    err
+}
+
+fn fixtures() -> Option<PathBuf> {
+    let root = std::env::var_os("DISHA_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures"));
+    if root.join("llama_tiny").is_dir() {
+        return Some(root.join("llama_tiny"));
+    }
+    let reason = format!(
+        "fixtures not found at {} (set DISHA_FIXTURES)",
+        root.display()
+    );
+    assert!(
+        std::env::var("DISHA_REQUIRE_FIXTURES").as_deref() != Ok("1"),
+        "{reason}"
+    );
+    eprintln!("SKIPPED: {reason}");
+    None
+}
+
+fn tensors(path: &Path) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    file.iter()
+        .filter(|(_, v)| v.dtype() == safetensors::Dtype::F32)
+        .map(|(k, v)| {
+            let values = v
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect();
+            (k.to_string(), (v.shape().to_vec(), values))
+        })
+        .collect()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn help_lists_every_subcommand() {
+    let help = ok(&["--help"]);
+    for cmd in ["inspect", "logits", "generate", "merge", "export-adapter"] {
+        assert!(help.contains(cmd), "{help}");
+    }
+    assert!(ok(&["logits", "--help"]).contains("--tokens-file"));
+}
+
+#[test]
+fn bad_input_gives_one_line_errors() {
+    let err = fails(&["inspect", "--model", "/nonexistent/model"]);
+    assert!(
+        err.contains("/nonexistent/model") && err.contains("not a model"),
+        "{err}"
+    );
+    if !cfg!(feature = "cuda") {
+        let err = fails(&["inspect", "--model", "x", "--device", "cuda"]);
+        assert!(err.contains("--features cuda"), "{err}");
+    }
+    let Some(root) = fixtures() else { return };
+    let base = root.join("div/base");
+    let err = fails(&["logits", "--model", s(&base), "--tokens", "1,2,999"]);
+    assert!(err.contains("999") && err.contains("vocabulary"), "{err}");
+    let err = fails(&[
+        "logits",
+        "--model",
+        s(&base),
+        "--tokens-file",
+        s(&base.join("config.json")),
+    ]);
+    assert!(err.contains("config.json"), "{err}");
+    // BAT cannot adapt the non-divisible MLP: the error names the layer.
+    let err = fails(&[
+        "inspect",
+        "--model",
+        s(&root.join("nondiv/base")),
+        "--adapter",
+        s(&root.join("div/miss_bat_rand/adapter")),
+    ]);
+    assert!(err.contains("mlp"), "{err}");
+}
+
+#[test]
+fn logits_reproduce_the_peft_adapter_logits() {
+    let Some(root) = fixtures() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    for variant in [
+        "div/miss_default_rand",
+        "div/miss_bat_rand",
+        "nondiv/lora_rand",
+    ] {
+        let dir = root.join(variant);
+        let config = variant.split('/').next().unwrap();
+        let out = tmp
+            .path()
+            .join(format!("{}.safetensors", variant.replace('/', "_")));
+        let report = ok(&[
+            "logits",
+            "--model",
+            s(&root.join(config).join("base")),
+            "--adapter",
+            s(&dir.join("adapter")),
+            "--tokens-file",
+            s(&dir.join("golden.safetensors")),
+            "--out",
+            s(&out),
+            "--device",
+            "flex",
+        ]);
+        assert!(report.contains("logits [2, 12, 128]"), "{report}");
+        let ours = tensors(&out);
+        let golden = tensors(&dir.join("golden.safetensors"));
+        // Same tolerance as the library parity tests (fixtures' suggested 1e-4).
+        let d = max_abs_diff(&ours["logits"].1, &golden["logits_adapter"].1);
+        assert!(d <= 1e-4, "{variant}: {d:e}");
+    }
+}
+
+#[test]
+fn merge_writes_peft_merge_and_unload_and_never_touches_inputs() {
+    let Some(root) = fixtures() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let base = root.join("div/base");
+    let variant = root.join("div/miss_bat_rand");
+    let out = tmp.path().join("merged");
+    let snapshot = |dir: &Path| -> Vec<(PathBuf, Vec<u8>)> {
+        let mut files: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.is_file())
+            .map(|p| (p.clone(), std::fs::read(&p).unwrap()))
+            .collect();
+        files.sort();
+        files
+    };
+    let inputs_before = (snapshot(&base), snapshot(&variant.join("adapter")));
+    ok(&[
+        "merge",
+        "--model",
+        s(&base),
+        "--adapter",
+        s(&variant.join("adapter")),
+        "--out",
+        s(&out),
+    ]);
+    assert!(inputs_before == (snapshot(&base), snapshot(&variant.join("adapter"))));
+    let ours = tensors(&out.join("model.safetensors"));
+    let theirs = tensors(&variant.join("merged/model.safetensors"));
+    assert_eq!(
+        ours.keys().collect::<Vec<_>>(),
+        theirs.keys().collect::<Vec<_>>()
+    );
+    for (k, (shape, values)) in &theirs {
+        assert_eq!(&ours[k].0, shape, "{k}");
+        // Merged weights are O(1); both sides fold the same blocks in f32.
+        assert!(max_abs_diff(&ours[k].1, values) <= 1e-6, "{k}");
+    }
+    assert!(out.join("config.json").is_file() && out.join("generation_config.json").is_file());
+    // Merging again into the same directory refuses instead of overwriting.
+    let err = fails(&[
+        "merge",
+        "--model",
+        s(&base),
+        "--adapter",
+        s(&variant.join("adapter")),
+        "--out",
+        s(&out),
+    ]);
+    assert!(err.contains("not empty"), "{err}");
+    let err = fails(&[
+        "merge",
+        "--model",
+        s(&base),
+        "--adapter",
+        s(&variant.join("adapter")),
+        "--out",
+        s(&base),
+    ]);
+    assert!(err.contains("input"), "{err}");
+    // The merged directory is a model disha (and transformers) load: its logits equal the
+    // adapter logits.
+    let logits = tmp.path().join("merged_logits.safetensors");
+    ok(&[
+        "logits",
+        "--model",
+        s(&out),
+        "--tokens-file",
+        s(&variant.join("golden.safetensors")),
+        "--out",
+        s(&logits),
+    ]);
+    let d = max_abs_diff(
+        &tensors(&logits)["logits"].1,
+        &tensors(&variant.join("golden.safetensors"))["logits_merged"].1,
+    );
+    assert!(d <= 1e-4, "{d:e}");
+}
+
+#[test]
+fn export_adapter_converts_bone_to_miss_and_miss_to_lora() {
+    let Some(root) = fixtures() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    // Legacy Bone → MiSS: the same tensors, under MiSS names, as the MiSS fixture.
+    let miss = tmp.path().join("miss");
+    ok(&[
+        "export-adapter",
+        "--adapter",
+        s(&root.join("div/bone_default_rand/adapter")),
+        "--out",
+        s(&miss),
+    ]);
+    let config = std::fs::read_to_string(miss.join("adapter_config.json")).unwrap();
+    assert!(config.contains("\"peft_type\": \"MISS\""), "{config}");
+    let ours = tensors(&miss.join("adapter_model.safetensors"));
+    let theirs = tensors(&root.join("div/miss_default_rand/adapter/adapter_model.safetensors"));
+    assert_eq!(ours, theirs);
+
+    // MiSS → LoRA is exact: the LoRA adapter gives the MiSS logits.
+    let lora = tmp.path().join("lora");
+    let base = root.join("div/base");
+    ok(&[
+        "export-adapter",
+        "--adapter",
+        s(&root.join("div/miss_default_rand/adapter")),
+        "--to",
+        "lora",
+        "--model",
+        s(&base),
+        "--out",
+        s(&lora),
+    ]);
+    let logits = tmp.path().join("lora_logits.safetensors");
+    let golden = root.join("div/miss_default_rand/golden.safetensors");
+    ok(&[
+        "logits",
+        "--model",
+        s(&base),
+        "--adapter",
+        s(&lora),
+        "--tokens-file",
+        s(&golden),
+        "--out",
+        s(&logits),
+    ]);
+    let d = max_abs_diff(
+        &tensors(&logits)["logits"].1,
+        &tensors(&golden)["logits_adapter"].1,
+    );
+    assert!(d <= 1e-4, "{d:e}");
+    // --to lora without --model is a usage error (clap).
+    let out = disha(&[
+        "export-adapter",
+        "--adapter",
+        "x",
+        "--out",
+        "y",
+        "--to",
+        "lora",
+    ]);
+    assert!(!out.status.success());
+}
