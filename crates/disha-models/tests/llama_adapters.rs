@@ -155,26 +155,69 @@ fn exported_merged_model_equals_peft_merge_and_unload() {
     }
 }
 
+/// A variant's 3-step SGD golden: learning rate, `train.safetensors`, the input ids.
+struct TrainFixture {
+    name: String,
+    lr: f64,
+    golden: std::collections::BTreeMap<String, Golden>,
+    ids: burn::tensor::Tensor<2, burn::tensor::Int>,
+}
+
+impl TrainFixture {
+    /// `None` for variants without training goldens.
+    fn read(variant: &Path, device: &Device) -> Option<Self> {
+        let train_path = variant.join("train.safetensors");
+        if !train_path.is_file() {
+            return None;
+        }
+        let info: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(variant.join("train.json")).unwrap())
+                .unwrap();
+        Some(Self {
+            name: variant.display().to_string(),
+            lr: info["lr"].as_f64().unwrap(),
+            golden: read_golden(&train_path),
+            ids: ids_tensor(
+                &read_golden(&variant.join("golden.safetensors"))["input_ids"],
+                device,
+            ),
+        })
+    }
+}
+
+/// The saved adapter tensor `key` after `step` updates (legacy Bone fixtures, PEFT 0.18.1, name
+/// it `bone_block`).
+fn saved_state<'a>(
+    golden: &'a std::collections::BTreeMap<String, Golden>,
+    step: usize,
+    key: &str,
+) -> &'a Golden {
+    golden
+        .get(&format!("step{step}.{key}"))
+        .or_else(|| {
+            golden.get(&format!(
+                "step{step}.{}",
+                key.replace("miss_block", "bone_block")
+            ))
+        })
+        .unwrap_or_else(|| panic!("no step{step} tensor for {key}"))
+}
+
 #[test]
 fn three_sgd_steps_reproduce_peft_training() {
     let Some(root) = fixtures_root() else { return };
     let device = Device::default().autodiff();
     let mut trained = 0;
     for variant in variants(&root) {
-        let train_path = variant.join("train.safetensors");
-        if !train_path.is_file() {
+        let Some(TrainFixture {
+            name,
+            lr,
+            golden,
+            ids,
+        }) = TrainFixture::read(&variant, &device)
+        else {
             continue;
-        }
-        let name = variant.display().to_string();
-        let info: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(variant.join("train.json")).unwrap())
-                .unwrap();
-        let lr = info["lr"].as_f64().unwrap();
-        let golden = read_golden(&train_path);
-        let ids = ids_tensor(
-            &read_golden(&variant.join("golden.safetensors"))["input_ids"],
-            &device,
-        );
+        };
         let mut model = load_model(&base_dir(&variant), &device).unwrap().model;
         model
             .load_adapter(&variant.join("adapter"), "default")
@@ -192,16 +235,7 @@ fn three_sgd_steps_reproduce_peft_training() {
         let mut worst = [0.0f32; 4];
         for step in 0..=3 {
             for (key, t) in model.adapter_tensors("default").unwrap() {
-                // Legacy Bone fixtures (PEFT 0.18.1) name the tensor `bone_block`.
-                let expected = golden
-                    .get(&format!("step{step}.{key}"))
-                    .or_else(|| {
-                        golden.get(&format!(
-                            "step{step}.{}",
-                            key.replace("miss_block", "bone_block")
-                        ))
-                    })
-                    .unwrap_or_else(|| panic!("{name}: no step{step} tensor for {key}"));
+                let expected = saved_state(&golden, step, &key);
                 let d = assert_close(
                     &format!("{name}: step{step}.{key}"),
                     &t.values,
@@ -246,20 +280,15 @@ fn one_sgd_step_from_every_peft_state_matches_the_next() {
     let device = Device::default().autodiff();
     let tmp = tempfile::tempdir().unwrap();
     for variant in variants(&root) {
-        let train_path = variant.join("train.safetensors");
-        if !train_path.is_file() {
+        let Some(TrainFixture {
+            name,
+            lr,
+            golden,
+            ids,
+        }) = TrainFixture::read(&variant, &device)
+        else {
             continue;
-        }
-        let name = variant.display().to_string();
-        let info: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(variant.join("train.json")).unwrap())
-                .unwrap();
-        let lr = info["lr"].as_f64().unwrap();
-        let golden = read_golden(&train_path);
-        let ids = ids_tensor(
-            &read_golden(&variant.join("golden.safetensors"))["input_ids"],
-            &device,
-        );
+        };
         let files = disha_core::read_adapter_dir(&variant.join("adapter")).unwrap();
         let base = load_model(&base_dir(&variant), &device).unwrap().model;
         let mut worst = 0.0f32;
@@ -269,15 +298,7 @@ fn one_sgd_step_from_every_peft_state_matches_the_next() {
                     .tensors
                     .keys()
                     .map(|key| {
-                        let g = golden
-                            .get(&format!("step{i}.{key}"))
-                            .or_else(|| {
-                                golden.get(&format!(
-                                    "step{i}.{}",
-                                    key.replace("miss_block", "bone_block")
-                                ))
-                            })
-                            .unwrap();
+                        let g = saved_state(&golden, i, key);
                         (
                             key.clone(),
                             disha_core::HostTensor::new(g.shape.clone(), g.f32.clone()),

@@ -199,25 +199,20 @@ fn merge_writes_peft_merge_and_unload_and_never_touches_inputs() {
     }
     assert!(out.join("config.json").is_file() && out.join("generation_config.json").is_file());
     // Merging again into the same directory refuses instead of overwriting.
-    let err = fails(&[
-        "merge",
-        "--model",
-        s(&base),
-        "--adapter",
-        s(&variant.join("adapter")),
-        "--out",
-        s(&out),
-    ]);
+    let merge_into = |out: &Path| {
+        fails(&[
+            "merge",
+            "--model",
+            s(&base),
+            "--adapter",
+            s(&variant.join("adapter")),
+            "--out",
+            s(out),
+        ])
+    };
+    let err = merge_into(&out);
     assert!(err.contains("not empty"), "{err}");
-    let err = fails(&[
-        "merge",
-        "--model",
-        s(&base),
-        "--adapter",
-        s(&variant.join("adapter")),
-        "--out",
-        s(&base),
-    ]);
+    let err = merge_into(&base);
     assert!(err.contains("input"), "{err}");
     // The merged directory is a model disha (and transformers) load: its logits equal the
     // adapter logits.
