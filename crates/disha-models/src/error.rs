@@ -107,7 +107,7 @@ pub enum ModelError {
     /// A path is neither an HF model directory nor a `.gguf` file.
     #[error(
         "{path}: not a model: expected an HF directory (config.json + model.safetensors or \
-         model.safetensors.index.json) or a .gguf file"
+         model.safetensors.index.json), a .gguf file or a llama2.c .bin file"
     )]
     NotAModel {
         /// The path given.

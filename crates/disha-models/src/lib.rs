@@ -6,7 +6,8 @@
 //!
 //! - [`llama::Llama`]: the model (rotate-half RoPE, GQA, KV cache, tied or untied head).
 //! - Loading: [`load_model`] takes an HF directory (single or sharded safetensors, f32 / f16 /
-//!   bf16) or a GGUF v3 file (F32, F16, BF16, Q8_0, Q4_0, Q4_1 dequantized into the frozen base).
+//!   bf16), a GGUF v3 file (F32, F16, BF16, Q8_0, Q4_0, Q4_1 dequantized into the frozen base),
+//!   or a llama2.c `.bin` checkpoint.
 //! - [`TextTokenizer`]: `tokenizer.json` or the tokenizer embedded in a GGUF, with chat
 //!   templates rendered by `minijinja`.
 //! - [`generate`]: greedy / temperature / top-k / top-p sampling, seeded, with stop tokens and a
@@ -21,6 +22,7 @@ mod generate;
 pub mod gguf;
 mod gguf_llama;
 pub mod llama;
+mod llama2c;
 mod load;
 mod rng;
 mod tokenizer;
@@ -36,6 +38,7 @@ pub use error::{ModelError, Result};
 pub use export::export_merged;
 pub use generate::{GenerationConfig, generate};
 pub use gguf_llama::{GgufWeights, config_from_gguf, gguf_name, unpermute_rope_rows};
+pub use llama2c::Llama2cWeights;
 pub use load::{LoadedModel, ModelFormat, load_model, load_tokenizer};
 pub use rng::SplitMix64;
 pub use tokenizer::TextTokenizer;

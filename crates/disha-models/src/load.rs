@@ -9,6 +9,7 @@ use crate::error::{ModelError, Result};
 use crate::gguf::GgufFile;
 use crate::gguf_llama::{GgufWeights, config_from_gguf};
 use crate::llama::{Llama, LlamaConfig};
+use crate::llama2c::Llama2cWeights;
 use crate::tokenizer::TextTokenizer;
 use crate::weights::SafetensorsWeights;
 
@@ -19,6 +20,8 @@ pub enum ModelFormat {
     HfSafetensors,
     /// A llama.cpp GGUF file (dequantized at load).
     Gguf,
+    /// A llama2.c legacy `.bin` checkpoint.
+    Llama2c,
 }
 
 /// A loaded model and what is needed to write it back out.
@@ -63,7 +66,8 @@ fn is_gguf(path: &Path) -> bool {
 }
 
 /// Loads a Llama-family model from an HF directory (`config.json` + `model.safetensors` or a
-/// sharded index; f32, f16 or bf16 weights, computed in f32) or a GGUF file.
+/// sharded index; f32, f16 or bf16 weights, computed in f32), a GGUF file, or a llama2.c
+/// `.bin` checkpoint.
 ///
 /// # Errors
 /// The path is neither; config or tensor errors naming the field or tensor.
@@ -76,6 +80,20 @@ pub fn load_model(path: &Path, device: &Device) -> Result<LoadedModel> {
         return Ok(LoadedModel {
             model,
             format: ModelFormat::Gguf,
+            path: path.to_path_buf(),
+            hf_config: None,
+        });
+    }
+    if path.is_file()
+        && path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("bin"))
+    {
+        let (config, mut weights) = Llama2cWeights::open(path)?;
+        let model = Llama::from_source(&config, &mut weights, device)?;
+        return Ok(LoadedModel {
+            model,
+            format: ModelFormat::Llama2c,
             path: path.to_path_buf(),
             hf_config: None,
         });

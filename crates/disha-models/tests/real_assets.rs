@@ -295,3 +295,22 @@ fn gguf_sentencepiece_tokenizer_reproduces_llama_cpp_test_vectors() {
     assert_eq!(tokenizer.decode(&ids, true).unwrap(), "Hello world");
     assert!(checked >= 40);
 }
+
+/// The RoPE-layout cross-check on real weights: stories260K as llama2.c wrote it (q/k
+/// interleaved, permuted at load) and as converted to HF (q/k rotate-half, loaded as is) give
+/// the same logits. The conversion only moved rows, so any difference is rounding.
+#[test]
+fn stories260k_llama2c_bin_and_hf_conversion_agree() {
+    let Some(assets) = assets_root() else { return };
+    let device = Device::default();
+    let bin = load_model(&assets.join("stories260K/stories260K.bin"), &device).unwrap();
+    let hf = load_model(&assets.join("stories260K/hf"), &device).unwrap();
+    assert_eq!(bin.format, ModelFormat::Llama2c);
+    assert_eq!(bin.config().num_key_value_heads, 4);
+    let ids: Vec<i64> = (0..40).map(|i| (i * 97 + 1) % 512).collect();
+    let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [2, 20]), &device);
+    let a = host(bin.model.forward(ids.clone()));
+    let b = host(hf.model.forward(ids));
+    let d = assert_close("llama2.c vs HF logits", &a, &b, 1e-5);
+    eprintln!("stories260K: .bin vs HF logits max |diff| {d:e}");
+}

@@ -8,8 +8,8 @@ use crate::device::DeviceChoice;
 
 /// DiSHA dimension-sharding fine-tuning (Bone / MiSS, BAT, MiSS-mini, LoRA) on Burn.
 ///
-/// `--model` accepts an HF directory (config.json + safetensors, single or sharded) or a
-/// llama.cpp `.gguf` file; `--adapter` a PEFT adapter directory (MISS, legacy BONE or LORA).
+/// `--model` accepts an HF directory (config.json + safetensors, single or sharded), a
+/// llama.cpp `.gguf` file or a llama2.c `.bin` checkpoint; `--adapter` a PEFT adapter directory (MISS, legacy BONE or LORA).
 #[derive(Parser, Debug)]
 #[command(name = "disha", version, about, long_about = None, propagate_version = true)]
 pub struct Cli {
@@ -36,7 +36,7 @@ pub enum Command {
 /// The model, an optional adapter, and the device.
 #[derive(Args, Debug)]
 pub struct ModelArgs {
-    /// HF model directory or .gguf file.
+    /// HF model directory, .gguf file or llama2.c .bin checkpoint.
     #[arg(long, value_name = "PATH")]
     pub model: PathBuf,
     /// PEFT adapter directory to load on top of the model.

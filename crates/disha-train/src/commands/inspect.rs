@@ -18,6 +18,7 @@ pub fn run(args: InspectArgs) -> CliResult {
     let format = match loaded.format {
         ModelFormat::HfSafetensors => "HF safetensors",
         ModelFormat::Gguf => "GGUF (dequantized to f32)",
+        ModelFormat::Llama2c => "llama2.c checkpoint",
     };
     let _ = writeln!(out, "model        {} [{format}]", loaded.path.display());
     let _ = writeln!(
