@@ -206,6 +206,68 @@ impl TextTokenizer {
         Ok(out)
     }
 
+    /// A byte-level tokenizer: ids 0–255 are the bytes of the UTF-8 text, then
+    /// [`Self::BYTE_LEVEL_SPECIALS`] (`<|bos|>` = 256, `<|eos|>` = 257, `<|pad|>` = 258). No
+    /// merges, no files: what small models trained from scratch (the demo) use.
+    pub fn byte_level() -> Self {
+        // GPT-2's byte → printable-character table, so the ByteLevel pre-tokenizer and decoder
+        // of the `tokenizers` crate map each byte to exactly one vocabulary entry.
+        let printable = |b: u32| {
+            (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b)
+        };
+        let mut next = 256;
+        let mut vocab = Map::new();
+        for b in 0..256u32 {
+            let c = if printable(b) {
+                b
+            } else {
+                next += 1;
+                next - 1
+            };
+            vocab.insert(char::from_u32(c).expect("valid char").to_string(), json!(b));
+        }
+        let specials: Vec<String> = Self::BYTE_LEVEL_SPECIALS
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        for (i, t) in specials.iter().enumerate() {
+            vocab.insert(t.clone(), json!(256 + i));
+        }
+        let types: Vec<u64> = (0..256)
+            .map(|_| 1)
+            .chain(specials.iter().map(|_| 3))
+            .collect();
+        let tokens: Vec<String> = (0..256)
+            .map(|b| b.to_string())
+            .chain(specials.clone())
+            .collect();
+        let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false});
+        let json = json!({
+            "version": "1.0",
+            "added_tokens": added_tokens(&tokens, &types),
+            "normalizer": null,
+            "pre_tokenizer": byte_level,
+            "post_processor": null,
+            "decoder": byte_level,
+            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                      "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                      "ignore_merges": false, "vocab": vocab, "merges": []},
+        });
+        let inner = tokenizers::Tokenizer::from_bytes(json.to_string())
+            .expect("the byte-level tokenizer JSON is valid");
+        Self {
+            inner,
+            source_name: "byte-level".into(),
+            bos_token: Some(specials[0].clone()),
+            eos_token: Some(specials[1].clone()),
+            add_bos: true,
+            chat_template: None,
+        }
+    }
+
+    /// The special tokens of [`Self::byte_level`], with ids 256, 257, 258.
+    pub const BYTE_LEVEL_SPECIALS: [&'static str; 3] = ["<|bos|>", "<|eos|>", "<|pad|>"];
+
     /// Replaces the chat template.
     ///
     /// # Errors
@@ -419,4 +481,25 @@ fn sentencepiece_bpe_json(
                   "ignore_merges": false, "vocab": vocab,
                   "merges": merges.into_iter().map(|m| m.3).collect::<Vec<_>>()},
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_level_ids_are_the_utf8_bytes() {
+        let t = TextTokenizer::byte_level();
+        let text = "2+3=5 héllo\n\t🦙";
+        let ids = t.encode(text, false).unwrap();
+        let bytes: Vec<u32> = text.bytes().map(u32::from).collect();
+        assert_eq!(ids, bytes);
+        assert_eq!(t.decode(&ids, false).unwrap(), text);
+        assert_eq!(t.encode("a", true).unwrap(), vec![256, 97]);
+        assert_eq!((t.bos_id(), t.eos_id()), (Some(256), Some(257)));
+        assert_eq!(t.token_to_id("<|pad|>"), Some(258));
+        assert_eq!(t.vocab_size(), 259);
+        // Special tokens in text are matched whole.
+        assert_eq!(t.encode("x<|eos|>", false).unwrap(), vec![120, 257]);
+    }
 }

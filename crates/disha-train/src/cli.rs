@@ -31,6 +31,27 @@ pub enum Command {
     Merge(MergeArgs),
     /// Convert an adapter directory: legacy Bone → MiSS, or MiSS → an exactly equivalent LoRA.
     ExportAdapter(ExportAdapterArgs),
+    /// Fine-tune an adapter (Bone, BAT, mini or LoRA) on a JSONL dataset.
+    Train(Box<TrainArgs>),
+}
+
+/// `disha train`.
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// HF model directory, .gguf file or llama2.c .bin checkpoint.
+    #[arg(long, value_name = "PATH")]
+    pub model: PathBuf,
+    /// Tokenizer: a tokenizer.json, or `byte-level`; default: the model's own.
+    #[arg(long, value_name = "FILE|byte-level")]
+    pub tokenizer: Option<String>,
+    /// A run config (.toml or .json) with any of the settings below; flags override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Compute backend.
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    pub device: DeviceChoice,
+    #[command(flatten)]
+    pub settings: disha_train::settings::TrainSettings,
 }
 
 /// The model, an optional adapter, and the device.

@@ -9,6 +9,9 @@ pub enum CliError {
     /// Adapter errors.
     #[error(transparent)]
     Adapter(#[from] disha_core::DishaError),
+    /// Data or training errors.
+    #[error(transparent)]
+    Train(Box<disha_train::TrainError>),
     /// A bad combination or value of arguments.
     #[error("{0}")]
     Usage(String),
@@ -20,6 +23,12 @@ pub enum CliError {
         /// What went wrong.
         message: String,
     },
+}
+
+impl From<disha_train::TrainError> for CliError {
+    fn from(e: disha_train::TrainError) -> Self {
+        Self::Train(Box::new(e))
+    }
 }
 
 /// Result alias for subcommands.

@@ -10,6 +10,7 @@ pub use attention::{LayerKv, LlamaAttention};
 pub use config::{LlamaConfig, RopeScaling};
 pub use mlp::LlamaMlp;
 pub use model::{
-    IGNORE_INDEX, Llama, LlamaCache, LlamaDecoderLayer, causal_lm_loss, hf_tensor_shapes,
+    IGNORE_INDEX, Llama, LlamaCache, LlamaDecoderLayer, causal_lm_loss, causal_lm_loss_sum,
+    hf_tensor_shapes,
 };
 pub use rope::{RotaryEmbedding, apply_rotary};

@@ -5,6 +5,7 @@ mod generate;
 mod inspect;
 mod logits;
 mod merge;
+mod train;
 
 use std::path::Path;
 use std::time::Instant;
@@ -27,6 +28,7 @@ pub fn run(cli: Cli) -> CliResult {
         Command::Generate(args) => generate::run(args),
         Command::Merge(args) => merge::run(args),
         Command::ExportAdapter(args) => export_adapter::run(args),
+        Command::Train(args) => train::run(*args),
     }
 }
 

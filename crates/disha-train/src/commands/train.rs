@@ -1,0 +1,235 @@
+//! `disha train`: fine-tune an adapter on a JSONL dataset.
+
+use std::io::Write;
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::tensor::{Int, Tensor, TensorData};
+use disha_core::{PeftModelExt, freeze_all_but_active_adapters, write_atomic};
+use disha_models::llama::{Llama, causal_lm_loss_sum};
+use disha_models::{TextTokenizer, load_tokenizer};
+use disha_train::data::{DataLoader, Example, collate, encode_all, read_jsonl, split_validation};
+use disha_train::learner::{Learner, StepMetrics};
+use disha_train::settings::{RunSettings, TrainSettings};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::{ADAPTER_NAME, load_with_adapter};
+use crate::cli::TrainArgs;
+use crate::error::{CliError, CliResult};
+
+/// Mean loss over `examples` (no gradients), in batches of `batch_size`.
+fn evaluate_loss(model: &Llama, examples: &[Example], batch_size: usize, pad: u32) -> f64 {
+    let device = model.device();
+    let mut total = 0.0;
+    let mut targets = 0;
+    for chunk in examples.chunks(batch_size) {
+        let refs: Vec<&Example> = chunk.iter().collect();
+        let batch = collate(&refs, pad);
+        let ids =
+            Tensor::<2, Int>::from_data(TensorData::new(batch.input_ids, batch.shape), &device);
+        let labels =
+            Tensor::<2, Int>::from_data(TensorData::new(batch.labels, batch.shape), &device);
+        total += causal_lm_loss_sum(model.forward(ids), labels).into_scalar::<f64>();
+        targets += batch.targets;
+    }
+    total / targets.max(1) as f64
+}
+
+/// Loads the saved adapter onto a fresh copy of the base model and compares its logits with
+/// the trained model's on one training batch: the directory written must reproduce the run.
+fn check_reload(
+    base: &Llama,
+    trained: &Llama,
+    dir: &std::path::Path,
+    data: &DataLoader,
+) -> CliResult<f32> {
+    let mut reloaded = base.clone();
+    reloaded.load_adapter(dir, ADAPTER_NAME)?;
+    let batch = data.clone().next_batch();
+    let device = trained.device();
+    let ids = Tensor::<2, Int>::from_data(TensorData::new(batch.input_ids, batch.shape), &device);
+    let host = |m: &Llama| {
+        m.forward(ids.clone())
+            .into_data()
+            .try_to_vec_as::<f32>()
+            .expect("float logits")
+    };
+    let (a, b) = (host(trained), host(&reloaded));
+    let diff = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max);
+    if diff.is_nan() || diff > 1e-5 {
+        return Err(CliError::Usage(format!(
+            "the adapter written to {} does not reproduce the trained model (logits differ by {diff:e})",
+            dir.display()
+        )));
+    }
+    Ok(diff)
+}
+
+fn tokenizer_for(args: &TrainArgs) -> CliResult<TextTokenizer> {
+    Ok(match args.tokenizer.as_deref() {
+        Some("byte-level") => TextTokenizer::byte_level(),
+        Some(path) => TextTokenizer::from_file(std::path::Path::new(path))?,
+        None => load_tokenizer(&args.model)?,
+    })
+}
+
+pub fn run(args: TrainArgs) -> CliResult {
+    let file = match &args.config {
+        Some(path) => TrainSettings::from_file(path).map_err(train_error)?,
+        None => TrainSettings::default(),
+    };
+    let settings: RunSettings = args
+        .settings
+        .clone()
+        .or(file)
+        .resolve()
+        .map_err(train_error)?;
+    let metrics_path = settings.out.join("metrics.jsonl");
+    if metrics_path.exists() {
+        return Err(CliError::Usage(format!(
+            "{} exists: {} holds an earlier run; choose a new --out",
+            metrics_path.display(),
+            settings.out.display()
+        )));
+    }
+    let tokenizer = tokenizer_for(&args)?;
+    let pad = tokenizer
+        .token_to_id("<|pad|>")
+        .or(tokenizer.eos_id())
+        .unwrap_or(0);
+
+    // Data.
+    let (records, skipped) = read_jsonl(
+        &settings.data,
+        &settings.field_map(),
+        settings.skip_bad_lines,
+    )
+    .map_err(train_error)?;
+    let (examples, dropped) = encode_all(
+        &settings.data,
+        &records,
+        settings.prompt_template(),
+        &tokenizer,
+        settings.max_len,
+    )
+    .map_err(train_error)?;
+    if examples.is_empty() {
+        return Err(CliError::Usage(format!(
+            "{}: every prompt is longer than --max-len {}",
+            settings.data.display(),
+            settings.max_len
+        )));
+    }
+    let (train, validation) = split_validation(examples, settings.validation, settings.seed);
+    eprintln!(
+        "data: {} examples for training, {} for validation ({} malformed lines skipped, {} prompts too long)",
+        train.len(),
+        validation.len(),
+        skipped,
+        dropped
+    );
+
+    // Model and adapter.
+    let device = args.device.device()?.autodiff();
+    let (loaded, _) = load_with_adapter(&args.model, None, &device)?;
+    let base = loaded.model.valid();
+    let mut model = loaded.model;
+    device.seed(settings.seed);
+    let peft = settings.peft_config();
+    model.add_adapter(ADAPTER_NAME, &peft)?;
+    let model = freeze_all_but_active_adapters(model);
+    eprintln!("{}", model.parameter_count());
+
+    let val_before = (!validation.is_empty())
+        .then(|| evaluate_loss(&model.valid(), &validation, settings.batch_size, pad));
+    std::fs::create_dir_all(&settings.out).map_err(|e| file_error(&settings.out, e))?;
+    let run_json = serde_json::to_string_pretty(&settings).expect("settings serialize");
+    write_atomic(&settings.out.join("run.json"), run_json.as_bytes())?;
+
+    // Train.
+    let steps = settings.learner.max_steps;
+    let mut data = DataLoader::new(train, settings.batch_size, settings.seed, pad);
+    let mut learner = Learner::new(model, settings.learner.clone()).map_err(train_error)?;
+    let bar = ProgressBar::new(steps as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .expect("valid template"),
+    );
+    let mut metrics_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)
+        .map_err(|e| file_error(&metrics_path, e))?;
+    let start = Instant::now();
+    let mut history: Vec<StepMetrics> = Vec::with_capacity(steps);
+    for _ in 0..steps {
+        let metrics = learner.train_step(&mut data).map_err(train_error)?;
+        let line = serde_json::to_string(&metrics).expect("metrics serialize");
+        writeln!(metrics_file, "{line}")
+            .and_then(|()| metrics_file.flush())
+            .map_err(|e| file_error(&metrics_path, e))?;
+        bar.set_message(format!(
+            "loss {:.4} lr {:.2e} |g| {:.3} {:.0} tok/s",
+            metrics.loss, metrics.lr, metrics.grad_norm, metrics.tokens_per_sec
+        ));
+        bar.inc(1);
+        history.push(metrics);
+    }
+    bar.finish();
+    let elapsed = start.elapsed().as_secs_f64();
+    let model = learner.into_model();
+
+    // Save the adapter (each file atomically) and summarize.
+    let adapter_dir = settings.out.join("adapter");
+    model.save_adapter(ADAPTER_NAME, &peft, &adapter_dir)?;
+    let trained = model.valid();
+    let reload_diff = check_reload(&base, &trained, &adapter_dir, &data)?;
+    let val_loss = (!validation.is_empty())
+        .then(|| evaluate_loss(&trained, &validation, settings.batch_size, pad));
+    let mean = |m: &[StepMetrics]| m.iter().map(|x| x.loss).sum::<f64>() / m.len().max(1) as f64;
+    let k = history.len().clamp(1, 5);
+    let tokens: usize = history.iter().map(|m| m.tokens).sum();
+    println!("steps               {}", history.len());
+    println!("loss (first {k} steps) {:.4}", mean(&history[..k]));
+    println!(
+        "loss (last {k} steps)  {:.4}",
+        mean(&history[history.len() - k..])
+    );
+    if let (Some(before), Some(after)) = (val_before, val_loss) {
+        println!(
+            "validation loss     {before:.4} -> {after:.4} (perplexity {:.2} -> {:.2})",
+            before.exp(),
+            after.exp()
+        );
+    }
+    println!(
+        "time                {elapsed:.1} s, {:.0} tokens/s",
+        tokens as f64 / elapsed.max(1e-9)
+    );
+    if let Some(mb) = history.last().and_then(|m| m.peak_memory_mb) {
+        println!("peak memory         {mb:.0} MB");
+    }
+    println!(
+        "adapter             {} (reloaded: logits max |diff| {reload_diff:e})",
+        adapter_dir.display()
+    );
+    println!("metrics             {}", metrics_path.display());
+    Ok(())
+}
+
+fn train_error(e: disha_train::TrainError) -> CliError {
+    CliError::from(e)
+}
+
+fn file_error(path: &std::path::Path, e: std::io::Error) -> CliError {
+    CliError::File {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
+}

@@ -1,0 +1,523 @@
+//! Instruction-tuning data: JSONL records → prompt / response token ids with the prompt masked
+//! out of the loss, truncated to `max_len`, split, shuffled with a seed, and batched.
+//!
+//! The default template is the Alpaca prompt the DiSHA / MiSS papers fine-tune with
+//! (`### Instruction:` / `### Response:`, response followed by EOS); the model's chat template
+//! and a raw prompt are the alternatives.
+
+use std::path::Path;
+
+use disha_models::{ChatMessage, ModelError, SplitMix64, TextTokenizer};
+use serde_json::Value;
+
+use crate::TrainError;
+
+/// The label of positions that do not count in the loss (PEFT / transformers convention).
+pub const IGNORE_INDEX: i64 = disha_models::llama::IGNORE_INDEX;
+
+/// Which JSON fields hold the instruction, the optional extra input, and the response.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldMap {
+    /// The instruction / question field.
+    pub instruction: String,
+    /// An optional context field appended to the instruction (Alpaca's `input`).
+    pub input: Option<String>,
+    /// The response / answer field.
+    pub output: String,
+}
+
+impl FieldMap {
+    /// Known dataset layouts: `alpaca` (instruction, input, output), `metamath` (query,
+    /// response), `gsm8k` (question, answer).
+    pub fn preset(name: &str) -> Option<Self> {
+        let (instruction, input, output) = match name {
+            "alpaca" => ("instruction", Some("input"), "output"),
+            "metamath" => ("query", None, "response"),
+            "gsm8k" => ("question", None, "answer"),
+            _ => return None,
+        };
+        Some(Self {
+            instruction: instruction.into(),
+            input: input.map(Into::into),
+            output: output.into(),
+        })
+    }
+}
+
+/// How a record becomes the prompt text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PromptTemplate {
+    /// Stanford Alpaca's prompt (with or without the `### Input:` block).
+    Alpaca,
+    /// The tokenizer's chat template, the instruction (and input) as one user turn.
+    Chat,
+    /// The instruction (and input, after a newline) as is.
+    Raw,
+}
+
+/// One JSONL record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    /// 1-based line number in the file.
+    pub line: usize,
+    /// The instruction text.
+    pub instruction: String,
+    /// The optional input text (empty strings count as absent).
+    pub input: Option<String>,
+    /// The response text.
+    pub output: String,
+}
+
+/// One tokenized training example.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Example {
+    /// Prompt then response ids.
+    pub input_ids: Vec<u32>,
+    /// [`IGNORE_INDEX`] over the prompt, the ids over the response.
+    pub labels: Vec<i64>,
+}
+
+impl Example {
+    /// Positions that count in the loss (`labels[t]` predicted from position `t - 1`).
+    pub fn target_count(&self) -> usize {
+        self.labels
+            .iter()
+            .skip(1)
+            .filter(|&&l| l != IGNORE_INDEX)
+            .count()
+    }
+}
+
+fn field(obj: &serde_json::Map<String, Value>, name: &str) -> Result<Option<String>, String> {
+    match obj.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(Value::Number(n)) => Ok(Some(n.to_string())),
+        Some(other) => Err(format!("field `{name}` must be a string, got {other}")),
+    }
+}
+
+/// Reads a JSONL file. Blank lines are ignored. A malformed line or a missing field is an error
+/// naming the file and line, unless `skip_bad_lines` (then it is skipped and counted).
+///
+/// # Errors
+/// I/O, a bad line (without `skip_bad_lines`), or no usable record at all.
+pub fn read_jsonl(
+    path: &Path,
+    fields: &FieldMap,
+    skip_bad_lines: bool,
+) -> Result<(Vec<Record>, usize), TrainError> {
+    let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
+    let mut records = Vec::new();
+    let mut skipped = 0;
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let parsed = serde_json::from_str::<Value>(line)
+            .map_err(|e| format!("invalid JSON: {e}"))
+            .and_then(|v| match v {
+                Value::Object(obj) => Ok(obj),
+                _ => Err("expected a JSON object".to_string()),
+            })
+            .and_then(|obj| {
+                let required = |name: &str| {
+                    field(&obj, name)?.ok_or_else(|| format!("missing field `{name}`"))
+                };
+                Ok(Record {
+                    line: i + 1,
+                    instruction: required(&fields.instruction)?,
+                    input: match &fields.input {
+                        Some(name) => field(&obj, name)?.filter(|s| !s.is_empty()),
+                        None => None,
+                    },
+                    output: required(&fields.output)?,
+                })
+            });
+        match parsed {
+            Ok(record) => records.push(record),
+            Err(_) if skip_bad_lines => skipped += 1,
+            Err(message) => {
+                return Err(TrainError::Data {
+                    path: path.to_path_buf(),
+                    line: i + 1,
+                    message: format!("{message} (use --skip-bad-lines to skip such lines)"),
+                });
+            }
+        }
+    }
+    if records.is_empty() {
+        return Err(TrainError::Data {
+            path: path.to_path_buf(),
+            line: 0,
+            message: format!(
+                "no usable record ({skipped} skipped); expected JSON objects with fields `{}`{} and `{}`",
+                fields.instruction,
+                fields
+                    .input
+                    .as_ref()
+                    .map(|i| format!(", `{i}`"))
+                    .unwrap_or_default(),
+                fields.output
+            ),
+        });
+    }
+    Ok((records, skipped))
+}
+
+/// The prompt text of `record` under `template`.
+///
+/// # Errors
+/// [`PromptTemplate::Chat`] with a tokenizer that has no chat template.
+pub fn render_prompt(
+    record: &Record,
+    template: PromptTemplate,
+    tokenizer: &TextTokenizer,
+) -> Result<String, ModelError> {
+    let instruction = match &record.input {
+        Some(input) if template != PromptTemplate::Alpaca => {
+            format!("{}\n{input}", record.instruction)
+        }
+        _ => record.instruction.clone(),
+    };
+    Ok(match template {
+        PromptTemplate::Alpaca => match &record.input {
+            Some(input) => format!(
+                "Below is an instruction that describes a task, paired with an input that \
+                 provides further context. Write a response that appropriately completes the \
+                 request.\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+            ),
+            None => format!(
+                "Below is an instruction that describes a task. Write a response that \
+                 appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+            ),
+        },
+        PromptTemplate::Chat => {
+            let template = tokenizer
+                .chat_template()
+                .ok_or_else(|| ModelError::ChatTemplate {
+                    source_name: tokenizer.source_name().to_string(),
+                    message: "--template chat needs a tokenizer with a chat template".into(),
+                })?;
+            template.render(&[ChatMessage::new("user", instruction)], true)?
+        }
+        PromptTemplate::Raw => instruction,
+    })
+}
+
+/// Tokenizes one record: prompt ids (with BOS when the tokenizer adds one; chat prompts carry
+/// their own special tokens) masked with [`IGNORE_INDEX`], then response ids plus EOS as
+/// targets, cut to `max_len`. `None` when the prompt leaves no room for a single target.
+///
+/// # Errors
+/// Tokenizer or chat-template failures.
+pub fn encode_example(
+    record: &Record,
+    template: PromptTemplate,
+    tokenizer: &TextTokenizer,
+    max_len: usize,
+) -> Result<Option<Example>, ModelError> {
+    let prompt = render_prompt(record, template, tokenizer)?;
+    let mut input_ids = tokenizer.encode(&prompt, template != PromptTemplate::Chat)?;
+    let prompt_len = input_ids.len();
+    input_ids.extend(tokenizer.encode(&record.output, false)?);
+    input_ids.extend(tokenizer.eos_id());
+    input_ids.truncate(max_len);
+    if input_ids.len() <= prompt_len {
+        return Ok(None);
+    }
+    let labels = input_ids
+        .iter()
+        .enumerate()
+        .map(|(i, &id)| {
+            if i < prompt_len {
+                IGNORE_INDEX
+            } else {
+                id as i64
+            }
+        })
+        .collect();
+    Ok(Some(Example { input_ids, labels }))
+}
+
+/// Tokenizes every record; returns the examples and how many were dropped because the prompt
+/// alone reached `max_len`.
+///
+/// # Errors
+/// As [`encode_example`], naming the record's line.
+pub fn encode_all(
+    path: &Path,
+    records: &[Record],
+    template: PromptTemplate,
+    tokenizer: &TextTokenizer,
+    max_len: usize,
+) -> Result<(Vec<Example>, usize), TrainError> {
+    let mut examples = Vec::with_capacity(records.len());
+    let mut dropped = 0;
+    for record in records {
+        match encode_example(record, template, tokenizer, max_len).map_err(|e| {
+            TrainError::Data {
+                path: path.to_path_buf(),
+                line: record.line,
+                message: e.to_string(),
+            }
+        })? {
+            Some(example) => examples.push(example),
+            None => dropped += 1,
+        }
+    }
+    Ok((examples, dropped))
+}
+
+/// Seeded Fisher–Yates shuffle.
+pub fn shuffle<T>(items: &mut [T], seed: u64) {
+    let mut rng = SplitMix64::new(seed);
+    for i in (1..items.len()).rev() {
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+        items.swap(i, j);
+    }
+}
+
+/// Splits off `validation` examples (after a seeded shuffle) as the validation set.
+pub fn split_validation(
+    mut examples: Vec<Example>,
+    validation: usize,
+    seed: u64,
+) -> (Vec<Example>, Vec<Example>) {
+    shuffle(&mut examples, seed ^ 0x5EED_F00D);
+    let validation = validation.min(examples.len().saturating_sub(1));
+    let train = examples.split_off(validation);
+    (train, examples)
+}
+
+/// A padded batch on the host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostBatch {
+    /// `[batch, seq]` ids, right-padded with `pad_id`.
+    pub input_ids: Vec<i64>,
+    /// `[batch, seq]` labels, padding labelled [`IGNORE_INDEX`].
+    pub labels: Vec<i64>,
+    /// `[batch, seq]`.
+    pub shape: [usize; 2],
+    /// Targets that count in the loss.
+    pub targets: usize,
+    /// Real (non-padding) tokens.
+    pub tokens: usize,
+}
+
+/// Right-pads `examples` to the longest one. Causal attention never lets a real token see the
+/// padding after it, and padded positions are labelled [`IGNORE_INDEX`], so padding changes
+/// neither the loss nor its gradient.
+pub fn collate(examples: &[&Example], pad_id: u32) -> HostBatch {
+    let seq = examples
+        .iter()
+        .map(|e| e.input_ids.len())
+        .max()
+        .unwrap_or(0);
+    let mut input_ids = Vec::with_capacity(examples.len() * seq);
+    let mut labels = Vec::with_capacity(examples.len() * seq);
+    for e in examples {
+        input_ids.extend(e.input_ids.iter().map(|&t| t as i64));
+        input_ids.extend(std::iter::repeat_n(pad_id as i64, seq - e.input_ids.len()));
+        labels.extend(&e.labels);
+        labels.extend(std::iter::repeat_n(IGNORE_INDEX, seq - e.labels.len()));
+    }
+    HostBatch {
+        input_ids,
+        labels,
+        shape: [examples.len(), seq],
+        targets: examples.iter().map(|e| e.target_count()).sum(),
+        tokens: examples.iter().map(|e| e.input_ids.len()).sum(),
+    }
+}
+
+/// Where a [`DataLoader`] is: epoch and position in that epoch's order (saved in checkpoints).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DataPosition {
+    /// Completed passes over the data.
+    pub epoch: u64,
+    /// Examples consumed in the current epoch.
+    pub cursor: usize,
+}
+
+/// Endless, seeded batches: each epoch is a fresh shuffle (seed + epoch), so a run is
+/// reproducible and resumable from a [`DataPosition`].
+#[derive(Clone, Debug)]
+pub struct DataLoader {
+    examples: Vec<Example>,
+    batch_size: usize,
+    seed: u64,
+    pad_id: u32,
+    order: Vec<usize>,
+    position: DataPosition,
+}
+
+impl DataLoader {
+    /// A loader over `examples` (at least one) with `batch_size >= 1`.
+    ///
+    /// # Panics
+    /// No examples or a zero batch size (the CLI validates both first).
+    pub fn new(examples: Vec<Example>, batch_size: usize, seed: u64, pad_id: u32) -> Self {
+        assert!(
+            !examples.is_empty() && batch_size > 0,
+            "empty data or zero batch size"
+        );
+        let mut loader = Self {
+            examples,
+            batch_size,
+            seed,
+            pad_id,
+            order: Vec::new(),
+            position: DataPosition {
+                epoch: 0,
+                cursor: 0,
+            },
+        };
+        loader.reshuffle();
+        loader
+    }
+
+    fn reshuffle(&mut self) {
+        self.order = (0..self.examples.len()).collect();
+        shuffle(&mut self.order, self.seed.wrapping_add(self.position.epoch));
+    }
+
+    /// Number of examples.
+    pub fn len(&self) -> usize {
+        self.examples.len()
+    }
+
+    /// Never empty (see [`Self::new`]).
+    pub fn is_empty(&self) -> bool {
+        self.examples.is_empty()
+    }
+
+    /// The current position.
+    pub fn position(&self) -> DataPosition {
+        self.position
+    }
+
+    /// Continues from `position` (as saved by a checkpoint).
+    pub fn seek(&mut self, position: DataPosition) {
+        self.position = DataPosition {
+            epoch: position.epoch,
+            cursor: position.cursor.min(self.examples.len()),
+        };
+        self.reshuffle();
+    }
+
+    /// The next batch; an epoch's last batch may be smaller.
+    pub fn next_batch(&mut self) -> HostBatch {
+        if self.position.cursor >= self.examples.len() {
+            self.position.epoch += 1;
+            self.position.cursor = 0;
+            self.reshuffle();
+        }
+        let end = (self.position.cursor + self.batch_size).min(self.examples.len());
+        let batch: Vec<&Example> = self.order[self.position.cursor..end]
+            .iter()
+            .map(|&i| &self.examples[i])
+            .collect();
+        self.position.cursor = end;
+        collate(&batch, self.pad_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(lines: &[&str]) -> tempfile::NamedTempFile {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), lines.join("\n")).unwrap();
+        f
+    }
+
+    #[test]
+    fn bad_lines_are_named_or_skipped() {
+        let f = write(&[
+            r#"{"question": "1+1?", "answer": "2"}"#,
+            "",
+            r#"{"question": "2+2?"}"#,
+            "not json",
+            r#"{"question": 3, "answer": 4}"#,
+        ]);
+        let gsm = FieldMap::preset("gsm8k").unwrap();
+        let err = read_jsonl(f.path(), &gsm, false).unwrap_err().to_string();
+        assert!(
+            err.contains(":3:") && err.contains("missing field `answer`"),
+            "{err}"
+        );
+        let (records, skipped) = read_jsonl(f.path(), &gsm, true).unwrap();
+        assert_eq!(skipped, 2);
+        assert_eq!(records.len(), 2);
+        assert_eq!((records[1].line, records[1].instruction.as_str()), (5, "3"));
+        let alpaca = FieldMap::preset("alpaca").unwrap();
+        let err = read_jsonl(f.path(), &alpaca, true).unwrap_err().to_string();
+        assert!(err.contains("no usable record"), "{err}");
+    }
+
+    #[test]
+    fn prompt_is_masked_and_response_ends_with_eos() {
+        let t = TextTokenizer::byte_level();
+        let record = Record {
+            line: 1,
+            instruction: "2+3".into(),
+            input: None,
+            output: "5".into(),
+        };
+        let e = encode_example(&record, PromptTemplate::Raw, &t, 64)
+            .unwrap()
+            .unwrap();
+        // <|bos|> '2' '+' '3' | '5' <|eos|>
+        assert_eq!(e.input_ids, vec![256, 50, 43, 51, 53, 257]);
+        assert_eq!(e.labels, vec![-100, -100, -100, -100, 53, 257]);
+        assert_eq!(e.target_count(), 2);
+        // Truncation keeps the prompt and cuts the response; no room at all drops the example.
+        let e = encode_example(&record, PromptTemplate::Raw, &t, 5)
+            .unwrap()
+            .unwrap();
+        assert_eq!(e.labels, vec![-100, -100, -100, -100, 53]);
+        assert!(
+            encode_example(&record, PromptTemplate::Raw, &t, 4)
+                .unwrap()
+                .is_none()
+        );
+        let alpaca = render_prompt(&record, PromptTemplate::Alpaca, &t).unwrap();
+        assert!(
+            alpaca.ends_with("### Instruction:\n2+3\n\n### Response:\n"),
+            "{alpaca}"
+        );
+        assert!(render_prompt(&record, PromptTemplate::Chat, &t).is_err());
+    }
+
+    #[test]
+    fn batches_pad_right_and_epochs_reshuffle_reproducibly() {
+        let ex = |n: usize| Example {
+            input_ids: vec![1; n],
+            labels: std::iter::once(-100)
+                .chain(std::iter::repeat_n(7, n - 1))
+                .collect(),
+        };
+        let b = collate(&[&ex(2), &ex(4)], 0);
+        assert_eq!(b.shape, [2, 4]);
+        assert_eq!(b.input_ids, vec![1, 1, 0, 0, 1, 1, 1, 1]);
+        assert_eq!(b.labels, vec![-100, 7, -100, -100, -100, 7, 7, 7]);
+        assert_eq!((b.targets, b.tokens), (4, 6));
+
+        let examples: Vec<Example> = (2..12).map(ex).collect();
+        let mut a = DataLoader::new(examples.clone(), 3, 9, 0);
+        let first: Vec<HostBatch> = (0..8).map(|_| a.next_batch()).collect();
+        assert_eq!(a.position().epoch, 1);
+        // Resuming from a saved position replays the same batches.
+        let mut b = DataLoader::new(examples, 3, 9, 0);
+        for _ in 0..5 {
+            b.next_batch();
+        }
+        let saved = b.position();
+        let mut c = DataLoader::new((2..12).map(ex).collect(), 3, 9, 0);
+        c.seek(saved);
+        assert_eq!(c.next_batch(), first[5]);
+        assert_eq!(c.next_batch(), first[6]);
+    }
+}

@@ -1,0 +1,15 @@
+//! # disha-train
+//!
+//! Fine-tuning for disha: instruction data with the prompt masked out of the loss
+//! ([`data`]), learning-rate schedules ([`schedule`]) and the training loop ([`learner`]) —
+//! AdamW on the adapter parameters only, gradient accumulation, global gradient-norm clipping,
+//! NaN / Inf guards, per-step metrics. The `disha` binary (same crate) drives it.
+#![warn(missing_docs)]
+
+pub mod data;
+pub mod learner;
+pub mod schedule;
+pub mod settings;
+mod train_error;
+
+pub use train_error::TrainError;

@@ -1,0 +1,371 @@
+//! `disha train` settings: every hyperparameter as a flag or in a TOML / JSON run config
+//! (flags win), resolved into concrete values with errors naming the setting.
+
+use std::path::{Path, PathBuf};
+
+use clap::{Args, ValueEnum};
+use disha_core::{AdapterSpec, BatOrientation, PeftConfig, TargetModules};
+use serde::{Deserialize, Serialize};
+
+use crate::TrainError;
+use crate::data::{FieldMap, PromptTemplate};
+use crate::learner::LearnerConfig;
+use crate::schedule::{LrSchedule, ScheduleKind};
+
+/// The adapter family to train.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// Bone / MiSS standard (PEFT `MISS`, `init_weights=True`).
+    Bone,
+    /// BAT, PEFT orientation (`init_weights="bat"`).
+    Bat,
+    /// MiSS-mini (`init_weights="mini"`).
+    Mini,
+    /// LoRA.
+    Lora,
+}
+
+/// How records become prompts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Template {
+    /// The Alpaca prompt of the DiSHA / MiSS papers.
+    Alpaca,
+    /// The tokenizer's chat template.
+    Chat,
+    /// The instruction text as is.
+    Raw,
+}
+
+/// Every `disha train` setting; unset ones come from `--config`, then the defaults.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, Args)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainSettings {
+    /// Training data (JSONL).
+    #[arg(long, value_name = "FILE")]
+    pub data: Option<PathBuf>,
+    /// Field layout: alpaca (instruction/input/output), metamath (query/response), gsm8k
+    /// (question/answer) [default: alpaca].
+    #[arg(long)]
+    pub fields: Option<String>,
+    /// Override the instruction field name.
+    #[arg(long)]
+    pub instruction_field: Option<String>,
+    /// Override the input field name ("" for none).
+    #[arg(long)]
+    pub input_field: Option<String>,
+    /// Override the response field name.
+    #[arg(long)]
+    pub output_field: Option<String>,
+    /// Prompt template [default: alpaca].
+    #[arg(long, value_enum)]
+    pub template: Option<Template>,
+    /// Adapter family [default: bone].
+    #[arg(long, value_enum)]
+    pub method: Option<Method>,
+    /// Shard / block size, or LoRA rank [default: 16].
+    #[arg(long)]
+    pub r: Option<usize>,
+    /// MiSS-mini's block width [default: r].
+    #[arg(long)]
+    pub mini_r: Option<usize>,
+    /// LoRA alpha [default: 2r].
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    /// Target modules, comma-separated, or `all-linear` [default: the seven projections].
+    #[arg(long, value_delimiter = ',')]
+    pub targets: Option<Vec<String>>,
+    /// Output directory: adapter/, metrics.jsonl, run.json.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Optimizer steps [default: 100].
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Examples per micro-batch [default: 4].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Micro-batches per optimizer step [default: 1].
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    /// Peak learning rate [default: 1e-4].
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Linear warmup steps [default: 0].
+    #[arg(long)]
+    pub warmup_steps: Option<usize>,
+    /// Decay after warmup [default: cosine].
+    #[arg(long, value_enum)]
+    pub schedule: Option<ScheduleKind>,
+    /// AdamW β₁ [default: 0.9].
+    #[arg(long)]
+    pub beta1: Option<f32>,
+    /// AdamW β₂ [default: 0.999].
+    #[arg(long)]
+    pub beta2: Option<f32>,
+    /// AdamW ε [default: 1e-8].
+    #[arg(long)]
+    pub eps: Option<f32>,
+    /// Decoupled weight decay [default: 0].
+    #[arg(long)]
+    pub weight_decay: Option<f32>,
+    /// Clip the global gradient norm; 0 disables [default: 1.0].
+    #[arg(long)]
+    pub max_grad_norm: Option<f64>,
+    /// Maximum tokens per example (prompt + response) [default: 512].
+    #[arg(long)]
+    pub max_len: Option<usize>,
+    /// Seed for shuffling, adapter init and dropout [default: 0].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Examples held out for validation loss [default: 0].
+    #[arg(long)]
+    pub validation: Option<usize>,
+    /// Skip malformed JSONL lines instead of stopping.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub skip_bad_lines: Option<bool>,
+}
+
+/// Concrete settings of a run (written to `run.json`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunSettings {
+    /// Training data.
+    pub data: PathBuf,
+    /// Instruction field.
+    pub instruction_field: String,
+    /// Input field, if any.
+    pub input_field: Option<String>,
+    /// Response field.
+    pub output_field: String,
+    /// Prompt template.
+    pub template: Template,
+    /// Adapter family.
+    pub method: Method,
+    /// Shard / block size or rank.
+    pub r: usize,
+    /// Mini block width.
+    pub mini_r: usize,
+    /// LoRA alpha.
+    pub lora_alpha: f64,
+    /// Target modules.
+    pub targets: Vec<String>,
+    /// Output directory.
+    pub out: PathBuf,
+    /// Examples per micro-batch.
+    pub batch_size: usize,
+    /// Maximum tokens per example.
+    pub max_len: usize,
+    /// Seed.
+    pub seed: u64,
+    /// Held-out examples.
+    pub validation: usize,
+    /// Skip malformed lines.
+    pub skip_bad_lines: bool,
+    /// Optimizer and schedule.
+    pub learner: LearnerConfig,
+}
+
+/// The seven Llama projections, the DiSHA papers' targets.
+pub const SEVEN_PROJECTIONS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+impl TrainSettings {
+    /// Reads a run config (`.toml`, or `.json`).
+    ///
+    /// # Errors
+    /// I/O, a parse error, or an unknown key (named by the parser).
+    pub fn from_file(path: &Path) -> Result<Self, TrainError> {
+        let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
+        let is_json = path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("json"));
+        let parsed = if is_json {
+            serde_json::from_str(&text).map_err(|e| e.to_string())
+        } else {
+            toml::from_str(&text).map_err(|e| e.to_string())
+        };
+        parsed.map_err(|message| TrainError::Data {
+            path: path.to_path_buf(),
+            line: 0,
+            message: format!("invalid run config: {message}"),
+        })
+    }
+
+    /// `self` where set, else `file`.
+    pub fn or(self, file: Self) -> Self {
+        macro_rules! pick {
+            ($($f:ident),*) => { Self { $($f: self.$f.or(file.$f)),* } };
+        }
+        pick!(
+            data,
+            fields,
+            instruction_field,
+            input_field,
+            output_field,
+            template,
+            method,
+            r,
+            mini_r,
+            lora_alpha,
+            targets,
+            out,
+            max_steps,
+            batch_size,
+            grad_accum,
+            lr,
+            warmup_steps,
+            schedule,
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+            max_grad_norm,
+            max_len,
+            seed,
+            validation,
+            skip_bad_lines
+        )
+    }
+
+    /// Fills defaults and checks ranges.
+    ///
+    /// # Errors
+    /// A missing `data` / `out`, an unknown field preset, or an out-of-range value (named).
+    pub fn resolve(self) -> Result<RunSettings, TrainError> {
+        let data = self
+            .data
+            .ok_or_else(|| TrainError::config("data", "<unset>", "pass --data FILE.jsonl"))?;
+        let out = self
+            .out
+            .ok_or_else(|| TrainError::config("out", "<unset>", "pass --out DIR"))?;
+        let preset = self.fields.unwrap_or_else(|| "alpaca".into());
+        let fields = FieldMap::preset(&preset).ok_or_else(|| {
+            TrainError::config("fields", &preset, "one of alpaca, metamath, gsm8k")
+        })?;
+        let r = self.r.unwrap_or(16);
+        let positive = |name: &str, v: usize| {
+            if v == 0 {
+                Err(TrainError::config(name, 0, "must be >= 1"))
+            } else {
+                Ok(v)
+            }
+        };
+        let max_steps = positive("max_steps", self.max_steps.unwrap_or(100))?;
+        let max_grad_norm = self.max_grad_norm.unwrap_or(1.0);
+        Ok(RunSettings {
+            data,
+            instruction_field: self.instruction_field.unwrap_or(fields.instruction),
+            input_field: match self.input_field {
+                Some(f) if f.is_empty() => None,
+                Some(f) => Some(f),
+                None => fields.input,
+            },
+            output_field: self.output_field.unwrap_or(fields.output),
+            template: self.template.unwrap_or(Template::Alpaca),
+            method: self.method.unwrap_or(Method::Bone),
+            r: positive("r", r)?,
+            mini_r: positive("mini_r", self.mini_r.unwrap_or(r))?,
+            lora_alpha: self.lora_alpha.unwrap_or(2.0 * r as f64),
+            targets: self
+                .targets
+                .unwrap_or_else(|| SEVEN_PROJECTIONS.iter().map(|s| s.to_string()).collect()),
+            out,
+            batch_size: positive("batch_size", self.batch_size.unwrap_or(4))?,
+            max_len: positive("max_len", self.max_len.unwrap_or(512))?,
+            seed: self.seed.unwrap_or(0),
+            validation: self.validation.unwrap_or(0),
+            skip_bad_lines: self.skip_bad_lines.unwrap_or(false),
+            learner: LearnerConfig {
+                max_steps,
+                grad_accum: positive("grad_accum", self.grad_accum.unwrap_or(1))?,
+                schedule: LrSchedule {
+                    peak: self.lr.unwrap_or(1e-4),
+                    warmup_steps: self.warmup_steps.unwrap_or(0),
+                    total_steps: max_steps,
+                    kind: self.schedule.unwrap_or(ScheduleKind::Cosine),
+                },
+                beta1: self.beta1.unwrap_or(0.9),
+                beta2: self.beta2.unwrap_or(0.999),
+                eps: self.eps.unwrap_or(1e-8),
+                weight_decay: self.weight_decay.unwrap_or(0.0),
+                max_grad_norm: (max_grad_norm > 0.0).then_some(max_grad_norm),
+            },
+        })
+    }
+}
+
+impl RunSettings {
+    /// The field layout.
+    pub fn field_map(&self) -> FieldMap {
+        FieldMap {
+            instruction: self.instruction_field.clone(),
+            input: self.input_field.clone(),
+            output: self.output_field.clone(),
+        }
+    }
+
+    /// The prompt template.
+    pub fn prompt_template(&self) -> PromptTemplate {
+        match self.template {
+            Template::Alpaca => PromptTemplate::Alpaca,
+            Template::Chat => PromptTemplate::Chat,
+            Template::Raw => PromptTemplate::Raw,
+        }
+    }
+
+    /// The PEFT config of the adapter to train.
+    pub fn peft_config(&self) -> PeftConfig {
+        let targets = match self.targets.as_slice() {
+            [one] if one == "all-linear" => TargetModules::AllLinear,
+            names => TargetModules::Names(names.to_vec()),
+        };
+        let spec = match self.method {
+            Method::Bone => AdapterSpec::bone(self.r),
+            Method::Bat => AdapterSpec::bat(self.r, BatOrientation::Peft),
+            Method::Mini => AdapterSpec::mini(self.r, self.mini_r),
+            Method::Lora => AdapterSpec::lora(self.r, self.lora_alpha),
+        };
+        PeftConfig::from_spec(&spec, targets)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_the_file_and_defaults_fill_the_rest() {
+        let file: TrainSettings = toml::from_str(
+            "data = \"train.jsonl\"\nout = \"runs/a\"\nlr = 3e-4\nr = 8\nmethod = \"lora\"\n",
+        )
+        .unwrap();
+        let cli = TrainSettings {
+            lr: Some(1e-3),
+            ..Default::default()
+        };
+        let run = cli.or(file).resolve().unwrap();
+        assert_eq!(run.learner.schedule.peak, 1e-3);
+        assert_eq!((run.r, run.method, run.lora_alpha), (8, Method::Lora, 16.0));
+        assert_eq!(run.targets.len(), 7);
+        assert_eq!(run.learner.max_grad_norm, Some(1.0));
+        let unknown = toml::from_str::<TrainSettings>("learning_rate = 1.0");
+        assert!(unknown.unwrap_err().to_string().contains("learning_rate"));
+        let err = TrainSettings {
+            data: Some("d".into()),
+            out: Some("o".into()),
+            batch_size: Some(0),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("batch_size"), "{err}");
+    }
+}
