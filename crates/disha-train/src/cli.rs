@@ -47,6 +47,13 @@ pub struct TrainArgs {
     /// A run config (.toml or .json) with any of the settings below; flags override it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// Continue the run in --out from its newest checkpoint, with the settings it was started
+    /// with (its run.json).
+    #[arg(long, requires = "out")]
+    pub resume: bool,
+    /// End this session after N steps (a checkpoint is written); continue with --resume.
+    #[arg(long, value_name = "N")]
+    pub stop_after_steps: Option<usize>,
     /// Compute backend.
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,

@@ -4,8 +4,10 @@
 
 use std::time::Instant;
 
-use burn::module::{Module, ModuleVisitor, Param};
-use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::optim::{
+    AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer, OptimizerRecord,
+};
 use burn::tensor::{Int, Tensor, TensorData};
 use disha_models::llama::{Llama, causal_lm_loss_sum};
 use serde::{Deserialize, Serialize};
@@ -143,6 +145,42 @@ pub fn clip_grad_norm<M: Module>(model: &M, grads: &mut GradientsParams, max_nor
     norm
 }
 
+/// Collects the ids of the parameters that require gradients, in visiting order.
+struct TrainableIds(Vec<u64>);
+
+impl ModuleVisitor for TrainableIds {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if param.val().is_require_grad() {
+            self.0.push(param.id.val());
+        }
+    }
+}
+
+/// Gives the trainable parameters the ids of `ids`, in visiting order.
+struct AssignIds<'a> {
+    ids: &'a [u64],
+    next: usize,
+}
+
+impl ModuleMapper for AssignIds<'_> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        if !param.val().is_require_grad() || self.next >= self.ids.len() {
+            return param;
+        }
+        let (_, tensor, mapper) = param.consume();
+        let id = ParamId::from(self.ids[self.next]);
+        self.next += 1;
+        Param::from_mapped_value(id, tensor, mapper)
+    }
+}
+
+/// The ids of `model`'s trainable parameters (what optimizer state is keyed by).
+pub fn trainable_param_ids<M: Module>(model: &M) -> Vec<u64> {
+    let mut ids = TrainableIds(Vec::new());
+    model.visit(&mut ids);
+    ids.0
+}
+
 /// A model, its optimizer and the step counter.
 pub struct Learner {
     model: Option<Llama>,
@@ -180,6 +218,59 @@ impl Learner {
             config,
             step: 0,
         })
+    }
+
+    /// Continues a run: `model` with the checkpoint's adapter, the optimizer state saved by
+    /// [`Self::optimizer_state`], the step count, and the trainable-parameter ids of the saved
+    /// run ([`trainable_param_ids`]), which the optimizer state is keyed by.
+    ///
+    /// # Errors
+    /// An invalid config, an unreadable optimizer state, or a model whose trainable parameters
+    /// do not match the saved ones in number.
+    pub fn resume(
+        model: Llama,
+        config: LearnerConfig,
+        step: usize,
+        param_ids: &[u64],
+        optimizer_state: Vec<u8>,
+    ) -> Result<Self, TrainError> {
+        let current = trainable_param_ids(&model).len();
+        if current != param_ids.len() {
+            return Err(TrainError::config(
+                "resume",
+                format!("{current} trainable tensors"),
+                format!("the checkpoint was saved with {}", param_ids.len()),
+            ));
+        }
+        let model = model.map(&mut AssignIds {
+            ids: param_ids,
+            next: 0,
+        });
+        let record =
+            OptimizerRecord::from_bytes(burn::tensor::Bytes::from_bytes_vec(optimizer_state))
+                .map_err(|e| {
+                    TrainError::config(
+                        "optimizer state",
+                        "<checkpoint>",
+                        format!("unreadable: {e:?}"),
+                    )
+                })?;
+        let mut learner = Self::new(model, config)?;
+        learner.optim = learner.optim.load_record(record);
+        learner.step = step;
+        Ok(learner)
+    }
+
+    /// The optimizer state as bytes (Burn's burnpack record), for checkpoints.
+    ///
+    /// # Errors
+    /// The record cannot be serialized.
+    pub fn optimizer_state(&self) -> Result<Vec<u8>, TrainError> {
+        self.optim
+            .to_record()
+            .into_bytes()
+            .map(|b| b.to_vec())
+            .map_err(|e| TrainError::config("optimizer state", "<record>", format!("{e:?}")))
     }
 
     /// Optimizer steps taken.

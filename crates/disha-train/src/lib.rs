@@ -6,6 +6,7 @@
 //! NaN / Inf guards, per-step metrics. The `disha` binary (same crate) drives it.
 #![warn(missing_docs)]
 
+pub mod checkpoint;
 pub mod data;
 pub mod learner;
 pub mod schedule;

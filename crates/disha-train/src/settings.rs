@@ -124,6 +124,13 @@ pub struct TrainSettings {
     /// Skip malformed JSONL lines instead of stopping.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub skip_bad_lines: Option<bool>,
+    /// Write a checkpoint every N steps (and always at the end); 0: only at the end
+    /// [default: 0].
+    #[arg(long)]
+    pub save_every: Option<usize>,
+    /// Checkpoints to keep [default: 2].
+    #[arg(long)]
+    pub keep_checkpoints: Option<usize>,
 }
 
 /// Concrete settings of a run (written to `run.json`).
@@ -161,6 +168,10 @@ pub struct RunSettings {
     pub validation: usize,
     /// Skip malformed lines.
     pub skip_bad_lines: bool,
+    /// Checkpoint period in steps (0: only at the end).
+    pub save_every: usize,
+    /// Checkpoints kept.
+    pub keep_checkpoints: usize,
     /// Optimizer and schedule.
     pub learner: LearnerConfig,
 }
@@ -230,7 +241,9 @@ impl TrainSettings {
             max_len,
             seed,
             validation,
-            skip_bad_lines
+            skip_bad_lines,
+            save_every,
+            keep_checkpoints
         )
     }
 
@@ -282,6 +295,8 @@ impl TrainSettings {
             seed: self.seed.unwrap_or(0),
             validation: self.validation.unwrap_or(0),
             skip_bad_lines: self.skip_bad_lines.unwrap_or(false),
+            save_every: self.save_every.unwrap_or(0),
+            keep_checkpoints: positive("keep_checkpoints", self.keep_checkpoints.unwrap_or(2))?,
             learner: LearnerConfig {
                 max_steps,
                 grad_accum: positive("grad_accum", self.grad_accum.unwrap_or(1))?,

@@ -428,3 +428,194 @@ fn train_bone_on_gsm8k_with_smollm2() {
     ]);
     assert!(err.contains(":1:") && err.contains("answer"), "{err}");
 }
+
+/// A small random byte-level Llama as an HF directory, and an arithmetic JSONL dataset.
+fn tiny_run_inputs(dir: &Path) -> (PathBuf, PathBuf) {
+    use disha_models::llama::{Llama, LlamaConfig, RopeScaling};
+    let config = LlamaConfig {
+        vocab_size: 259,
+        hidden_size: 32,
+        intermediate_size: 64,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: 8,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10_000.0,
+        rope_scaling: RopeScaling::Default,
+        max_position_embeddings: 64,
+        tie_word_embeddings: true,
+        attention_bias: false,
+        mlp_bias: false,
+        bos_token_id: Some(256),
+        eos_token_ids: vec![257],
+        dtype: "float32".into(),
+    };
+    let device = burn::tensor::Device::default();
+    let model = Llama::from_source(
+        &config,
+        &mut disha_models::RandomWeights::new(&config, 0.2, 1),
+        &device,
+    )
+    .unwrap();
+    let model_dir = dir.join("tiny-model");
+    disha_models::export_merged(&model, &config.to_hf_json(), &[], &model_dir).unwrap();
+    let data = dir.join("sums.jsonl");
+    let lines: Vec<String> = (0..48)
+        .map(|i| {
+            format!(
+                r#"{{"question": "{}+{}=", "answer": "{}"}}"#,
+                i % 7,
+                i % 5,
+                i % 7 + i % 5
+            )
+        })
+        .collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    (model_dir, data)
+}
+
+fn losses(out: &Path) -> Vec<String> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            format!("{}:{}", v["step"], v["loss"])
+        })
+        .collect()
+}
+
+fn tiny_train_args<'a>(
+    model: &'a Path,
+    data: &'a Path,
+    out: &'a Path,
+    steps: &'a str,
+) -> Vec<&'a str> {
+    vec![
+        "train",
+        "--model",
+        s(model),
+        "--tokenizer",
+        "byte-level",
+        "--data",
+        s(data),
+        "--fields",
+        "gsm8k",
+        "--template",
+        "raw",
+        "--out",
+        s(out),
+        "--max-steps",
+        steps,
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-2",
+        "--warmup-steps",
+        "2",
+        "--seed",
+        "3",
+        "--save-every",
+        "4",
+        "--device",
+        "flex",
+    ]
+}
+
+/// 20 steps straight = 10 steps, stop, `--resume`, 10 more: the same loss trace, bit for bit.
+#[test]
+fn resume_continues_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, data) = tiny_run_inputs(tmp.path());
+    let straight = tmp.path().join("straight");
+    ok(&tiny_train_args(&model, &data, &straight, "20"));
+    let trace = losses(&straight);
+    assert_eq!(trace.len(), 20);
+
+    let split = tmp.path().join("split");
+    let mut first = tiny_train_args(&model, &data, &split, "20");
+    first.extend(["--stop-after-steps", "10"]);
+    ok(&first);
+    assert_eq!(losses(&split).len(), 10);
+    ok(&[
+        "train",
+        "--model",
+        s(&model),
+        "--tokenizer",
+        "byte-level",
+        "--resume",
+        "--out",
+        s(&split),
+    ]);
+    assert_eq!(losses(&split), trace);
+    // The final adapters agree too.
+    let a = tensors(&straight.join("adapter/adapter_model.safetensors"));
+    let b = tensors(&split.join("adapter/adapter_model.safetensors"));
+    assert_eq!(a, b);
+    // Only the newest two checkpoints are kept.
+    let kept: Vec<String> = std::fs::read_dir(split.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(kept.len(), 2, "{kept:?}");
+}
+
+/// `kill -9` at an arbitrary moment (checkpoints every step, so likely mid-write) leaves a
+/// loadable checkpoint: `--resume` finishes the run with the same trace as a straight run.
+#[test]
+fn kill_during_checkpointing_leaves_a_resumable_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, data) = tiny_run_inputs(tmp.path());
+    let straight = tmp.path().join("straight");
+    // Long enough that the kill lands mid-run.
+    let mut args = tiny_train_args(&model, &data, &straight, "150");
+    let every = args.iter().position(|a| *a == "--save-every").unwrap() + 1;
+    args[every] = "1";
+    ok(&args);
+    let trace = losses(&straight);
+
+    let killed = tmp.path().join("killed");
+    let mut args = tiny_train_args(&model, &data, &killed, "150");
+    args[every] = "1";
+    let mut child = Command::new(env!("CARGO_BIN_EXE_disha"))
+        .args(&args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait for a few checkpoints, then SIGKILL.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let newest_checkpoint = || -> usize {
+        std::fs::read_dir(killed.join("checkpoints"))
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter_map(|e| e.file_name().to_str()?.strip_prefix("step-")?.parse().ok())
+                    .max()
+                    .unwrap_or(0)
+            })
+            .unwrap_or(0)
+    };
+    while newest_checkpoint() < 3 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().ok();
+    let status = child.wait().unwrap();
+    assert!(
+        !status.success(),
+        "the run finished before it could be killed"
+    );
+    assert!(losses(&killed).len() < 150);
+    ok(&[
+        "train",
+        "--model",
+        s(&model),
+        "--tokenizer",
+        "byte-level",
+        "--resume",
+        "--out",
+        s(&killed),
+    ]);
+    assert_eq!(losses(&killed), trace);
+}

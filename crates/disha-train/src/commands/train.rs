@@ -8,12 +8,13 @@ use burn::tensor::{Int, Tensor, TensorData};
 use disha_core::{PeftModelExt, freeze_all_but_active_adapters, write_atomic};
 use disha_models::llama::{Llama, causal_lm_loss_sum};
 use disha_models::{TextTokenizer, load_tokenizer};
+use disha_train::checkpoint::{self, ADAPTER_NAME};
 use disha_train::data::{DataLoader, Example, collate, encode_all, read_jsonl, split_validation};
 use disha_train::learner::{Learner, StepMetrics};
 use disha_train::settings::{RunSettings, TrainSettings};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::{ADAPTER_NAME, load_with_adapter};
+use super::load_with_adapter;
 use crate::cli::TrainArgs;
 use crate::error::{CliError, CliResult};
 
@@ -77,25 +78,62 @@ fn tokenizer_for(args: &TrainArgs) -> CliResult<TextTokenizer> {
     })
 }
 
-pub fn run(args: TrainArgs) -> CliResult {
+/// The settings of a new run (flags over `--config` over defaults), or of the run being
+/// resumed (its `run.json`).
+fn settings_for(args: &TrainArgs) -> CliResult<RunSettings> {
+    if args.resume {
+        let out = args
+            .settings
+            .out
+            .as_ref()
+            .expect("clap requires --out with --resume");
+        let path = out.join("run.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| file_error(&path, e))?;
+        let mut settings: RunSettings =
+            serde_json::from_str(&text).map_err(|e| CliError::File {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+        settings.out = out.clone();
+        return Ok(settings);
+    }
     let file = match &args.config {
-        Some(path) => TrainSettings::from_file(path).map_err(train_error)?,
+        Some(path) => TrainSettings::from_file(path)?,
         None => TrainSettings::default(),
     };
-    let settings: RunSettings = args
-        .settings
-        .clone()
-        .or(file)
-        .resolve()
-        .map_err(train_error)?;
+    let settings = args.settings.clone().or(file).resolve()?;
     let metrics_path = settings.out.join("metrics.jsonl");
     if metrics_path.exists() {
         return Err(CliError::Usage(format!(
-            "{} exists: {} holds an earlier run; choose a new --out",
+            "{} exists: {} holds an earlier run; continue it with --resume or choose a new --out",
             metrics_path.display(),
             settings.out.display()
         )));
     }
+    Ok(settings)
+}
+
+/// Keeps the metrics lines of steps `<= step` (a resumed run replays the steps after its
+/// checkpoint), rewriting the file atomically.
+fn truncate_metrics(path: &std::path::Path, step: usize) -> CliResult {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let kept: String = text
+        .lines()
+        .filter(|line| {
+            serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s as usize <= step)
+        })
+        .map(|line| format!("{line}\n"))
+        .collect();
+    write_atomic(path, kept.as_bytes())?;
+    Ok(())
+}
+
+pub fn run(args: TrainArgs) -> CliResult {
+    let settings = settings_for(&args)?;
+    let metrics_path = settings.out.join("metrics.jsonl");
     let tokenizer = tokenizer_for(&args)?;
     let pad = tokenizer
         .token_to_id("<|pad|>")
@@ -107,16 +145,14 @@ pub fn run(args: TrainArgs) -> CliResult {
         &settings.data,
         &settings.field_map(),
         settings.skip_bad_lines,
-    )
-    .map_err(train_error)?;
+    )?;
     let (examples, dropped) = encode_all(
         &settings.data,
         &records,
         settings.prompt_template(),
         &tokenizer,
         settings.max_len,
-    )
-    .map_err(train_error)?;
+    )?;
     if examples.is_empty() {
         return Err(CliError::Usage(format!(
             "{}: every prompt is longer than --max-len {}",
@@ -132,28 +168,48 @@ pub fn run(args: TrainArgs) -> CliResult {
         skipped,
         dropped
     );
+    let mut data = DataLoader::new(train, settings.batch_size, settings.seed, pad);
 
-    // Model and adapter.
+    // Model, adapter, learner: fresh, or from the newest checkpoint.
     let device = args.device.device()?.autodiff();
     let (loaded, _) = load_with_adapter(&args.model, None, &device)?;
     let base = loaded.model.valid();
     let mut model = loaded.model;
     device.seed(settings.seed);
     let peft = settings.peft_config();
-    model.add_adapter(ADAPTER_NAME, &peft)?;
-    let model = freeze_all_but_active_adapters(model);
-    eprintln!("{}", model.parameter_count());
-
-    let val_before = (!validation.is_empty())
-        .then(|| evaluate_loss(&model.valid(), &validation, settings.batch_size, pad));
-    std::fs::create_dir_all(&settings.out).map_err(|e| file_error(&settings.out, e))?;
-    let run_json = serde_json::to_string_pretty(&settings).expect("settings serialize");
-    write_atomic(&settings.out.join("run.json"), run_json.as_bytes())?;
+    let mut val_before = None;
+    let mut learner = if args.resume {
+        let ckpt = checkpoint::load_latest(&settings.out)?;
+        model.load_adapter(&ckpt.adapter_dir(), ADAPTER_NAME)?;
+        let model = freeze_all_but_active_adapters(model);
+        data.seek(ckpt.state.position);
+        truncate_metrics(&metrics_path, ckpt.state.step)?;
+        eprintln!(
+            "resuming from {} (step {})",
+            ckpt.dir.display(),
+            ckpt.state.step
+        );
+        Learner::resume(
+            model,
+            settings.learner.clone(),
+            ckpt.state.step,
+            &ckpt.state.param_ids,
+            ckpt.optimizer,
+        )?
+    } else {
+        model.add_adapter(ADAPTER_NAME, &peft)?;
+        let model = freeze_all_but_active_adapters(model);
+        val_before = (!validation.is_empty())
+            .then(|| evaluate_loss(&model.valid(), &validation, settings.batch_size, pad));
+        std::fs::create_dir_all(&settings.out).map_err(|e| file_error(&settings.out, e))?;
+        let run_json = serde_json::to_string_pretty(&settings).expect("settings serialize");
+        write_atomic(&settings.out.join("run.json"), run_json.as_bytes())?;
+        Learner::new(model, settings.learner.clone())?
+    };
+    eprintln!("{}", learner.model().parameter_count());
 
     // Train.
     let steps = settings.learner.max_steps;
-    let mut data = DataLoader::new(train, settings.batch_size, settings.seed, pad);
-    let mut learner = Learner::new(model, settings.learner.clone()).map_err(train_error)?;
     let bar = ProgressBar::new(steps as u64);
     bar.set_style(
         ProgressStyle::with_template(
@@ -161,6 +217,7 @@ pub fn run(args: TrainArgs) -> CliResult {
         )
         .expect("valid template"),
     );
+    bar.set_position(learner.step() as u64);
     let mut metrics_file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -168,8 +225,8 @@ pub fn run(args: TrainArgs) -> CliResult {
         .map_err(|e| file_error(&metrics_path, e))?;
     let start = Instant::now();
     let mut history: Vec<StepMetrics> = Vec::with_capacity(steps);
-    for _ in 0..steps {
-        let metrics = learner.train_step(&mut data).map_err(train_error)?;
+    while learner.step() < steps {
+        let metrics = learner.train_step(&mut data)?;
         let line = serde_json::to_string(&metrics).expect("metrics serialize");
         writeln!(metrics_file, "{line}")
             .and_then(|()| metrics_file.flush())
@@ -180,6 +237,27 @@ pub fn run(args: TrainArgs) -> CliResult {
         ));
         bar.inc(1);
         history.push(metrics);
+        let step = learner.step();
+        let stopping = args.stop_after_steps == Some(history.len());
+        if step == steps
+            || stopping
+            || (settings.save_every > 0 && step.is_multiple_of(settings.save_every))
+        {
+            checkpoint::save(
+                &settings.out,
+                &learner,
+                &peft,
+                data.position(),
+                settings.keep_checkpoints,
+            )?;
+        }
+        if stopping {
+            eprintln!(
+                "stopping after {} steps as asked; continue with --resume",
+                history.len()
+            );
+            break;
+        }
     }
     bar.finish();
     let elapsed = start.elapsed().as_secs_f64();
@@ -195,18 +273,29 @@ pub fn run(args: TrainArgs) -> CliResult {
     let mean = |m: &[StepMetrics]| m.iter().map(|x| x.loss).sum::<f64>() / m.len().max(1) as f64;
     let k = history.len().clamp(1, 5);
     let tokens: usize = history.iter().map(|m| m.tokens).sum();
-    println!("steps               {}", history.len());
-    println!("loss (first {k} steps) {:.4}", mean(&history[..k]));
     println!(
-        "loss (last {k} steps)  {:.4}",
-        mean(&history[history.len() - k..])
+        "steps               {} (this session: {})",
+        steps,
+        history.len()
     );
-    if let (Some(before), Some(after)) = (val_before, val_loss) {
+    if !history.is_empty() {
+        println!("loss (first {k} steps) {:.4}", mean(&history[..k]));
         println!(
+            "loss (last {k} steps)  {:.4}",
+            mean(&history[history.len() - k..])
+        );
+    }
+    match (val_before, val_loss) {
+        (Some(before), Some(after)) => println!(
             "validation loss     {before:.4} -> {after:.4} (perplexity {:.2} -> {:.2})",
             before.exp(),
             after.exp()
-        );
+        ),
+        (None, Some(after)) => println!(
+            "validation loss     {after:.4} (perplexity {:.2})",
+            after.exp()
+        ),
+        _ => {}
     }
     println!(
         "time                {elapsed:.1} s, {:.0} tokens/s",
@@ -221,10 +310,6 @@ pub fn run(args: TrainArgs) -> CliResult {
     );
     println!("metrics             {}", metrics_path.display());
     Ok(())
-}
-
-fn train_error(e: disha_train::TrainError) -> CliError {
-    CliError::from(e)
 }
 
 fn file_error(path: &std::path::Path, e: std::io::Error) -> CliError {
