@@ -33,6 +33,60 @@ pub enum Command {
     ExportAdapter(ExportAdapterArgs),
     /// Fine-tune an adapter (Bone, BAT, mini or LoRA) on a JSONL dataset.
     Train(Box<TrainArgs>),
+    /// Evaluate a model (and adapter) on a JSONL dataset: loss / perplexity, GSM8K exact match.
+    Eval(EvalArgs),
+}
+
+/// What `disha eval` measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum EvalMetric {
+    /// Mean cross-entropy over response tokens, and perplexity.
+    Loss,
+    /// Greedy generation; the answer after `####` (else the last number) must equal the
+    /// reference's.
+    ExactMatch,
+    /// Both.
+    All,
+}
+
+/// `disha eval`.
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Tokenizer: a tokenizer.json, or `byte-level`; default: the model's own.
+    #[arg(long, value_name = "FILE|byte-level")]
+    pub tokenizer: Option<String>,
+    /// Evaluation data (JSONL).
+    #[arg(long, value_name = "FILE")]
+    pub data: PathBuf,
+    /// Field layout: alpaca, metamath, gsm8k [default: alpaca].
+    #[arg(long)]
+    pub fields: Option<String>,
+    /// Prompt template [default: alpaca].
+    #[arg(long, value_enum)]
+    pub template: Option<disha_train::settings::Template>,
+    /// What to measure.
+    #[arg(long, value_enum, default_value_t = EvalMetric::All)]
+    pub metric: EvalMetric,
+    /// Maximum tokens per example for the loss.
+    #[arg(long, default_value_t = 512)]
+    pub max_len: usize,
+    /// Examples per forward pass for the loss.
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    /// Tokens to generate per question for exact match.
+    #[arg(long, default_value_t = 256)]
+    pub max_new_tokens: usize,
+    /// Evaluate only the first N records.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Write one JSON object per question (prompt, generated, predicted, reference, correct).
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+    /// Skip malformed JSONL lines.
+    #[arg(long)]
+    pub skip_bad_lines: bool,
 }
 
 /// `disha train`.

@@ -8,6 +8,7 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod evaluate;
 pub mod learner;
 pub mod schedule;
 pub mod settings;

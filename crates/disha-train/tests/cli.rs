@@ -413,6 +413,44 @@ fn train_bone_on_gsm8k_with_smollm2() {
         s(&out),
     ]);
     assert!(err.contains("metrics.jsonl"), "{err}");
+    // `disha eval` exact match: SmolLM2 answers easy sums in chat format ("2 + 3 = 5").
+    let easy = tmp.path().join("easy.jsonl");
+    std::fs::write(
+        &easy,
+        "{\"question\": \"What is 2+3?\", \"answer\": \"#### 5\"}\n{\"question\": \"What is 10+10?\", \"answer\": \"#### 20\"}\n",
+    )
+    .unwrap();
+    let outputs = tmp.path().join("easy_out.jsonl");
+    let report = ok(&[
+        "eval",
+        "--model",
+        s(&model),
+        "--data",
+        s(&easy),
+        "--fields",
+        "gsm8k",
+        "--template",
+        "chat",
+        "--metric",
+        "exact-match",
+        "--max-new-tokens",
+        "24",
+        "--out",
+        s(&outputs),
+    ]);
+    assert!(report.contains("exact match 2/2"), "{report}");
+    let first: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(&outputs)
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (first["predicted"].as_str(), first["correct"].as_bool()),
+        (Some("5"), Some(true))
+    );
     // Malformed data is named by line.
     std::fs::write(&data, "{\"question\": \"1+1\"}\n").unwrap();
     let err = fails(&[
@@ -553,6 +591,35 @@ fn resume_continues_exactly() {
     let a = tensors(&straight.join("adapter/adapter_model.safetensors"));
     let b = tensors(&split.join("adapter/adapter_model.safetensors"));
     assert_eq!(a, b);
+    // `disha eval`: the trained adapter lowers the loss on its training data.
+    let eval_loss = |adapter: Option<&Path>| -> f64 {
+        let mut args = vec![
+            "eval",
+            "--model",
+            s(&model),
+            "--tokenizer",
+            "byte-level",
+            "--data",
+            s(&data),
+            "--fields",
+            "gsm8k",
+            "--template",
+            "raw",
+            "--metric",
+            "loss",
+        ];
+        if let Some(a) = adapter {
+            args.extend(["--adapter", s(a)]);
+        }
+        let report = ok(&args);
+        let line = report
+            .lines()
+            .find(|l| l.starts_with("loss "))
+            .expect("a loss line");
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    let (before, after) = (eval_loss(None), eval_loss(Some(&split.join("adapter"))));
+    assert!(after < before * 0.8, "loss {before} -> {after}");
     // Only the newest two checkpoints are kept.
     let kept: Vec<String> = std::fs::read_dir(split.join("checkpoints"))
         .unwrap()

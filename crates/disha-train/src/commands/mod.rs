@@ -1,5 +1,6 @@
 //! The subcommands, one file each.
 
+mod eval;
 mod export_adapter;
 mod generate;
 mod inspect;
@@ -29,6 +30,7 @@ pub fn run(cli: Cli) -> CliResult {
         Command::Merge(args) => merge::run(args),
         Command::ExportAdapter(args) => export_adapter::run(args),
         Command::Train(args) => train::run(*args),
+        Command::Eval(args) => eval::run(args),
     }
 }
 

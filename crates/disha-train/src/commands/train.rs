@@ -6,10 +6,11 @@ use std::time::Instant;
 use burn::module::Module;
 use burn::tensor::{Int, Tensor, TensorData};
 use disha_core::{PeftModelExt, freeze_all_but_active_adapters, write_atomic};
-use disha_models::llama::{Llama, causal_lm_loss_sum};
+use disha_models::llama::Llama;
 use disha_models::{TextTokenizer, load_tokenizer};
 use disha_train::checkpoint::{self, ADAPTER_NAME};
-use disha_train::data::{DataLoader, Example, collate, encode_all, read_jsonl, split_validation};
+use disha_train::data::{DataLoader, encode_all, read_jsonl, split_validation};
+use disha_train::evaluate::mean_loss;
 use disha_train::learner::{Learner, StepMetrics};
 use disha_train::settings::{RunSettings, TrainSettings};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -17,24 +18,6 @@ use indicatif::{ProgressBar, ProgressStyle};
 use super::load_with_adapter;
 use crate::cli::TrainArgs;
 use crate::error::{CliError, CliResult};
-
-/// Mean loss over `examples` (no gradients), in batches of `batch_size`.
-fn evaluate_loss(model: &Llama, examples: &[Example], batch_size: usize, pad: u32) -> f64 {
-    let device = model.device();
-    let mut total = 0.0;
-    let mut targets = 0;
-    for chunk in examples.chunks(batch_size) {
-        let refs: Vec<&Example> = chunk.iter().collect();
-        let batch = collate(&refs, pad);
-        let ids =
-            Tensor::<2, Int>::from_data(TensorData::new(batch.input_ids, batch.shape), &device);
-        let labels =
-            Tensor::<2, Int>::from_data(TensorData::new(batch.labels, batch.shape), &device);
-        total += causal_lm_loss_sum(model.forward(ids), labels).into_scalar::<f64>();
-        targets += batch.targets;
-    }
-    total / targets.max(1) as f64
-}
 
 /// Loads the saved adapter onto a fresh copy of the base model and compares its logits with
 /// the trained model's on one training batch: the directory written must reproduce the run.
@@ -200,7 +183,7 @@ pub fn run(args: TrainArgs) -> CliResult {
         model.add_adapter(ADAPTER_NAME, &peft)?;
         let model = freeze_all_but_active_adapters(model);
         val_before = (!validation.is_empty())
-            .then(|| evaluate_loss(&model.valid(), &validation, settings.batch_size, pad));
+            .then(|| mean_loss(&model.valid(), &validation, settings.batch_size, pad));
         std::fs::create_dir_all(&settings.out).map_err(|e| file_error(&settings.out, e))?;
         let run_json = serde_json::to_string_pretty(&settings).expect("settings serialize");
         write_atomic(&settings.out.join("run.json"), run_json.as_bytes())?;
@@ -269,7 +252,7 @@ pub fn run(args: TrainArgs) -> CliResult {
     let trained = model.valid();
     let reload_diff = check_reload(&base, &trained, &adapter_dir, &data)?;
     let val_loss = (!validation.is_empty())
-        .then(|| evaluate_loss(&trained, &validation, settings.batch_size, pad));
+        .then(|| mean_loss(&trained, &validation, settings.batch_size, pad));
     let mean = |m: &[StepMetrics]| m.iter().map(|x| x.loss).sum::<f64>() / m.len().max(1) as f64;
     let k = history.len().clamp(1, 5);
     let tokens: usize = history.iter().map(|m| m.tokens).sum();

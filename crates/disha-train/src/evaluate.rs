@@ -1,0 +1,108 @@
+//! Evaluation helpers: GSM8K-style answer extraction and comparison.
+//!
+//! The reference answer of a GSM8K record follows `#### `; a generation's answer is the number
+//! after its first `#### ` if it has one, else the last number in the text (how `lm-eval`'s
+//! flexible GSM8K filter scores). [`mean_loss`] is the loss / perplexity metric. Numbers compare after removing thousands separators, a
+//! leading `+`, a trailing `.` and trailing zeros after a decimal point (`1,000.50` = `1000.5`).
+
+use burn::tensor::{Int, Tensor, TensorData};
+use disha_models::llama::{Llama, causal_lm_loss_sum};
+
+use crate::data::{Example, collate};
+
+/// Mean cross-entropy over the target tokens of `examples` (prompt masked, as in training),
+/// in batches of `batch_size`, without gradients.
+pub fn mean_loss(model: &Llama, examples: &[Example], batch_size: usize, pad: u32) -> f64 {
+    let device = model.device();
+    let mut total = 0.0;
+    let mut targets = 0;
+    for chunk in examples.chunks(batch_size.max(1)) {
+        let refs: Vec<&Example> = chunk.iter().collect();
+        let batch = collate(&refs, pad);
+        let ids =
+            Tensor::<2, Int>::from_data(TensorData::new(batch.input_ids, batch.shape), &device);
+        let labels =
+            Tensor::<2, Int>::from_data(TensorData::new(batch.labels, batch.shape), &device);
+        total += causal_lm_loss_sum(model.forward(ids), labels).into_scalar::<f64>();
+        targets += batch.targets;
+    }
+    total / targets.max(1) as f64
+}
+
+/// The answer of `text`: the number after `####`, else the last number.
+pub fn extract_answer(text: &str) -> Option<String> {
+    if let Some(rest) = text.split("####").nth(1)
+        && let Some(n) = numbers(rest).into_iter().next()
+    {
+        return Some(n);
+    }
+    numbers(text).pop()
+}
+
+/// Every number in `text` (optional sign, digits with `,` separators, optional decimals),
+/// normalized.
+fn numbers(text: &str) -> Vec<String> {
+    let chars: Vec<char> = text.chars().collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < chars.len() {
+        let negative = chars[i] == '-' && chars.get(i + 1).is_some_and(char::is_ascii_digit);
+        if chars[i].is_ascii_digit() || negative {
+            let start = i;
+            i += 1;
+            while i < chars.len()
+                && (chars[i].is_ascii_digit()
+                    || ((chars[i] == ',' || chars[i] == '.')
+                        && chars.get(i + 1).is_some_and(char::is_ascii_digit)))
+            {
+                i += 1;
+            }
+            out.push(normalize_number(
+                &chars[start..i].iter().collect::<String>(),
+            ));
+        } else {
+            i += 1;
+        }
+    }
+    out
+}
+
+/// Canonical form of a number string (`1,000.50` → `1000.5`, `7.0` → `7`).
+pub fn normalize_number(n: &str) -> String {
+    let mut s: String = n.trim().trim_start_matches('+').replace(',', "");
+    if s.contains('.') {
+        s = s.trim_end_matches('0').trim_end_matches('.').to_string();
+    }
+    if s.is_empty() || s == "-" {
+        "0".into()
+    } else {
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_come_from_the_marker_or_the_last_number() {
+        assert_eq!(
+            extract_answer("She has 3 + 4 = <<3+4=7>>7 apples.\n#### 7").as_deref(),
+            Some("7")
+        );
+        assert_eq!(extract_answer("2 + 3 = 5").as_deref(), Some("5"));
+        assert_eq!(
+            extract_answer("#### 1,234.50 dollars").as_deref(),
+            Some("1234.5")
+        );
+        assert_eq!(
+            extract_answer("it dropped to -12 degrees").as_deref(),
+            Some("-12")
+        );
+        assert_eq!(extract_answer("no number here"), None);
+        assert_eq!(normalize_number("7.0"), "7");
+        assert_eq!(normalize_number("+1,000"), "1000");
+        // A sentence-ending period is not a decimal point.
+        assert_eq!(extract_answer("The answer is 42.").as_deref(), Some("42"));
+    }
+}
