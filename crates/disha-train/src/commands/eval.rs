@@ -5,13 +5,13 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 use std::ops::ControlFlow;
 
-use disha_models::{GenerationConfig, TextTokenizer, generate, load_tokenizer};
+use disha_models::{GenerationConfig, generate};
 use disha_train::data::{encode_all, read_jsonl, render_prompt};
 use disha_train::evaluate::{extract_answer, mean_loss};
 use disha_train::settings::TrainSettings;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::{load_model_args, print_stdout};
+use super::{load_model_args, print_stdout, tokenizer_arg};
 use crate::cli::{EvalArgs, EvalMetric};
 use crate::error::{CliError, CliResult};
 
@@ -27,11 +27,7 @@ pub fn run(args: EvalArgs) -> CliResult {
         ..Default::default()
     }
     .resolve()?;
-    let tokenizer = match args.tokenizer.as_deref() {
-        Some("byte-level") => TextTokenizer::byte_level(),
-        Some(path) => TextTokenizer::from_file(std::path::Path::new(path))?,
-        None => load_tokenizer(&args.model.model)?,
-    };
+    let tokenizer = tokenizer_arg(args.tokenizer.as_deref(), &args.model.model)?;
     let (mut records, skipped) = read_jsonl(
         &settings.data,
         &settings.field_map(),

@@ -7,7 +7,6 @@ use burn::module::Module;
 use burn::tensor::{Int, Tensor, TensorData};
 use disha_core::{PeftModelExt, freeze_all_but_active_adapters, write_atomic};
 use disha_models::llama::Llama;
-use disha_models::{TextTokenizer, load_tokenizer};
 use disha_train::checkpoint::{self, ADAPTER_NAME};
 use disha_train::data::{DataLoader, encode_all, read_jsonl, split_validation};
 use disha_train::evaluate::mean_loss;
@@ -15,7 +14,7 @@ use disha_train::learner::{Learner, StepMetrics};
 use disha_train::settings::{RunSettings, TrainSettings};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::load_with_adapter;
+use super::{load_with_adapter, tokenizer_arg};
 use crate::cli::TrainArgs;
 use crate::error::{CliError, CliResult};
 
@@ -51,14 +50,6 @@ fn check_reload(
         )));
     }
     Ok(diff)
-}
-
-fn tokenizer_for(args: &TrainArgs) -> CliResult<TextTokenizer> {
-    Ok(match args.tokenizer.as_deref() {
-        Some("byte-level") => TextTokenizer::byte_level(),
-        Some(path) => TextTokenizer::from_file(std::path::Path::new(path))?,
-        None => load_tokenizer(&args.model)?,
-    })
 }
 
 /// The settings of a new run (flags over `--config` over defaults), or of the run being
@@ -117,7 +108,7 @@ fn truncate_metrics(path: &std::path::Path, step: usize) -> CliResult {
 pub fn run(args: TrainArgs) -> CliResult {
     let settings = settings_for(&args)?;
     let metrics_path = settings.out.join("metrics.jsonl");
-    let tokenizer = tokenizer_for(&args)?;
+    let tokenizer = tokenizer_arg(args.tokenizer.as_deref(), &args.model)?;
     let pad = tokenizer
         .token_to_id("<|pad|>")
         .or(tokenizer.eos_id())
