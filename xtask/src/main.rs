@@ -4,7 +4,11 @@
 //!   with `-D warnings`, the README's test command on the CPU backend, and type-checks of the
 //!   opt-in GPU backends.
 //! - `cargo xtask bench` — the benchmarks, with their summary tables.
+//! - `cargo xtask converge` — Bone vs LoRA vs BAT fine-tuning convergence on SmolLM2 + GSM8K.
 
+mod converge;
+
+use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 use std::time::Instant;
 
@@ -31,6 +35,19 @@ enum Task {
         /// (SmolLM2-135M from `../shared/assets`: prefill, decode, Bone / LoRA train step).
         #[arg(default_value = "adapters")]
         which: String,
+    },
+    /// Compare Bone r16, LoRA r8 and BAT r16 fine-tuning (same model, data, steps, seed)
+    /// through the release `disha train`; needs `../shared/assets` (or --assets / DISHA_ASSETS).
+    Converge {
+        /// Optimizer steps per method.
+        #[arg(long, default_value_t = 40)]
+        steps: usize,
+        /// GSM8K training examples to use (32 are held out for validation).
+        #[arg(long, default_value_t = 256)]
+        examples: usize,
+        /// The shared assets directory.
+        #[arg(long)]
+        assets: Option<PathBuf>,
     },
 }
 
@@ -105,11 +122,26 @@ fn run(step: &Step) -> bool {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Task::Converge {
+        steps,
+        examples,
+        assets,
+    } = &cli.command
+    {
+        return match converge::run(*steps, *examples, assets.clone()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("xtask converge: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let steps: Vec<&Step> = match &cli.command {
         Task::Ci { skip_gpu_check } => CI_STEPS
             .iter()
             .chain(GPU_CHECK_STEPS.iter().filter(|_| !skip_gpu_check))
             .collect(),
+        Task::Converge { .. } => unreachable!("handled above"),
         Task::Bench { which } => match which.as_str() {
             "adapters" => vec![&Step {
                 label: "bench: adapted linear, every method",
