@@ -16,20 +16,11 @@ use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use criterion::Criterion;
 use disha_core::{PeftConfig, PeftModelExt, TargetModules, freeze_all_but_active_adapters};
-use disha_models::llama::{Llama, LlamaCache, causal_lm_loss};
+use disha_models::llama::{Llama, LlamaCache, causal_lm_loss, projection_names};
 use disha_models::load_model;
 
 const GROUP: &str = "smollm2_135m_f32";
 const TOKENS: usize = 128;
-const SEVEN: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
 
 /// `(case, tokens processed per iteration)`, in table order.
 const CASES: [(&str, usize); 4] = [
@@ -149,7 +140,7 @@ fn main() {
     let base = load_model(&path, &train_device)
         .expect("SmolLM2 GGUF loads")
         .model;
-    let seven = TargetModules::Names(SEVEN.iter().map(|s| s.to_string()).collect());
+    let seven = TargetModules::Names(projection_names().map(String::from).to_vec());
     train_case(
         &mut c,
         CASES[2].0,

@@ -1,12 +1,13 @@
 //! One entry point for `--model PATH`: an HF directory or a GGUF file.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
 use serde_json::Value;
 
 use crate::error::{ModelError, Result};
-use crate::gguf::GgufFile;
+use crate::gguf::{GgufFile, GgufValue};
 use crate::gguf_llama::{GgufWeights, config_from_gguf};
 use crate::llama::{Llama, LlamaConfig};
 use crate::llama2c::Llama2cWeights;
@@ -35,12 +36,27 @@ pub struct LoadedModel {
     pub path: PathBuf,
     /// The original `config.json` (HF sources), kept verbatim for merged exports.
     pub hf_config: Option<Value>,
+    /// GGUF metadata (tokenizer included), kept so the tokenizer needs no second read of the
+    /// file.
+    gguf_metadata: Option<BTreeMap<String, GgufValue>>,
 }
 
 impl LoadedModel {
     /// The architecture.
     pub fn config(&self) -> &LlamaConfig {
         self.model.config()
+    }
+
+    /// The model's own tokenizer: the one embedded in a GGUF (from the metadata already read),
+    /// else [`load_tokenizer`] on the model path.
+    ///
+    /// # Errors
+    /// As [`TextTokenizer::from_gguf`] / [`load_tokenizer`].
+    pub fn tokenizer(&self) -> Result<TextTokenizer> {
+        match &self.gguf_metadata {
+            Some(metadata) => TextTokenizer::from_gguf_metadata(metadata, &self.path),
+            None => load_tokenizer(&self.path),
+        }
     }
 
     /// The `config.json` a merged export should carry: the original one for HF sources, one
@@ -75,6 +91,7 @@ pub fn load_model(path: &Path, device: &Device) -> Result<LoadedModel> {
     if is_gguf(path) {
         let file = GgufFile::open(path)?;
         let config = config_from_gguf(&file)?;
+        let gguf_metadata = Some(file.metadata.clone());
         let mut weights = GgufWeights::new(file, &config);
         let model = Llama::from_source(&config, &mut weights, device)?;
         return Ok(LoadedModel {
@@ -82,6 +99,7 @@ pub fn load_model(path: &Path, device: &Device) -> Result<LoadedModel> {
             format: ModelFormat::Gguf,
             path: path.to_path_buf(),
             hf_config: None,
+            gguf_metadata,
         });
     }
     if path.is_file()
@@ -96,6 +114,7 @@ pub fn load_model(path: &Path, device: &Device) -> Result<LoadedModel> {
             format: ModelFormat::Llama2c,
             path: path.to_path_buf(),
             hf_config: None,
+            gguf_metadata: None,
         });
     }
     let config_path = path.join("config.json");
@@ -116,6 +135,7 @@ pub fn load_model(path: &Path, device: &Device) -> Result<LoadedModel> {
         format: ModelFormat::HfSafetensors,
         path: path.to_path_buf(),
         hf_config: Some(json),
+        gguf_metadata: None,
     })
 }
 

@@ -175,9 +175,9 @@ pub struct GenerateArgs {
     /// tokenizer's own.
     #[arg(long, requires = "chat", value_name = "NAME|FILE")]
     pub chat_template: Option<String>,
-    /// A tokenizer.json to use instead of the model's.
-    #[arg(long, value_name = "FILE")]
-    pub tokenizer: Option<PathBuf>,
+    /// Tokenizer: a tokenizer.json, or `byte-level`; default: the model's own.
+    #[arg(long, value_name = "FILE|byte-level")]
+    pub tokenizer: Option<String>,
     /// Maximum number of new tokens.
     #[arg(long, default_value_t = 128)]
     pub max_new_tokens: usize,

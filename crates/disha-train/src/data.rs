@@ -244,7 +244,7 @@ pub fn encode_example(
 /// alone reached `max_len`.
 ///
 /// # Errors
-/// As [`encode_example`], naming the record's line.
+/// As [`encode_example`], naming the record's line; or no example left at all.
 pub fn encode_all(
     path: &Path,
     records: &[Record],
@@ -265,6 +265,13 @@ pub fn encode_all(
             Some(example) => examples.push(example),
             None => dropped += 1,
         }
+    }
+    if examples.is_empty() {
+        return Err(TrainError::Data {
+            path: path.to_path_buf(),
+            line: 0,
+            message: format!("every prompt is longer than max_len {max_len}; no example left"),
+        });
     }
     Ok((examples, dropped))
 }

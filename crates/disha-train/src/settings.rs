@@ -7,6 +7,8 @@ use clap::{Args, ValueEnum};
 use disha_core::{AdapterSpec, BatOrientation, PeftConfig, TargetModules};
 use serde::{Deserialize, Serialize};
 
+use disha_models::llama::projection_names;
+
 use crate::TrainError;
 use crate::data::{FieldMap, PromptTemplate};
 use crate::learner::LearnerConfig;
@@ -176,17 +178,6 @@ pub struct RunSettings {
     pub learner: LearnerConfig,
 }
 
-/// The seven Llama projections, the DiSHA papers' targets.
-pub const SEVEN_PROJECTIONS: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
-
 impl TrainSettings {
     /// Reads a run config (`.toml`, or `.json`).
     ///
@@ -288,7 +279,7 @@ impl TrainSettings {
             lora_alpha: self.lora_alpha.unwrap_or(2.0 * r as f64),
             targets: self
                 .targets
-                .unwrap_or_else(|| SEVEN_PROJECTIONS.iter().map(|s| s.to_string()).collect()),
+                .unwrap_or_else(|| projection_names().map(String::from).to_vec()),
             out,
             batch_size: positive("batch_size", self.batch_size.unwrap_or(4))?,
             max_len: positive("max_len", self.max_len.unwrap_or(512))?,

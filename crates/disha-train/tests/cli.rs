@@ -1,6 +1,8 @@
 //! End-to-end tests of the `disha` binary: exit codes, one-line errors, and the parity
 //! outputs of `logits`, `merge` and `export-adapter` against the golden fixtures.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -469,26 +471,8 @@ fn train_bone_on_gsm8k_with_smollm2() {
 
 /// A small random byte-level Llama as an HF directory, and an arithmetic JSONL dataset.
 fn tiny_run_inputs(dir: &Path) -> (PathBuf, PathBuf) {
-    use disha_models::llama::{Llama, LlamaConfig, RopeScaling};
-    let config = LlamaConfig {
-        vocab_size: 259,
-        hidden_size: 32,
-        intermediate_size: 64,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        head_dim: 8,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10_000.0,
-        rope_scaling: RopeScaling::Default,
-        max_position_embeddings: 64,
-        tie_word_embeddings: true,
-        attention_bias: false,
-        mlp_bias: false,
-        bos_token_id: Some(256),
-        eos_token_ids: vec![257],
-        dtype: "float32".into(),
-    };
+    use disha_models::llama::Llama;
+    let config = common::tiny_byte_level_config();
     let device = burn::tensor::Device::default();
     let model = Llama::from_source(
         &config,

@@ -1,39 +1,28 @@
 //! The training loop on a small randomly initialized byte-level Llama: masking, accumulation,
 //! clipping, determinism, and that loss actually falls.
 
+mod common;
+
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use disha_core::{PeftConfig, PeftModelExt, TargetModules, freeze_all_but_active_adapters};
-use disha_models::llama::{Llama, LlamaConfig, RopeScaling, causal_lm_loss};
+use disha_models::llama::{Llama, causal_lm_loss};
 use disha_models::{RandomWeights, TextTokenizer};
-use disha_train::data::{DataLoader, Example, PromptTemplate, Record, encode_example};
+use disha_train::data::{DataLoader, Example, PromptTemplate, Record, collate, encode_example};
 use disha_train::learner::{Learner, LearnerConfig, clip_grad_norm, global_grad_norm};
 use disha_train::schedule::{LrSchedule, ScheduleKind};
 
-fn config() -> LlamaConfig {
-    LlamaConfig {
-        vocab_size: 259,
-        hidden_size: 32,
-        intermediate_size: 64,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        head_dim: 8,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10_000.0,
-        rope_scaling: RopeScaling::Default,
-        max_position_embeddings: 64,
-        tie_word_embeddings: true,
-        attention_bias: false,
-        mlp_bias: false,
-        bos_token_id: Some(256),
-        eos_token_ids: vec![257],
-        dtype: "float32".into(),
-    }
+/// `(input_ids, labels)` of one example as a batch of one (the library's own collation).
+fn batch_of_one(e: &Example, device: &Device) -> (Tensor<2, Int>, Tensor<2, Int>) {
+    let b = collate(&[e], 258);
+    (
+        Tensor::from_data(TensorData::new(b.input_ids, b.shape), device),
+        Tensor::from_data(TensorData::new(b.labels, b.shape), device),
+    )
 }
 
 fn model(device: &Device) -> Llama {
-    let c = config();
+    let c = common::tiny_byte_level_config();
     let mut m = Llama::from_source(&c, &mut RandomWeights::new(&c, 0.2, 7), device).unwrap();
     m.add_adapter("default", &PeftConfig::miss(4, TargetModules::AllLinear))
         .unwrap();
@@ -82,17 +71,7 @@ fn loss_counts_only_response_tokens() {
     let device = Device::default();
     let m = model(&device);
     let e = &examples()[3];
-    let ids = Tensor::<2, Int>::from_data(
-        TensorData::new(
-            e.input_ids.iter().map(|&t| t as i64).collect(),
-            [1, e.input_ids.len()],
-        ),
-        &device,
-    );
-    let labels = Tensor::<2, Int>::from_data(
-        TensorData::new(e.labels.clone(), [1, e.labels.len()]),
-        &device,
-    );
+    let (ids, labels) = batch_of_one(e, &device);
     let logits = m.forward(ids.clone());
     let loss = causal_lm_loss(logits.clone(), labels).into_scalar::<f64>();
     // Host reference: mean over response positions of -log softmax(logits[t-1])[label[t]].
@@ -221,17 +200,7 @@ fn clipping_scales_the_global_norm_down_to_the_limit() {
     let device = Device::default().autodiff();
     let m = model(&device);
     let e = &examples()[0];
-    let ids = Tensor::<2, Int>::from_data(
-        TensorData::new(
-            e.input_ids.iter().map(|&t| t as i64).collect(),
-            [1, e.input_ids.len()],
-        ),
-        &device,
-    );
-    let labels = Tensor::<2, Int>::from_data(
-        TensorData::new(e.labels.clone(), [1, e.labels.len()]),
-        &device,
-    );
+    let (ids, labels) = batch_of_one(e, &device);
     let loss = causal_lm_loss(m.forward(ids), labels);
     let mut grads = GradientsParams::from_grads(loss.backward(), &m);
     let before = global_grad_norm(&m, &grads);

@@ -11,6 +11,6 @@ pub use config::{LlamaConfig, RopeScaling};
 pub use mlp::LlamaMlp;
 pub use model::{
     IGNORE_INDEX, Llama, LlamaCache, LlamaDecoderLayer, causal_lm_loss, causal_lm_loss_sum,
-    hf_tensor_shapes,
+    hf_tensor_shapes, projection_names,
 };
 pub use rope::{RotaryEmbedding, apply_rotary};

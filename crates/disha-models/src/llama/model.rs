@@ -458,6 +458,12 @@ const PROJECTIONS: [&str; 7] = [
     "mlp.down_proj",
 ];
 
+/// The module names of the seven projections (`q_proj` … `down_proj`), what PEFT's
+/// `target_modules` lists to adapt all of them (the DiSHA papers' setting).
+pub fn projection_names() -> [&'static str; 7] {
+    PROJECTIONS.map(|p| p.rsplit('.').next().expect("non-empty"))
+}
+
 fn layer_sites(i: usize) -> [LinearSite; 7] {
     PROJECTIONS
         .map(|p| LinearSite::hidden(format!("model.layers.{i}.{p}"), format!("layers.{i}.{p}")))

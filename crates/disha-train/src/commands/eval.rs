@@ -27,7 +27,6 @@ pub fn run(args: EvalArgs) -> CliResult {
         ..Default::default()
     }
     .resolve()?;
-    let tokenizer = tokenizer_arg(args.tokenizer.as_deref(), &args.model.model)?;
     let (mut records, skipped) = read_jsonl(
         &settings.data,
         &settings.field_map(),
@@ -37,6 +36,7 @@ pub fn run(args: EvalArgs) -> CliResult {
         records.truncate(limit);
     }
     let (loaded, _, _) = load_model_args(&args.model)?;
+    let tokenizer = tokenizer_arg(args.tokenizer.as_deref(), &loaded)?;
     let model = &loaded.model;
     let mut report = String::new();
     let _ = writeln!(
@@ -56,12 +56,6 @@ pub fn run(args: EvalArgs) -> CliResult {
             &tokenizer,
             settings.max_len,
         )?;
-        if examples.is_empty() {
-            return Err(CliError::Usage(format!(
-                "every prompt is longer than --max-len {}",
-                settings.max_len
-            )));
-        }
         let loss = mean_loss(model, &examples, args.batch_size, pad);
         let _ = writeln!(
             report,

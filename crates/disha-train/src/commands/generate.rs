@@ -6,21 +6,18 @@ use std::path::Path;
 use std::time::Instant;
 
 use disha_models::{
-    ChatMessage, ChatTemplate, GenerationConfig, TextTokenizer, generate, load_tokenizer,
+    ChatMessage, ChatTemplate, GenerationConfig, LoadedModel, TextTokenizer, generate,
 };
 
-use super::load_model_args;
+use super::{load_model_args, tokenizer_arg};
 use crate::cli::GenerateArgs;
 use crate::error::{CliError, CliResult};
 
 /// Tokens that end an assistant turn in common chat formats.
 const END_OF_TURN: [&str; 4] = ["<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "</s>"];
 
-fn tokenizer_for(args: &GenerateArgs) -> CliResult<TextTokenizer> {
-    let mut tokenizer = match &args.tokenizer {
-        Some(path) => TextTokenizer::from_file(path)?,
-        None => load_tokenizer(&args.model.model)?,
-    };
+fn tokenizer_for(args: &GenerateArgs, loaded: &LoadedModel) -> CliResult<TextTokenizer> {
+    let mut tokenizer = tokenizer_arg(args.tokenizer.as_deref(), loaded)?;
     if let Some(name) = &args.chat_template {
         let path = Path::new(name);
         if path.is_file() {
@@ -44,8 +41,8 @@ fn tokenizer_for(args: &GenerateArgs) -> CliResult<TextTokenizer> {
 }
 
 pub fn run(args: GenerateArgs) -> CliResult {
-    let tokenizer = tokenizer_for(&args)?;
     let (loaded, _, _) = load_model_args(&args.model)?;
+    let tokenizer = tokenizer_for(&args, &loaded)?;
     let prompt = if args.chat {
         let mut messages = Vec::new();
         if let Some(system) = &args.system {

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use disha_core::PeftModelExt;
-use disha_models::{ModelFormat, load_tokenizer};
+use disha_models::ModelFormat;
 
 use super::{load_model_args, print_stdout};
 use crate::cli::InspectArgs;
@@ -36,7 +36,7 @@ pub fn run(args: InspectArgs) -> CliResult {
         "             vocab {}, rope_theta {}, rope scaling {:?}, rms eps {:e}, tied head {}, dtype {}",
         c.vocab_size, c.rope_theta, c.rope_scaling, c.rms_norm_eps, c.tie_word_embeddings, c.dtype
     );
-    let _ = match load_tokenizer(&loaded.path) {
+    let _ = match loaded.tokenizer() {
         Ok(t) => writeln!(
             out,
             "tokenizer    {} tokens, chat template: {}",

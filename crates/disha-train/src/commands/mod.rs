@@ -67,11 +67,14 @@ pub fn print_stdout(text: &str) {
 }
 
 /// The tokenizer a `--tokenizer` value names: `byte-level`, a tokenizer.json, or (unset) the
-/// model's own.
-pub fn tokenizer_arg(spec: Option<&str>, model: &Path) -> CliResult<disha_models::TextTokenizer> {
+/// loaded model's own (a GGUF's from the metadata already read).
+pub fn tokenizer_arg(
+    spec: Option<&str>,
+    model: &LoadedModel,
+) -> CliResult<disha_models::TextTokenizer> {
     Ok(match spec {
         Some("byte-level") => disha_models::TextTokenizer::byte_level(),
         Some(path) => disha_models::TextTokenizer::from_file(Path::new(path))?,
-        None => disha_models::load_tokenizer(model)?,
+        None => model.tokenizer()?,
     })
 }

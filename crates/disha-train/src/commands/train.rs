@@ -108,18 +108,19 @@ fn truncate_metrics(path: &std::path::Path, step: usize) -> CliResult {
 pub fn run(args: TrainArgs) -> CliResult {
     let settings = settings_for(&args)?;
     let metrics_path = settings.out.join("metrics.jsonl");
-    let tokenizer = tokenizer_arg(args.tokenizer.as_deref(), &args.model)?;
-    let pad = tokenizer
-        .token_to_id("<|pad|>")
-        .or(tokenizer.eos_id())
-        .unwrap_or(0);
-
-    // Data.
+    // Data errors (named by line) come before the model is loaded.
     let (records, skipped) = read_jsonl(
         &settings.data,
         &settings.field_map(),
         settings.skip_bad_lines,
     )?;
+    let device = args.device.device()?.autodiff();
+    let (loaded, _) = load_with_adapter(&args.model, None, &device)?;
+    let tokenizer = tokenizer_arg(args.tokenizer.as_deref(), &loaded)?;
+    let pad = tokenizer
+        .token_to_id("<|pad|>")
+        .or(tokenizer.eos_id())
+        .unwrap_or(0);
     let (examples, dropped) = encode_all(
         &settings.data,
         &records,
@@ -127,13 +128,6 @@ pub fn run(args: TrainArgs) -> CliResult {
         &tokenizer,
         settings.max_len,
     )?;
-    if examples.is_empty() {
-        return Err(CliError::Usage(format!(
-            "{}: every prompt is longer than --max-len {}",
-            settings.data.display(),
-            settings.max_len
-        )));
-    }
     let (train, validation) = split_validation(examples, settings.validation, settings.seed);
     eprintln!(
         "data: {} examples for training, {} for validation ({} malformed lines skipped, {} prompts too long)",
@@ -144,9 +138,7 @@ pub fn run(args: TrainArgs) -> CliResult {
     );
     let mut data = DataLoader::new(train, settings.batch_size, settings.seed, pad);
 
-    // Model, adapter, learner: fresh, or from the newest checkpoint.
-    let device = args.device.device()?.autodiff();
-    let (loaded, _) = load_with_adapter(&args.model, None, &device)?;
+    // Adapter and learner: fresh, or from the newest checkpoint.
     let base = loaded.model.valid();
     let mut model = loaded.model;
     device.seed(settings.seed);
