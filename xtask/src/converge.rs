@@ -1,7 +1,7 @@
 //! `cargo xtask converge`: Bone r16 vs LoRA r8 (about the same trainable-parameter count) vs
 //! BAT r16 on the same model, data, steps and seed, through the release `disha train` binary.
 //! Prints loss after N steps, validation loss and wall time, and writes the table to
-//! `target/converge/summary.md`.
+//! `target/converge/summary.md` and the loss curves to `target/converge/loss.png`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -142,6 +142,21 @@ pub fn run(steps: usize, examples: usize, assets: Option<PathBuf>) -> Result<(),
     }
     let summary = work.join("summary.md");
     std::fs::write(&summary, &table).map_err(|e| format!("{}: {e}", summary.display()))?;
-    println!("\n{table}\nwritten to {}", summary.display());
+    let chart = work.join("loss.png");
+    let title = format!("SmolLM2-135M + GSM8K, {steps} steps: Bone r16 vs LoRA r8 vs BAT r16");
+    let status = Command::new(&disha)
+        .arg("plot")
+        .args(RUNS.iter().map(|(_, method, _)| work.join(method)))
+        .args(["--title", &title, "--out", &chart.to_string_lossy()])
+        .status()
+        .map_err(|e| format!("could not run {}: {e}", disha.display()))?;
+    if !status.success() {
+        return Err("disha plot failed".into());
+    }
+    println!(
+        "\n{table}\nwritten to {} and {}",
+        summary.display(),
+        chart.display()
+    );
     Ok(())
 }

@@ -5,6 +5,7 @@
 //!   opt-in GPU backends.
 //! - `cargo xtask bench` — the benchmarks, with their summary tables.
 //! - `cargo xtask converge` — Bone vs LoRA vs BAT fine-tuning convergence on SmolLM2 + GSM8K.
+//! - `cargo xtask make-demo` — rebuild the embedded demo model and data under `assets/demo/`.
 
 mod converge;
 
@@ -48,6 +49,13 @@ enum Task {
         /// The shared assets directory.
         #[arg(long)]
         assets: Option<PathBuf>,
+    },
+    /// Pre-train the embedded demo model (tiny byte-level Llama, a+b and a-b) and write it with
+    /// the fine-tuning data under assets/demo/ (release build; about 5 minutes on 2 cores).
+    MakeDemo {
+        /// Pre-training steps.
+        #[arg(long, default_value_t = 4000)]
+        steps: usize,
     },
 }
 
@@ -136,12 +144,39 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Task::MakeDemo { steps } = &cli.command {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args([
+                "run",
+                "--release",
+                "-p",
+                "disha-train",
+                "--example",
+                "make_demo",
+                "--",
+            ])
+            .args(["--out", "assets/demo", "--steps", &steps.to_string()])
+            .current_dir(&root)
+            .status();
+        return match status {
+            Ok(s) if s.success() => {
+                println!("assets/demo rebuilt; `disha train` embeds it at the next build");
+                ExitCode::SUCCESS
+            }
+            _ => {
+                eprintln!("xtask make-demo: the make_demo example failed");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let steps: Vec<&Step> = match &cli.command {
         Task::Ci { skip_gpu_check } => CI_STEPS
             .iter()
             .chain(GPU_CHECK_STEPS.iter().filter(|_| !skip_gpu_check))
             .collect(),
-        Task::Converge { .. } => unreachable!("handled above"),
+        Task::Converge { .. } | Task::MakeDemo { .. } => unreachable!("handled above"),
         Task::Bench { which } => match which.as_str() {
             "adapters" => vec![&Step {
                 label: "bench: adapted linear, every method",

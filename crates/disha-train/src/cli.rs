@@ -31,10 +31,30 @@ pub enum Command {
     Merge(MergeArgs),
     /// Convert an adapter directory: legacy Bone → MiSS, or MiSS → an exactly equivalent LoRA.
     ExportAdapter(ExportAdapterArgs),
-    /// Fine-tune an adapter (Bone, BAT, mini or LoRA) on a JSONL dataset.
+    /// Fine-tune an adapter (Bone, BAT, mini or LoRA) on a JSONL dataset; with no --model, run
+    /// the embedded demo.
     Train(Box<TrainArgs>),
     /// Evaluate a model (and adapter) on a JSONL dataset: loss / perplexity, GSM8K exact match.
     Eval(EvalArgs),
+    /// Draw the training-loss curves of one or more `disha train` runs into one PNG chart.
+    Plot(PlotArgs),
+}
+
+/// `disha plot`.
+#[derive(Args, Debug)]
+pub struct PlotArgs {
+    /// Run directories (each with metrics.jsonl and run.json).
+    #[arg(required = true, value_name = "RUN_DIR")]
+    pub runs: Vec<PathBuf>,
+    /// The PNG file to write.
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+    /// Chart title.
+    #[arg(long, default_value = "training loss")]
+    pub title: String,
+    /// Plot the running mean over this many steps (1: every step as logged).
+    #[arg(long, default_value_t = 1)]
+    pub smooth: usize,
 }
 
 /// What `disha eval` measures.
@@ -92,10 +112,13 @@ pub struct EvalArgs {
 /// `disha train`.
 #[derive(Args, Debug)]
 pub struct TrainArgs {
-    /// HF model directory, .gguf file or llama2.c .bin checkpoint.
+    /// HF model directory, .gguf file or llama2.c .bin checkpoint. Without it (and without
+    /// --data), the embedded demo runs: a tiny arithmetic Llama is taught a new operation with
+    /// Bone, with exact match before and after.
     #[arg(long, value_name = "PATH")]
-    pub model: PathBuf,
-    /// Tokenizer: a tokenizer.json, or `byte-level`; default: the model's own.
+    pub model: Option<PathBuf>,
+    /// Tokenizer: a tokenizer.json, or `byte-level`; default: the model's own (byte-level for
+    /// the demo).
     #[arg(long, value_name = "FILE|byte-level")]
     pub tokenizer: Option<String>,
     /// A run config (.toml or .json) with any of the settings below; flags override it.

@@ -5,10 +5,14 @@
 //! flexible GSM8K filter scores). [`mean_loss`] is the loss / perplexity metric. Numbers compare after removing thousands separators, a
 //! leading `+`, a trailing `.` and trailing zeros after a decimal point (`1,000.50` = `1000.5`).
 
-use burn::tensor::{Int, Tensor, TensorData};
-use disha_models::llama::{Llama, causal_lm_loss_sum};
+use std::ops::ControlFlow;
 
-use crate::data::{Example, collate};
+use burn::tensor::{Int, Tensor, TensorData};
+use disha_models::llama::{Llama, LlamaConfig, causal_lm_loss_sum};
+use disha_models::{GenerationConfig, ModelError, TextTokenizer, generate};
+use serde::{Deserialize, Serialize};
+
+use crate::data::{Example, PromptTemplate, Record, collate, render_prompt};
 
 /// Mean cross-entropy over the target tokens of `examples` (prompt masked, as in training),
 /// in batches of `batch_size`, without gradients.
@@ -27,6 +31,71 @@ pub fn mean_loss(model: &Llama, examples: &[Example], batch_size: usize, pad: u3
         targets += batch.targets;
     }
     total / targets.max(1) as f64
+}
+
+/// The tokens that end a generated answer: the model config's EOS ids, the tokenizer's EOS,
+/// and the end-of-turn tokens of the common chat templates the tokenizer knows.
+pub fn stop_tokens(config: &LlamaConfig, tokenizer: &TextTokenizer) -> Vec<u32> {
+    let mut stop = config.eos_token_ids.clone();
+    stop.extend(tokenizer.eos_id());
+    stop.extend(
+        ["<|im_end|>", "<|eot_id|>", "<|end_of_text|>"]
+            .iter()
+            .filter_map(|t| tokenizer.token_to_id(t)),
+    );
+    stop
+}
+
+/// One exact-match outcome (also a line of `disha eval --out`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExactMatch {
+    /// The record's line in its file (0 for generated records).
+    pub line: usize,
+    /// The rendered prompt.
+    pub prompt: String,
+    /// The generated text, stop tokens removed.
+    pub generated: String,
+    /// The answer extracted from the generation.
+    pub predicted: Option<String>,
+    /// The answer extracted from the record's response.
+    pub reference: Option<String>,
+    /// Both answers exist and are equal.
+    pub correct: bool,
+}
+
+/// Greedily generates a response to `record` (at most `max_new_tokens`, ending at any of
+/// `stop`) and compares its [`extract_answer`] with the reference's.
+///
+/// # Errors
+/// Prompt rendering, tokenizer or generation failures.
+pub fn exact_match(
+    model: &Llama,
+    tokenizer: &TextTokenizer,
+    record: &Record,
+    template: PromptTemplate,
+    max_new_tokens: usize,
+    stop: &[u32],
+) -> Result<ExactMatch, ModelError> {
+    let prompt = render_prompt(record, template, tokenizer)?;
+    let ids = tokenizer.encode(&prompt, template != PromptTemplate::Chat)?;
+    let config = GenerationConfig {
+        max_new_tokens,
+        stop_tokens: stop.to_vec(),
+        ..Default::default()
+    };
+    let new = generate(model, &ids, &config, &mut |_| ControlFlow::Continue(()))?;
+    let text_ids: Vec<u32> = new.into_iter().filter(|t| !stop.contains(t)).collect();
+    let generated = tokenizer.decode(&text_ids, true)?;
+    let predicted = extract_answer(&generated);
+    let reference = extract_answer(&record.output);
+    Ok(ExactMatch {
+        line: record.line,
+        prompt,
+        correct: predicted.is_some() && predicted == reference,
+        generated,
+        predicted,
+        reference,
+    })
 }
 
 /// The answer of `text`: the number after `####`, else the last number.

@@ -8,8 +8,10 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod demo;
 pub mod evaluate;
 pub mod learner;
+pub mod plot;
 pub mod schedule;
 pub mod settings;
 mod train_error;

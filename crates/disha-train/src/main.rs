@@ -8,6 +8,7 @@ use clap::Parser;
 mod cli;
 mod commands;
 mod device;
+mod embedded_demo;
 mod error;
 
 fn main() -> ExitCode {

@@ -28,6 +28,18 @@ pub enum Method {
     Lora,
 }
 
+impl Method {
+    /// The method's usual name ("Bone", "BAT", "MiSS-mini", "LoRA").
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Bone => "Bone",
+            Self::Bat => "BAT",
+            Self::Mini => "MiSS-mini",
+            Self::Lora => "LoRA",
+        }
+    }
+}
+
 /// How records become prompts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -133,6 +145,13 @@ pub struct TrainSettings {
     /// Checkpoints to keep [default: 2].
     #[arg(long)]
     pub keep_checkpoints: Option<usize>,
+    /// Measure exact match (greedy generation, same fields and template) on this JSONL before
+    /// and after training; outcomes go to OUT/eval-before.jsonl and OUT/eval-after.jsonl.
+    #[arg(long, value_name = "FILE")]
+    pub eval_data: Option<PathBuf>,
+    /// Tokens to generate per --eval-data question [default: 256].
+    #[arg(long)]
+    pub eval_max_new_tokens: Option<usize>,
 }
 
 /// Concrete settings of a run (written to `run.json`).
@@ -174,8 +193,18 @@ pub struct RunSettings {
     pub save_every: usize,
     /// Checkpoints kept.
     pub keep_checkpoints: usize,
+    /// Exact-match data, measured before and after training.
+    #[serde(default)]
+    pub eval_data: Option<PathBuf>,
+    /// Tokens generated per exact-match question.
+    #[serde(default = "default_eval_max_new_tokens")]
+    pub eval_max_new_tokens: usize,
     /// Optimizer and schedule.
     pub learner: LearnerConfig,
+}
+
+fn default_eval_max_new_tokens() -> usize {
+    256
 }
 
 impl TrainSettings {
@@ -234,7 +263,9 @@ impl TrainSettings {
             validation,
             skip_bad_lines,
             save_every,
-            keep_checkpoints
+            keep_checkpoints,
+            eval_data,
+            eval_max_new_tokens
         )
     }
 
@@ -288,6 +319,12 @@ impl TrainSettings {
             skip_bad_lines: self.skip_bad_lines.unwrap_or(false),
             save_every: self.save_every.unwrap_or(0),
             keep_checkpoints: positive("keep_checkpoints", self.keep_checkpoints.unwrap_or(2))?,
+            eval_data: self.eval_data,
+            eval_max_new_tokens: positive(
+                "eval_max_new_tokens",
+                self.eval_max_new_tokens
+                    .unwrap_or_else(default_eval_max_new_tokens),
+            )?,
             learner: LearnerConfig {
                 max_steps,
                 grad_accum: positive("grad_accum", self.grad_accum.unwrap_or(1))?,

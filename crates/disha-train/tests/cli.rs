@@ -84,7 +84,16 @@ fn s(p: &Path) -> &str {
 #[test]
 fn help_lists_every_subcommand() {
     let help = ok(&["--help"]);
-    for cmd in ["inspect", "logits", "generate", "merge", "export-adapter"] {
+    for cmd in [
+        "inspect",
+        "logits",
+        "generate",
+        "merge",
+        "export-adapter",
+        "train",
+        "eval",
+        "plot",
+    ] {
         assert!(help.contains(cmd), "{help}");
     }
     assert!(ok(&["logits", "--help"]).contains("--tokens-file"));
@@ -669,4 +678,97 @@ fn kill_during_checkpointing_leaves_a_resumable_run() {
         s(&killed),
     ]);
     assert_eq!(losses(&killed), trace);
+}
+
+/// `(correct, total)` before and after, from the summary line
+/// `exact match         7/200 = 3.5% -> 58/200 = 29.0%`.
+fn exact_match_line(stdout: &str) -> ((usize, usize), (usize, usize)) {
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("exact match "))
+        .unwrap_or_else(|| panic!("no exact-match line in {stdout}"));
+    let fraction = |part: &str| {
+        let (c, t) = part
+            .split(" = ")
+            .next()
+            .unwrap()
+            .trim()
+            .split_once('/')
+            .unwrap();
+        (c.parse().unwrap(), t.parse().unwrap())
+    };
+    let (before, after) = line["exact match ".len()..].split_once("->").unwrap();
+    (fraction(before), fraction(after))
+}
+
+#[test]
+fn train_without_arguments_runs_the_embedded_demo_and_learns() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("demo");
+    // The full demo is 1200 steps (~25 s in release); 150 steps show the same learning in a
+    // debug test build.
+    let stdout = ok(&["train", "--max-steps", "150", "--out", s(&out)]);
+    let ((before, n), (after, n_after)) = exact_match_line(&stdout);
+    assert_eq!((n, n_after), (200, 200));
+    // The base model was never shown `~`: measured 7/200 (3.5 %). After 150 Bone steps:
+    // 58/200 in release; the bounds leave room for other float orderings, not for no learning.
+    assert!(before <= 20, "{stdout}");
+    assert!(after >= 40 && after >= before + 30, "{stdout}");
+    for file in [
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "base-model/model.safetensors",
+        "data/train.jsonl",
+        "loss.png",
+        "metrics.jsonl",
+    ] {
+        assert!(out.join(file).is_file(), "{file} missing");
+    }
+    // Per-question outcomes agree with the summary.
+    let correct = |name: &str| {
+        let text = std::fs::read_to_string(out.join(name)).unwrap();
+        assert_eq!(text.lines().count(), 200);
+        text.lines()
+            .filter(|l| l.contains("\"correct\":true"))
+            .count()
+    };
+    assert_eq!(
+        (correct("eval-before.jsonl"), correct("eval-after.jsonl")),
+        (before, after)
+    );
+    // The written base model + adapter answer like the trained model did.
+    let generated = ok(&[
+        "generate",
+        "--model",
+        s(&out.join("base-model")),
+        "--adapter",
+        s(&out.join("adapter")),
+        "--tokenizer",
+        "byte-level",
+        "--prompt",
+        "97~78=",
+        "--max-new-tokens",
+        "4",
+    ]);
+    let after_text = std::fs::read_to_string(out.join("eval-after.jsonl")).unwrap();
+    let outcome = after_text
+        .lines()
+        .find(|l| l.contains("\"prompt\":\"97~78=\""))
+        .expect("97~78 is a held-out question");
+    let value: serde_json::Value = serde_json::from_str(outcome).unwrap();
+    // `disha generate` prints the prompt, then the continuation.
+    assert_eq!(
+        generated.trim_end(),
+        format!("97~78={}", value["generated"].as_str().unwrap()),
+        "{outcome}"
+    );
+    // The chart of this run, through `disha plot`.
+    let chart = dir.path().join("chart.png");
+    ok(&["plot", s(&out), "--out", s(&chart), "--smooth", "10"]);
+    assert_eq!(&std::fs::read(&chart).unwrap()[1..4], b"PNG");
+    // A finished run is never overwritten, and data without a model is refused.
+    let err = fails(&["train", "--out", s(&out)]);
+    assert!(err.contains("--resume"), "{err}");
+    let err = fails(&["train", "--data", s(&out.join("data/train.jsonl"))]);
+    assert!(err.contains("needs --model"), "{err}");
 }

@@ -6,6 +6,7 @@ mod generate;
 mod inspect;
 mod logits;
 mod merge;
+mod plot;
 mod train;
 
 use std::path::Path;
@@ -13,10 +14,14 @@ use std::time::Instant;
 
 use burn::tensor::Device;
 use disha_core::{PeftConfig, PeftModelExt};
-use disha_models::{LoadedModel, load_model};
+use disha_models::llama::Llama;
+use disha_models::{LoadedModel, TextTokenizer, load_model};
+use disha_train::data::{PromptTemplate, Record};
+use disha_train::evaluate::{ExactMatch, exact_match};
+use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::cli::{Cli, Command, ModelArgs};
-use crate::error::CliResult;
+use crate::error::{CliError, CliResult};
 
 /// The adapter name used for `--adapter` directories.
 pub const ADAPTER_NAME: &str = "default";
@@ -31,6 +36,7 @@ pub fn run(cli: Cli) -> CliResult {
         Command::ExportAdapter(args) => export_adapter::run(args),
         Command::Train(args) => train::run(*args),
         Command::Eval(args) => eval::run(args),
+        Command::Plot(args) => plot::run(args),
     }
 }
 
@@ -77,4 +83,58 @@ pub fn tokenizer_arg(
         Some(path) => disha_models::TextTokenizer::from_file(Path::new(path))?,
         None => model.tokenizer()?,
     })
+}
+
+/// A progress bar over `len` items with elapsed time and ETA.
+pub fn progress_bar(len: usize) -> ProgressBar {
+    let bar = ProgressBar::new(len as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .expect("valid template"),
+    );
+    bar
+}
+
+/// [`exact_match`] on every record, with a progress bar showing the running score; each
+/// outcome is appended to `out` (one JSON object per line) as soon as it is known, so an
+/// interrupted evaluation keeps what it did.
+pub fn exact_match_all(
+    model: &Llama,
+    tokenizer: &TextTokenizer,
+    records: &[Record],
+    template: PromptTemplate,
+    max_new_tokens: usize,
+    stop: &[u32],
+    out: Option<&Path>,
+) -> CliResult<Vec<ExactMatch>> {
+    use std::io::Write;
+    let file_error = |path: &Path, e: std::io::Error| CliError::File {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    };
+    let mut file = match out {
+        Some(path) => Some((
+            std::fs::File::create(path).map_err(|e| file_error(path, e))?,
+            path,
+        )),
+        None => None,
+    };
+    let bar = progress_bar(records.len());
+    let mut outcomes = Vec::with_capacity(records.len());
+    let mut correct = 0;
+    for record in records {
+        let outcome = exact_match(model, tokenizer, record, template, max_new_tokens, stop)?;
+        correct += usize::from(outcome.correct);
+        if let Some((file, path)) = file.as_mut() {
+            let line = serde_json::to_string(&outcome).expect("outcomes serialize");
+            writeln!(file, "{line}").map_err(|e| file_error(path, e))?;
+        }
+        outcomes.push(outcome);
+        bar.inc(1);
+        bar.set_message(format!("exact match {correct}/{}", outcomes.len()));
+    }
+    bar.finish_and_clear();
+    Ok(outcomes)
 }

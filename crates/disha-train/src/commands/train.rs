@@ -1,6 +1,7 @@
 //! `disha train`: fine-tune an adapter on a JSONL dataset.
 
 use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::module::Module;
@@ -9,13 +10,14 @@ use disha_core::{PeftModelExt, freeze_all_but_active_adapters, write_atomic};
 use disha_models::llama::Llama;
 use disha_train::checkpoint::{self, ADAPTER_NAME};
 use disha_train::data::{DataLoader, encode_all, read_jsonl, split_validation};
-use disha_train::evaluate::mean_loss;
+use disha_train::evaluate::{ExactMatch, mean_loss, stop_tokens};
 use disha_train::learner::{Learner, StepMetrics};
+use disha_train::plot::{Series, loss_chart};
 use disha_train::settings::{RunSettings, TrainSettings};
-use indicatif::{ProgressBar, ProgressStyle};
 
-use super::{load_with_adapter, tokenizer_arg};
+use super::{exact_match_all, load_with_adapter, progress_bar, tokenizer_arg};
 use crate::cli::TrainArgs;
+use crate::embedded_demo;
 use crate::error::{CliError, CliResult};
 
 /// Loads the saved adapter onto a fresh copy of the base model and compares its logits with
@@ -52,9 +54,22 @@ fn check_reload(
     Ok(diff)
 }
 
-/// The settings of a new run (flags over `--config` over defaults), or of the run being
-/// resumed (its `run.json`).
-fn settings_for(args: &TrainArgs) -> CliResult<RunSettings> {
+/// What a run trains: its settings, the base model and the tokenizer spec.
+struct RunInputs {
+    settings: RunSettings,
+    model: PathBuf,
+    tokenizer: Option<String>,
+}
+
+/// The inputs of a new run (flags over `--config` over defaults — the embedded demo's when no
+/// `--model` is given), or of the run being resumed (its `run.json`).
+fn inputs_for(args: &TrainArgs) -> CliResult<RunInputs> {
+    let demo = args.model.is_none();
+    // The demo's model is byte-level; an explicit --tokenizer still wins.
+    let tokenizer = args
+        .tokenizer
+        .clone()
+        .or_else(|| demo.then(|| "byte-level".to_string()));
     if args.resume {
         let out = args
             .settings
@@ -69,22 +84,67 @@ fn settings_for(args: &TrainArgs) -> CliResult<RunSettings> {
                 message: e.to_string(),
             })?;
         settings.out = out.clone();
-        return Ok(settings);
+        let model = match &args.model {
+            Some(model) => model.clone(),
+            None => embedded_demo::DemoPaths::under(out).model,
+        };
+        return Ok(RunInputs {
+            settings,
+            model,
+            tokenizer,
+        });
     }
     let file = match &args.config {
         Some(path) => TrainSettings::from_file(path)?,
         None => TrainSettings::default(),
     };
-    let settings = args.settings.clone().or(file).resolve()?;
-    let metrics_path = settings.out.join("metrics.jsonl");
+    let mut merged = args.settings.clone().or(file);
+    let model = match &args.model {
+        Some(model) => model.clone(),
+        None => {
+            if let Some(data) = &merged.data {
+                return Err(CliError::Usage(format!(
+                    "--data {} needs --model (with neither, disha train runs the embedded demo)",
+                    data.display()
+                )));
+            }
+            let out = merged
+                .out
+                .clone()
+                .unwrap_or_else(embedded_demo::fresh_out_dir);
+            refuse_earlier_run(&out)?;
+            let paths = embedded_demo::write_out(&out)?;
+            merged = merged.or(embedded_demo::defaults(&paths));
+            merged.out = Some(out);
+            eprintln!(
+                "no --model: the embedded demo. A 0.7 M-parameter byte-level Llama pre-trained on \
+                 a+b and a-b learns the new operation a~b = |a-b| with a Bone adapter; \
+                 its model and data are written under {}",
+                paths.model.parent().unwrap_or(Path::new(".")).display()
+            );
+            paths.model
+        }
+    };
+    let settings = merged.resolve()?;
+    refuse_earlier_run(&settings.out)?;
+    Ok(RunInputs {
+        settings,
+        model,
+        tokenizer,
+    })
+}
+
+/// A directory with a `metrics.jsonl` holds a run that only `--resume` may continue.
+fn refuse_earlier_run(out: &Path) -> CliResult {
+    let metrics_path = out.join("metrics.jsonl");
     if metrics_path.exists() {
         return Err(CliError::Usage(format!(
             "{} exists: {} holds an earlier run; continue it with --resume or choose a new --out",
             metrics_path.display(),
-            settings.out.display()
+            out.display()
         )));
     }
-    Ok(settings)
+    Ok(())
 }
 
 /// Keeps the metrics lines of steps `<= step` (a resumed run replays the steps after its
@@ -106,7 +166,11 @@ fn truncate_metrics(path: &std::path::Path, step: usize) -> CliResult {
 }
 
 pub fn run(args: TrainArgs) -> CliResult {
-    let settings = settings_for(&args)?;
+    let RunInputs {
+        settings,
+        model: model_path,
+        tokenizer: tokenizer_spec,
+    } = inputs_for(&args)?;
     let metrics_path = settings.out.join("metrics.jsonl");
     // Data errors (named by line) come before the model is loaded.
     let (records, skipped) = read_jsonl(
@@ -114,9 +178,13 @@ pub fn run(args: TrainArgs) -> CliResult {
         &settings.field_map(),
         settings.skip_bad_lines,
     )?;
+    let eval_records = match &settings.eval_data {
+        Some(path) => Some(read_jsonl(path, &settings.field_map(), settings.skip_bad_lines)?.0),
+        None => None,
+    };
     let device = args.device.device()?.autodiff();
-    let (loaded, _) = load_with_adapter(&args.model, None, &device)?;
-    let tokenizer = tokenizer_arg(args.tokenizer.as_deref(), &loaded)?;
+    let (loaded, _) = load_with_adapter(&model_path, None, &device)?;
+    let tokenizer = tokenizer_arg(tokenizer_spec.as_deref(), &loaded)?;
     let pad = tokenizer
         .token_to_id("<|pad|>")
         .or(tokenizer.eos_id())
@@ -139,6 +207,7 @@ pub fn run(args: TrainArgs) -> CliResult {
     let mut data = DataLoader::new(train, settings.batch_size, settings.seed, pad);
 
     // Adapter and learner: fresh, or from the newest checkpoint.
+    let stop = stop_tokens(loaded.config(), &tokenizer);
     let base = loaded.model.valid();
     let mut model = loaded.model;
     device.seed(settings.seed);
@@ -168,6 +237,19 @@ pub fn run(args: TrainArgs) -> CliResult {
         val_before = (!validation.is_empty())
             .then(|| mean_loss(&model.valid(), &validation, settings.batch_size, pad));
         std::fs::create_dir_all(&settings.out).map_err(|e| file_error(&settings.out, e))?;
+        if let Some(records) = &eval_records {
+            eprintln!("exact match before training ({} questions):", records.len());
+            let before = exact_match_all(
+                &base,
+                &tokenizer,
+                records,
+                settings.prompt_template(),
+                settings.eval_max_new_tokens,
+                &stop,
+                Some(&settings.out.join(EVAL_BEFORE)),
+            )?;
+            eprintln!("  {}", score(&before));
+        }
         let run_json = serde_json::to_string_pretty(&settings).expect("settings serialize");
         write_atomic(&settings.out.join("run.json"), run_json.as_bytes())?;
         Learner::new(model, settings.learner.clone())?
@@ -176,13 +258,7 @@ pub fn run(args: TrainArgs) -> CliResult {
 
     // Train.
     let steps = settings.learner.max_steps;
-    let bar = ProgressBar::new(steps as u64);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
-        )
-        .expect("valid template"),
-    );
+    let bar = progress_bar(steps);
     bar.set_position(learner.step() as u64);
     let mut metrics_file = std::fs::OpenOptions::new()
         .create(true)
@@ -236,6 +312,21 @@ pub fn run(args: TrainArgs) -> CliResult {
     let reload_diff = check_reload(&base, &trained, &adapter_dir, &data)?;
     let val_loss = (!validation.is_empty())
         .then(|| mean_loss(&trained, &validation, settings.batch_size, pad));
+    let eval_after = match &eval_records {
+        Some(records) => {
+            eprintln!("exact match after training ({} questions):", records.len());
+            Some(exact_match_all(
+                &trained,
+                &tokenizer,
+                records,
+                settings.prompt_template(),
+                settings.eval_max_new_tokens,
+                &stop,
+                Some(&settings.out.join(EVAL_AFTER)),
+            )?)
+        }
+        None => None,
+    };
     let mean = |m: &[StepMetrics]| m.iter().map(|x| x.loss).sum::<f64>() / m.len().max(1) as f64;
     let k = history.len().clamp(1, 5);
     let tokens: usize = history.iter().map(|m| m.tokens).sum();
@@ -263,6 +354,26 @@ pub fn run(args: TrainArgs) -> CliResult {
         ),
         _ => {}
     }
+    if let Some(after) = &eval_after {
+        let before = read_outcomes(&settings.out.join(EVAL_BEFORE));
+        println!(
+            "exact match         {} -> {}",
+            before.as_deref().map_or_else(|| "?".to_string(), score),
+            score(after)
+        );
+        for o in after.iter().take(5) {
+            println!(
+                "  {:<24} {:<12} {}",
+                o.prompt.trim(),
+                o.generated.trim(),
+                if o.correct {
+                    "correct".to_string()
+                } else {
+                    format!("expected {}", o.reference.as_deref().unwrap_or("?"))
+                }
+            );
+        }
+    }
     println!(
         "time                {elapsed:.1} s, {:.0} tokens/s",
         tokens as f64 / elapsed.max(1e-9)
@@ -275,7 +386,61 @@ pub fn run(args: TrainArgs) -> CliResult {
         adapter_dir.display()
     );
     println!("metrics             {}", metrics_path.display());
+    let chart = settings.out.join("loss.png");
+    match write_loss_chart(&settings.out, &chart, &settings) {
+        Ok(()) => println!("loss curve          {}", chart.display()),
+        // The run itself succeeded; a chart that cannot be drawn is only a warning.
+        Err(e) => eprintln!("warning: no loss chart: {e}"),
+    }
     Ok(())
+}
+
+/// `OUT/loss.png`: every step's loss in `metrics.jsonl` (all sessions of a resumed run) and
+/// its running mean.
+fn write_loss_chart(run: &Path, chart: &Path, settings: &RunSettings) -> CliResult {
+    let losses = super::plot::read_losses(run)?;
+    let window = (losses.len() / 20).max(1);
+    let title = format!(
+        "{} r{} on {}",
+        settings.method.name(),
+        settings.r,
+        settings
+            .data
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+    );
+    loss_chart(
+        chart,
+        &title,
+        &[
+            Series::smoothed("loss", &losses, 1),
+            Series::smoothed(format!("mean of {window} steps"), &losses, window),
+        ],
+    )?;
+    Ok(())
+}
+
+/// Exact-match outcomes before / after training, under the run directory.
+const EVAL_BEFORE: &str = "eval-before.jsonl";
+const EVAL_AFTER: &str = "eval-after.jsonl";
+
+/// `correct/total = percent`.
+fn score(outcomes: &[ExactMatch]) -> String {
+    let correct = outcomes.iter().filter(|o| o.correct).count();
+    format!(
+        "{correct}/{} = {:.1}%",
+        outcomes.len(),
+        100.0 * correct as f64 / outcomes.len().max(1) as f64
+    )
+}
+
+/// The outcomes an earlier session wrote (a resumed run scored its base model then).
+fn read_outcomes(path: &Path) -> Option<Vec<ExactMatch>> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines()
+        .map(|line| serde_json::from_str(line).ok())
+        .collect()
 }
 
 fn file_error(path: &std::path::Path, e: std::io::Error) -> CliError {
