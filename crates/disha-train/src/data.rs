@@ -310,6 +310,9 @@ pub struct HostBatch {
     pub targets: usize,
     /// Real (non-padding) tokens.
     pub tokens: usize,
+    /// Packed batches: the lengths of the sequences in each row, in order (the model attends
+    /// within each one only; see `Llama::forward_packed`). `None`: one sequence per row.
+    pub segments: Option<Vec<Vec<usize>>>,
 }
 
 /// Right-pads `examples` to the longest one. Causal attention never lets a real token see the
@@ -335,6 +338,41 @@ pub fn collate(examples: &[&Example], pad_id: u32) -> HostBatch {
         shape: [examples.len(), seq],
         targets: examples.iter().map(|e| e.target_count()).sum(),
         tokens: examples.iter().map(|e| e.input_ids.len()).sum(),
+        segments: None,
+    }
+}
+
+/// Packs `rows` (each a list of examples whose lengths add up to at most `row_len`) into one
+/// `[rows, row_len']` batch, `row_len'` the longest row: sequences follow each other, padding
+/// fills the end. The first label of every sequence is [`IGNORE_INDEX`] (nothing predicts it,
+/// as in an unpacked row), so no loss term crosses a sequence boundary, and with the
+/// block-diagonal attention of `Llama::forward_packed` the loss and its gradient equal those
+/// of the same examples unpacked.
+pub fn collate_packed(rows: &[Vec<&Example>], pad_id: u32) -> HostBatch {
+    let len = |row: &Vec<&Example>| row.iter().map(|e| e.input_ids.len()).sum::<usize>();
+    let seq = rows.iter().map(len).max().unwrap_or(0);
+    let mut input_ids = Vec::with_capacity(rows.len() * seq);
+    let mut labels = Vec::with_capacity(rows.len() * seq);
+    let mut segments = Vec::with_capacity(rows.len());
+    for row in rows {
+        for e in row {
+            input_ids.extend(e.input_ids.iter().map(|&t| t as i64));
+            labels.push(IGNORE_INDEX);
+            labels.extend(e.labels.iter().skip(1));
+        }
+        let used = len(row);
+        input_ids.extend(std::iter::repeat_n(pad_id as i64, seq - used));
+        labels.extend(std::iter::repeat_n(IGNORE_INDEX, seq - used));
+        segments.push(row.iter().map(|e| e.input_ids.len()).collect());
+    }
+    let all = || rows.iter().flatten();
+    HostBatch {
+        input_ids,
+        labels,
+        shape: [rows.len(), seq],
+        targets: all().map(|e| e.target_count()).sum(),
+        tokens: all().map(|e| e.input_ids.len()).sum(),
+        segments: Some(segments),
     }
 }
 
@@ -357,6 +395,8 @@ pub struct DataLoader {
     pad_id: u32,
     order: Vec<usize>,
     position: DataPosition,
+    /// Packing: each row holds consecutive examples up to this many tokens.
+    pack_len: Option<usize>,
 }
 
 impl DataLoader {
@@ -379,9 +419,18 @@ impl DataLoader {
                 epoch: 0,
                 cursor: 0,
             },
+            pack_len: None,
         };
         loader.reshuffle();
         loader
+    }
+
+    /// Packs consecutive examples (in the epoch's shuffled order) into rows of at most
+    /// `row_len` tokens; a batch is then `batch_size` such rows. Examples longer than
+    /// `row_len` get a row of their own.
+    pub fn with_packing(mut self, row_len: usize) -> Self {
+        self.pack_len = Some(row_len);
+        self
     }
 
     fn reshuffle(&mut self) {
@@ -420,6 +469,9 @@ impl DataLoader {
             self.position.cursor = 0;
             self.reshuffle();
         }
+        if let Some(row_len) = self.pack_len {
+            return self.next_packed_batch(row_len);
+        }
         let end = (self.position.cursor + self.batch_size).min(self.examples.len());
         let batch: Vec<&Example> = self.order[self.position.cursor..end]
             .iter()
@@ -427,6 +479,28 @@ impl DataLoader {
             .collect();
         self.position.cursor = end;
         collate(&batch, self.pad_id)
+    }
+
+    /// The next `batch_size` packed rows (fewer at the end of an epoch).
+    fn next_packed_batch(&mut self, row_len: usize) -> HostBatch {
+        let mut rows: Vec<Vec<&Example>> = Vec::new();
+        let mut used = 0;
+        while self.position.cursor < self.examples.len() {
+            let e = &self.examples[self.order[self.position.cursor]];
+            let n = e.input_ids.len();
+            let fits = rows.last().is_some_and(|row| !row.is_empty()) && used + n <= row_len;
+            if !fits {
+                if rows.len() == self.batch_size {
+                    break;
+                }
+                rows.push(Vec::new());
+                used = 0;
+            }
+            rows.last_mut().expect("a row was just pushed").push(e);
+            used += n;
+            self.position.cursor += 1;
+        }
+        collate_packed(&rows, self.pad_id)
     }
 }
 

@@ -315,7 +315,11 @@ impl Learner {
                 TensorData::new(batch.labels.clone(), batch.shape),
                 &device,
             );
-            let loss = causal_lm_loss_sum(model.forward(ids), labels).div_scalar(targets as f64);
+            let logits = match &batch.segments {
+                Some(segments) => model.forward_packed(ids, segments),
+                None => model.forward(ids),
+            };
+            let loss = causal_lm_loss_sum(logits, labels).div_scalar(targets as f64);
             loss_sum += loss.clone().into_scalar::<f64>();
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             accumulator.accumulate(&model, grads);

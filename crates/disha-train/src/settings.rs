@@ -138,6 +138,10 @@ pub struct TrainSettings {
     /// Skip malformed JSONL lines instead of stopping.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub skip_bad_lines: Option<bool>,
+    /// Pack several examples into each row of --max-len tokens (attention stays within each
+    /// example; positions restart) instead of one padded example per row.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub packing: Option<bool>,
     /// Write a checkpoint every N steps (and always at the end); 0: only at the end
     /// [default: 0].
     #[arg(long)]
@@ -189,6 +193,9 @@ pub struct RunSettings {
     pub validation: usize,
     /// Skip malformed lines.
     pub skip_bad_lines: bool,
+    /// Pack examples into rows of `max_len` tokens.
+    #[serde(default)]
+    pub packing: bool,
     /// Checkpoint period in steps (0: only at the end).
     pub save_every: usize,
     /// Checkpoints kept.
@@ -262,6 +269,7 @@ impl TrainSettings {
             seed,
             validation,
             skip_bad_lines,
+            packing,
             save_every,
             keep_checkpoints,
             eval_data,
@@ -317,6 +325,7 @@ impl TrainSettings {
             seed: self.seed.unwrap_or(0),
             validation: self.validation.unwrap_or(0),
             skip_bad_lines: self.skip_bad_lines.unwrap_or(false),
+            packing: self.packing.unwrap_or(false),
             save_every: self.save_every.unwrap_or(0),
             keep_checkpoints: positive("keep_checkpoints", self.keep_checkpoints.unwrap_or(2))?,
             eval_data: self.eval_data,

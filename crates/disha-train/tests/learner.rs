@@ -132,6 +132,48 @@ fn accumulation_equals_the_big_batch() {
 }
 
 #[test]
+fn packing_does_not_leak_between_examples() {
+    let device = Device::default().autodiff();
+    // Two rows of at most 16 tokens: 2 examples (6-7 tokens each) per row.
+    let mut packed_data = DataLoader::new(examples(), 2, 3, 258).with_packing(16);
+    let batch = packed_data.clone().next_batch();
+    let segments = batch.segments.clone().expect("a packed batch");
+    let used = packed_data
+        .clone()
+        .next_batch()
+        .segments
+        .unwrap()
+        .concat()
+        .len();
+    assert!(segments.iter().all(|row| row.len() >= 2), "{segments:?}");
+    assert!(segments.iter().all(|row| row.iter().sum::<usize>() <= 16));
+    let mut packed = Learner::new(model(&device), learner_config(1, 1)).unwrap();
+    let p = packed.train_step(&mut packed_data).unwrap();
+    // The same examples (same seed, so the same order), one per padded row.
+    let mut plain_data = DataLoader::new(examples(), used, 3, 258);
+    let mut plain = Learner::new(model(&device), learner_config(1, 1)).unwrap();
+    let u = plain.train_step(&mut plain_data).unwrap();
+    assert_eq!(packed_data.position(), plain_data.position());
+    assert_eq!(p.tokens, u.tokens);
+    // Loss and gradient agree up to f32 summation order — any attention across a boundary,
+    // or a label predicted from the previous example, would move them by far more.
+    assert!((p.loss - u.loss).abs() < 1e-5, "{} vs {}", p.loss, u.loss);
+    assert!(
+        (p.grad_norm - u.grad_norm).abs() < 1e-4 * u.grad_norm,
+        "{} vs {}",
+        p.grad_norm,
+        u.grad_norm
+    );
+    // And so do the updated adapters.
+    let (ids, _) = batch_of_one(&examples()[0], &device);
+    let diff = (packed.model().forward(ids.clone()) - plain.model().forward(ids))
+        .abs()
+        .max()
+        .into_scalar::<f32>();
+    assert!(diff < 1e-5, "{diff}");
+}
+
+#[test]
 fn training_is_deterministic_and_the_loss_falls() {
     let device = Device::default().autodiff();
     let run = || {

@@ -38,6 +38,23 @@ pub struct LlamaAttention {
     head_dim: usize,
 }
 
+/// Where the tokens of one forward pass are: their rotary tables and, for packed rows, which
+/// keys each query may see.
+///
+/// # Shapes
+/// - cos, sin: `[1 or batch, 1, seq, head_dim]`
+/// - mask: `[batch, 1, seq, seq]`, `true` where query `i` must not see key `j`; `None` is the
+///   plain causal mask over the cached and new positions
+#[derive(Clone, Debug)]
+pub struct PositionContext {
+    /// Cosines of the rotary angles.
+    pub cos: Tensor<4>,
+    /// Sines of the rotary angles.
+    pub sin: Tensor<4>,
+    /// Block-diagonal causal mask of packed rows.
+    pub mask: Option<Tensor<4, Bool>>,
+}
+
 /// Scores of masked (future) positions. Finite, so no `inf - inf` can appear in backward;
 /// `exp(-1e9 - max)` is exactly 0 in f32, as `-inf` would be.
 const MASKED_SCORE: f32 = -1.0e9;
@@ -61,18 +78,19 @@ impl LlamaAttention {
         }
     }
 
-    /// Attends from the new positions to the cached ones plus themselves (causally).
+    /// Attends from the new positions to the cached ones plus themselves (causally), or, with
+    /// a packed mask in `positions`, to the earlier tokens of the same sequence only.
     ///
     /// # Shapes
-    /// - x: `[batch, seq, hidden]`; cos, sin: `[seq, head_dim]`
+    /// - x: `[batch, seq, hidden]`
     /// - output: `[batch, seq, hidden]`
     pub fn forward(
         &self,
         x: Tensor<3>,
-        cos: &Tensor<2>,
-        sin: &Tensor<2>,
+        positions: &PositionContext,
         cache: Option<&mut Option<LayerKv>>,
     ) -> Tensor<3> {
+        let (cos, sin) = (&positions.cos, &positions.sin);
         let [batch, seq, _] = x.dims();
         let (h, kvh, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let heads = |t: Tensor<3>, n: usize| t.reshape([batch, seq, n, hd]).swap_dims(1, 2);
@@ -95,11 +113,13 @@ impl LlamaAttention {
         let (k, v) = (repeat_kv(k, h / kvh), repeat_kv(v, h / kvh));
         let scale = (hd as f64).powf(-0.5);
         let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
-        let scores = if seq > 1 {
-            let mask = causal_mask(seq, past, total, &scores.device());
-            scores.mask_fill(mask.unsqueeze::<4>(), MASKED_SCORE)
-        } else {
-            scores
+        let scores = match &positions.mask {
+            Some(mask) => scores.mask_fill(mask.clone(), MASKED_SCORE),
+            None if seq > 1 => {
+                let mask = causal_mask(seq, past, total, &scores.device());
+                scores.mask_fill(mask.unsqueeze::<4>(), MASKED_SCORE)
+            }
+            None => scores,
         };
         let out = softmax(scores, 3).matmul(v);
         let out = out.swap_dims(1, 2).reshape([batch, seq, h * hd]);

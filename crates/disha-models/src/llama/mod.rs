@@ -6,7 +6,7 @@ mod mlp;
 mod model;
 mod rope;
 
-pub use attention::{LayerKv, LlamaAttention};
+pub use attention::{LayerKv, LlamaAttention, PositionContext};
 pub use config::{LlamaConfig, RopeScaling};
 pub use mlp::LlamaMlp;
 pub use model::{

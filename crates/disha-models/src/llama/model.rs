@@ -3,10 +3,10 @@
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, RmsNorm, RmsNormConfig};
 use burn::tensor::activation::log_softmax;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use disha_core::{AdaptableModel, AdaptedLinear, HostTensor, LinearSite};
 
-use super::attention::{LayerKv, LlamaAttention};
+use super::attention::{LayerKv, LlamaAttention, PositionContext};
 use super::config::LlamaConfig;
 use super::mlp::LlamaMlp;
 use super::rope::RotaryEmbedding;
@@ -33,14 +33,13 @@ impl LlamaDecoderLayer {
     fn forward(
         &self,
         x: Tensor<3>,
-        cos: &Tensor<2>,
-        sin: &Tensor<2>,
+        positions: &PositionContext,
         cache: Option<&mut Option<LayerKv>>,
     ) -> Tensor<3> {
         let h = x.clone()
             + self
                 .self_attn
-                .forward(self.input_layernorm.forward(x), cos, sin, cache);
+                .forward(self.input_layernorm.forward(x), positions, cache);
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
 }
@@ -274,7 +273,53 @@ impl Llama {
     /// # Shapes
     /// - input_ids: `[batch, seq]` → `[batch, seq, vocab]`
     pub fn forward(&self, input_ids: Tensor<2, Int>) -> Tensor<3> {
-        self.head(self.run(input_ids, None, None))
+        self.head(self.run(input_ids, None, None, None))
+    }
+
+    /// Logits of packed rows: row `b` holds the sequences of lengths `segments[b]` one after
+    /// the other (then padding). Each sequence attends only to its own earlier tokens and its
+    /// positions restart at 0, so its logits are those of running it alone (transformers'
+    /// `position_ids`-based packing, e.g. `DataCollatorWithFlattening`). Padding after the last
+    /// sequence attends only to itself.
+    ///
+    /// # Shapes
+    /// - input_ids: `[batch, seq]` → `[batch, seq, vocab]`
+    ///
+    /// # Panics
+    /// `segments` has not one entry per row, or a row's lengths add up to more than `seq`
+    /// (a programmer error: the data pipeline builds both together).
+    pub fn forward_packed(&self, input_ids: Tensor<2, Int>, segments: &[Vec<usize>]) -> Tensor<3> {
+        let [batch, seq] = input_ids.dims();
+        assert_eq!(segments.len(), batch, "one segment list per row");
+        let device = input_ids.device();
+        let mut positions = Vec::with_capacity(batch * seq);
+        let mut mask = Vec::with_capacity(batch * seq * seq);
+        for lengths in segments {
+            // Segment id of every token; padding gets one id per token.
+            let mut ids = Vec::with_capacity(seq);
+            for (k, &len) in lengths.iter().enumerate() {
+                positions.extend(0..len);
+                ids.extend(std::iter::repeat_n(k, len));
+            }
+            assert!(ids.len() <= seq, "segments longer than the row");
+            let used = ids.len();
+            positions.extend(std::iter::repeat_n(0, seq - used));
+            ids.extend((used..seq).map(|i| lengths.len() + i));
+            for i in 0..seq {
+                mask.extend((0..seq).map(|j| j > i || ids[j] != ids[i]));
+            }
+        }
+        let (cos, sin) = self.rope.cos_sin_at(&positions, &device);
+        let d = self.config.head_dim;
+        let context = PositionContext {
+            cos: cos.reshape([batch, 1, seq, d]),
+            sin: sin.reshape([batch, 1, seq, d]),
+            mask: Some(Tensor::<4, Bool>::from_data(
+                TensorData::new(mask, [batch, 1, seq, seq]),
+                &device,
+            )),
+        };
+        self.head(self.run(input_ids, None, None, Some(context)))
     }
 
     /// Logits of the new positions, extending `cache` (incremental decoding).
@@ -282,7 +327,7 @@ impl Llama {
     /// # Shapes
     /// - input_ids: `[batch, new]` → `[batch, new, vocab]`
     pub fn forward_cached(&self, input_ids: Tensor<2, Int>, cache: &mut LlamaCache) -> Tensor<3> {
-        self.head(self.run(input_ids, Some(cache), None))
+        self.head(self.run(input_ids, Some(cache), None, None))
     }
 
     /// Logits of the last position only, extending `cache` (what generation needs: the head is
@@ -291,7 +336,7 @@ impl Llama {
     /// # Shapes
     /// - input_ids: `[batch, new]` → `[batch, vocab]`
     pub fn forward_last(&self, input_ids: Tensor<2, Int>, cache: &mut LlamaCache) -> Tensor<2> {
-        let h = self.run(input_ids, Some(cache), None);
+        let h = self.run(input_ids, Some(cache), None, None);
         let [b, s, _] = h.dims();
         self.head(h.narrow(1, s - 1, 1))
             .reshape([b, self.config.vocab_size])
@@ -305,7 +350,7 @@ impl Llama {
     /// - each: `[batch, seq, hidden]`
     pub fn hidden_states(&self, input_ids: Tensor<2, Int>) -> Vec<Tensor<3>> {
         let mut states = Vec::with_capacity(self.layers.len() + 1);
-        let last = self.run(input_ids, None, Some(&mut states));
+        let last = self.run(input_ids, None, Some(&mut states), None);
         states.pop();
         states.push(last);
         states
@@ -334,16 +379,25 @@ impl Llama {
     }
 
     /// Runs embeddings, layers and the final norm; returns the normed hidden states.
+    /// `positions` overrides the consecutive positions after the cache (packed rows).
     fn run(
         &self,
         input_ids: Tensor<2, Int>,
         cache: Option<&mut LlamaCache>,
         mut collect: Option<&mut Vec<Tensor<3>>>,
+        positions: Option<PositionContext>,
     ) -> Tensor<3> {
         let [_, seq] = input_ids.dims();
         let device = input_ids.device();
         let start = cache.as_ref().map_or(0, |c| c.len);
-        let (cos, sin) = self.rope.cos_sin(start, seq, &device);
+        let positions = positions.unwrap_or_else(|| {
+            let (cos, sin) = self.rope.cos_sin(start, seq, &device);
+            PositionContext {
+                cos: cos.unsqueeze::<4>(),
+                sin: sin.unsqueeze::<4>(),
+                mask: None,
+            }
+        });
         let mut x = self.embed_tokens.forward(input_ids);
         let mut slots = cache;
         if let Some(c) = slots.as_deref_mut()
@@ -356,7 +410,7 @@ impl Llama {
                 states.push(x.clone());
             }
             let slot = slots.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(x, &cos, &sin, slot);
+            x = layer.forward(x, &positions, slot);
         }
         if let Some(states) = collect {
             states.push(x.clone());
@@ -518,4 +572,62 @@ pub fn hf_tensor_shapes(config: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
         out.push(("lm_head.weight".into(), vec![v, h]));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::llama::config::tests_support::tiny_config;
+    use crate::weights::RandomWeights;
+
+    fn logits(model: &Llama, ids: &[i64], rows: usize) -> Vec<f32> {
+        let device = model.device();
+        let t = Tensor::<2, Int>::from_data(
+            TensorData::new(ids.to_vec(), [rows, ids.len() / rows]),
+            &device,
+        );
+        model.forward(t).into_data().try_to_vec_as::<f32>().unwrap()
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn packed_rows_equal_each_sequence_alone() {
+        let c = tiny_config();
+        let model =
+            Llama::from_source(&c, &mut RandomWeights::new(&c, 0.3, 11), &Device::default())
+                .unwrap();
+        let v = c.vocab_size;
+        let (a, b, d): (Vec<i64>, Vec<i64>, Vec<i64>) =
+            (vec![1, 5, 9, 2, 7], vec![3, 8, 4], vec![6, 2, 11, 30]);
+        // Row 0: a, b, 2 padding tokens; row 1: d, 6 padding tokens.
+        let mut ids: Vec<i64> = [a.clone(), b.clone(), vec![0, 0]].concat();
+        ids.extend([d.clone(), vec![0; 6]].concat());
+        let device = model.device();
+        let packed = model
+            .forward_packed(
+                Tensor::from_data(TensorData::new(ids.clone(), [2, 10]), &device),
+                &[vec![5, 3], vec![4]],
+            )
+            .into_data()
+            .try_to_vec_as::<f32>()
+            .unwrap();
+        let at = |row: usize, start: usize, len: usize| {
+            packed[(row * 10 + start) * v..(row * 10 + start + len) * v].to_vec()
+        };
+        // Same arithmetic on differently shaped tensors: f32 summation-order noise only
+        // (logits are O(1)).
+        let tol = 1e-5;
+        assert!(max_diff(&at(0, 0, 5), &logits(&model, &a, 1)) < tol);
+        assert!(max_diff(&at(0, 5, 3), &logits(&model, &b, 1)) < tol);
+        assert!(max_diff(&at(1, 0, 4), &logits(&model, &d, 1)) < tol);
+        // Without the mask and position reset, `b` would see `a`: the test can tell.
+        let unmasked = logits(&model, &ids[..10], 1);
+        assert!(max_diff(&unmasked[5 * v..8 * v], &logits(&model, &b, 1)) > 1e-3);
+    }
 }

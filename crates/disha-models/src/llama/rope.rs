@@ -68,10 +68,18 @@ impl RotaryEmbedding {
     /// `(cos, sin)` for positions `start..start + len`, each `[len, head_dim]` with the
     /// frequencies repeated for both halves.
     pub fn cos_sin(&self, start: usize, len: usize, device: &Device) -> (Tensor<2>, Tensor<2>) {
+        let positions: Vec<usize> = (start..start + len).collect();
+        self.cos_sin_at(&positions, device)
+    }
+
+    /// `(cos, sin)` for arbitrary positions (packed rows restart at 0 for every sequence),
+    /// each `[positions.len(), head_dim]`.
+    pub fn cos_sin_at(&self, positions: &[usize], device: &Device) -> (Tensor<2>, Tensor<2>) {
         let d = self.head_dim;
+        let len = positions.len();
         let mut cos = Vec::with_capacity(len * d);
         let mut sin = Vec::with_capacity(len * d);
-        for p in start..start + len {
+        for &p in positions {
             let pos = p as f32 * self.position_scale;
             let row: Vec<f32> = self.inv_freq.iter().map(|f| pos * f).collect();
             for _ in 0..2 {
@@ -90,16 +98,15 @@ impl RotaryEmbedding {
 ///
 /// # Shapes
 /// - x: `[batch, heads, seq, head_dim]`
-/// - cos, sin: `[seq, head_dim]`
-pub fn apply_rotary(x: Tensor<4>, cos: &Tensor<2>, sin: &Tensor<2>) -> Tensor<4> {
+/// - cos, sin: `[1, 1, seq, head_dim]`, or `[batch, 1, seq, head_dim]` when each row has its
+///   own positions (packed rows)
+pub fn apply_rotary(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
     let [_, _, _, d] = x.dims();
     let half = d / 2;
     let x1 = x.clone().narrow(3, 0, half);
     let x2 = x.clone().narrow(3, half, half);
     let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-    let cos = cos.clone().unsqueeze::<4>();
-    let sin = sin.clone().unsqueeze::<4>();
-    x * cos + rotated * sin
+    x * cos.clone() + rotated * sin.clone()
 }
 
 #[cfg(test)]

@@ -205,6 +205,9 @@ pub fn run(args: TrainArgs) -> CliResult {
         dropped
     );
     let mut data = DataLoader::new(train, settings.batch_size, settings.seed, pad);
+    if settings.packing {
+        data = data.with_packing(settings.max_len);
+    }
 
     // Adapter and learner: fresh, or from the newest checkpoint.
     let stop = stop_tokens(loaded.config(), &tokenizer);
