@@ -13,8 +13,12 @@
 //! - [`generate`]: greedy / temperature / top-k / top-p sampling, seeded, with stop tokens and a
 //!   streaming callback.
 //! - [`export_merged`]: a plain HF directory of the merged model that transformers can load.
+//! - Feature `burn-train`: `TrainStep` / `InferenceStep` for [`llama::Llama`] on
+//!   `CausalLmBatch`, so Burn's own training drivers can train it.
 #![warn(missing_docs)]
 
+#[cfg(feature = "burn-train")]
+mod burn_train;
 mod chat;
 mod error;
 mod export;
@@ -28,6 +32,8 @@ mod rng;
 mod tokenizer;
 mod weights;
 
+#[cfg(feature = "burn-train")]
+pub use burn_train::CausalLmBatch;
 pub use chat::{ChatMessage, ChatTemplate};
 
 /// The built-in chat templates' Jinja sources.

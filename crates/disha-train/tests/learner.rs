@@ -259,3 +259,59 @@ fn clipping_scales_the_global_norm_down_to_the_limit() {
         global_grad_norm(&m, &grads)
     );
 }
+
+#[test]
+fn burn_train_steps_drive_the_same_loss_and_train_only_the_adapter() {
+    use burn::module::Module;
+    use burn::optim::{AdamWConfig, ModuleOptimizer};
+    use burn_train::{InferenceStep, TrainStep};
+    use disha_models::CausalLmBatch;
+
+    let device = Device::default().autodiff();
+    let m = model(&device);
+    let all = examples();
+    let refs: Vec<&Example> = all[..4].iter().collect();
+    let b = disha_train::data::collate(&refs, 258);
+    let batch = CausalLmBatch {
+        input_ids: Tensor::from_data(TensorData::new(b.input_ids.clone(), b.shape), &device),
+        labels: Tensor::from_data(TensorData::new(b.labels.clone(), b.shape), &device),
+        segments: None,
+        pad_id: 258,
+    };
+    let direct = causal_lm_loss(m.forward(batch.input_ids.clone()), batch.labels.clone())
+        .into_scalar::<f64>();
+    let out = TrainStep::step(&m, batch.clone());
+    assert!((out.item.loss.clone().into_scalar::<f64>() - direct).abs() < 1e-6);
+    // Metrics view: next-token targets, ignored positions reported as the pad id.
+    let targets = out
+        .item
+        .targets
+        .clone()
+        .into_data()
+        .try_to_vec_as::<i64>()
+        .unwrap();
+    let expected: Vec<i64> = b
+        .labels
+        .chunks(b.shape[1])
+        .flat_map(|row| row[1..].iter().map(|&l| if l == -100 { 258 } else { l }))
+        .collect();
+    assert_eq!(targets, expected);
+    // Gradients exist for exactly the trainable (adapter) tensors.
+    let trainable = disha_train::learner::trainable_param_ids(&m).len();
+    assert_eq!(out.grads.len(), trainable);
+    // One optimizer step through the trait lowers the loss on this batch.
+    let mut optim: ModuleOptimizer = AdamWConfig::new().init();
+    let stepped = TrainStep::optimize(m, &mut optim, 1e-2.into(), out.grads);
+    let after = InferenceStep::step(
+        &stepped.valid(),
+        CausalLmBatch {
+            input_ids: batch.input_ids.inner(),
+            labels: batch.labels.inner(),
+            segments: None,
+            pad_id: 258,
+        },
+    )
+    .loss
+    .into_scalar::<f64>();
+    assert!(after < direct - 1e-3, "{direct} -> {after}");
+}
