@@ -142,6 +142,10 @@ pub struct TrainSettings {
     /// example; positions restart) instead of one padded example per row.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub packing: Option<bool>,
+    /// Recompute memory-bound activations in the backward pass instead of keeping them
+    /// (Burn's balanced gradient checkpointing): less memory, more compute.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub gradient_checkpointing: Option<bool>,
     /// Write a checkpoint every N steps (and always at the end); 0: only at the end
     /// [default: 0].
     #[arg(long)]
@@ -196,6 +200,9 @@ pub struct RunSettings {
     /// Pack examples into rows of `max_len` tokens.
     #[serde(default)]
     pub packing: bool,
+    /// Burn's balanced gradient checkpointing.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
     /// Checkpoint period in steps (0: only at the end).
     pub save_every: usize,
     /// Checkpoints kept.
@@ -270,6 +277,7 @@ impl TrainSettings {
             validation,
             skip_bad_lines,
             packing,
+            gradient_checkpointing,
             save_every,
             keep_checkpoints,
             eval_data,
@@ -326,6 +334,7 @@ impl TrainSettings {
             validation: self.validation.unwrap_or(0),
             skip_bad_lines: self.skip_bad_lines.unwrap_or(false),
             packing: self.packing.unwrap_or(false),
+            gradient_checkpointing: self.gradient_checkpointing.unwrap_or(false),
             save_every: self.save_every.unwrap_or(0),
             keep_checkpoints: positive("keep_checkpoints", self.keep_checkpoints.unwrap_or(2))?,
             eval_data: self.eval_data,

@@ -182,7 +182,10 @@ pub fn run(args: TrainArgs) -> CliResult {
         Some(path) => Some(read_jsonl(path, &settings.field_map(), settings.skip_bad_lines)?.0),
         None => None,
     };
-    let device = args.device.device()?.autodiff();
+    let device = match settings.gradient_checkpointing {
+        true => args.device.device()?.autodiff().gradient_checkpointing(),
+        false => args.device.device()?.autodiff(),
+    };
     let (loaded, _) = load_with_adapter(&model_path, None, &device)?;
     let tokenizer = tokenizer_arg(tokenizer_spec.as_deref(), &loaded)?;
     let pad = tokenizer
