@@ -90,6 +90,36 @@ const CI_STEPS: &[Step] = &[
         args: &["test", "--workspace"],
         env: &[],
     },
+    // The opt-in burn-train integration: linted and tested on its own, since enabling it
+    // changes Flex's features (SIMD + threads) for the whole build.
+    Step {
+        label: "clippy, feature burn-train",
+        args: &[
+            "clippy",
+            "-p",
+            "disha-models",
+            "--features",
+            "burn-train",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
+        env: &[],
+    },
+    Step {
+        label: "tests, feature burn-train",
+        args: &[
+            "test",
+            "-p",
+            "disha-models",
+            "--features",
+            "burn-train",
+            "--lib",
+            "burn_train",
+        ],
+        env: &[],
+    },
 ];
 
 /// Type-checks of the opt-in backends. CUDA builds normally need `nvcc` or LLVM at build time;

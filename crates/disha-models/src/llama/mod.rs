@@ -7,6 +7,8 @@ mod model;
 mod rope;
 
 pub use attention::{LayerKv, LlamaAttention, PositionContext};
+#[cfg(test)]
+pub(crate) use config::tests_support;
 pub use config::{LlamaConfig, RopeScaling};
 pub use mlp::LlamaMlp;
 pub use model::{

@@ -86,7 +86,17 @@ fn inputs_for(args: &TrainArgs) -> CliResult<RunInputs> {
         settings.out = out.clone();
         let model = match &args.model {
             Some(model) => model.clone(),
-            None => embedded_demo::DemoPaths::under(out).model,
+            None => {
+                let demo_model = embedded_demo::DemoPaths::under(out).model;
+                if !demo_model.is_dir() {
+                    return Err(CliError::Usage(format!(
+                        "--resume: {} is not an embedded-demo run; pass the --model it was \
+                         started with",
+                        out.display()
+                    )));
+                }
+                demo_model
+            }
         };
         return Ok(RunInputs {
             settings,
