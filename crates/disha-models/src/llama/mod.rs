@@ -7,7 +7,7 @@ mod model;
 mod rope;
 
 pub use attention::{LayerKv, LlamaAttention, PositionContext};
-#[cfg(test)]
+#[cfg(all(test, feature = "burn-train"))]
 pub(crate) use config::tests_support;
 pub use config::{LlamaConfig, RopeScaling};
 pub use mlp::LlamaMlp;
