@@ -15,7 +15,7 @@ use disha_models::llama::Llama;
 use disha_models::{TextTokenizer, export_merged};
 use disha_train::data::{PromptTemplate, Record, shuffle};
 use disha_train::demo::{Operation, PretrainConfig, demo_config, finetune_split, pretrain};
-use disha_train::evaluate::exact_match;
+use disha_train::evaluate::{exact_match, stop_tokens};
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -42,7 +42,7 @@ struct Args {
 /// Exact match of `model` on `records`.
 fn accuracy(model: &Llama, records: &[Record]) -> f64 {
     let tokenizer = TextTokenizer::byte_level();
-    let stop = [257];
+    let stop = stop_tokens(&demo_config(), &tokenizer);
     let correct = records
         .iter()
         .filter(|r| {

@@ -10,7 +10,9 @@ use serde::{Deserialize, Serialize};
 use disha_models::llama::projection_names;
 
 use crate::TrainError;
-use crate::data::{FieldMap, PromptTemplate};
+use disha_models::TextTokenizer;
+
+use crate::data::{Example, FieldMap, PromptTemplate, Record, encode_all, read_jsonl};
 use crate::learner::LearnerConfig;
 use crate::schedule::{LrSchedule, ScheduleKind};
 
@@ -379,6 +381,34 @@ impl RunSettings {
             Template::Chat => PromptTemplate::Chat,
             Template::Raw => PromptTemplate::Raw,
         }
+    }
+
+    /// Reads a JSONL file with this run's field layout and bad-line policy (the training data,
+    /// or the exact-match data); returns the records and how many lines were skipped.
+    ///
+    /// # Errors
+    /// As [`read_jsonl`].
+    pub fn read_records(&self, path: &Path) -> Result<(Vec<Record>, usize), TrainError> {
+        read_jsonl(path, &self.field_map(), self.skip_bad_lines)
+    }
+
+    /// Tokenizes records of the training data with this run's template and `max_len`; returns
+    /// the examples and how many prompts were too long.
+    ///
+    /// # Errors
+    /// As [`encode_all`].
+    pub fn encode(
+        &self,
+        records: &[Record],
+        tokenizer: &TextTokenizer,
+    ) -> Result<(Vec<Example>, usize), TrainError> {
+        encode_all(
+            &self.data,
+            records,
+            self.prompt_template(),
+            tokenizer,
+            self.max_len,
+        )
     }
 
     /// The PEFT config of the adapter to train.

@@ -1,7 +1,6 @@
 //! `disha eval`: loss / perplexity on a dataset, and GSM8K-style exact match by greedy
 //! generation, with a per-example JSONL of outputs.
 
-use disha_train::data::{encode_all, read_jsonl};
 use disha_train::evaluate::{mean_loss, stop_tokens};
 use disha_train::settings::TrainSettings;
 use std::fmt::Write as _;
@@ -22,11 +21,7 @@ pub fn run(args: EvalArgs) -> CliResult {
         ..Default::default()
     }
     .resolve()?;
-    let (mut records, skipped) = read_jsonl(
-        &settings.data,
-        &settings.field_map(),
-        settings.skip_bad_lines,
-    )?;
+    let (mut records, skipped) = settings.read_records(&settings.data)?;
     if let Some(limit) = args.limit {
         records.truncate(limit);
     }
@@ -44,13 +39,7 @@ pub fn run(args: EvalArgs) -> CliResult {
 
     if matches!(args.metric, EvalMetric::Loss | EvalMetric::All) {
         let pad = tokenizer.eos_id().unwrap_or(0);
-        let (examples, dropped) = encode_all(
-            &settings.data,
-            &records,
-            settings.prompt_template(),
-            &tokenizer,
-            settings.max_len,
-        )?;
+        let (examples, dropped) = settings.encode(&records, &tokenizer)?;
         let loss = mean_loss(model, &examples, args.batch_size, pad);
         let _ = writeln!(
             report,

@@ -9,7 +9,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use disha_core::{PeftModelExt, freeze_all_but_active_adapters, write_atomic};
 use disha_models::llama::Llama;
 use disha_train::checkpoint::{self, ADAPTER_NAME};
-use disha_train::data::{DataLoader, encode_all, read_jsonl, split_validation};
+use disha_train::data::{DataLoader, split_validation};
 use disha_train::evaluate::{ExactMatch, mean_loss, stop_tokens};
 use disha_train::learner::{Learner, StepMetrics};
 use disha_train::plot::{Series, loss_chart};
@@ -183,32 +183,22 @@ pub fn run(args: TrainArgs) -> CliResult {
     } = inputs_for(&args)?;
     let metrics_path = settings.out.join("metrics.jsonl");
     // Data errors (named by line) come before the model is loaded.
-    let (records, skipped) = read_jsonl(
-        &settings.data,
-        &settings.field_map(),
-        settings.skip_bad_lines,
-    )?;
+    let (records, skipped) = settings.read_records(&settings.data)?;
     let eval_records = match &settings.eval_data {
-        Some(path) => Some(read_jsonl(path, &settings.field_map(), settings.skip_bad_lines)?.0),
+        Some(path) => Some(settings.read_records(path)?.0),
         None => None,
     };
-    let device = match settings.gradient_checkpointing {
-        true => args.device.device()?.autodiff().gradient_checkpointing(),
-        false => args.device.device()?.autodiff(),
-    };
+    let mut device = args.device.device()?.autodiff();
+    if settings.gradient_checkpointing {
+        device = device.gradient_checkpointing();
+    }
     let (loaded, _) = load_with_adapter(&model_path, None, &device)?;
     let tokenizer = tokenizer_arg(tokenizer_spec.as_deref(), &loaded)?;
     let pad = tokenizer
         .token_to_id("<|pad|>")
         .or(tokenizer.eos_id())
         .unwrap_or(0);
-    let (examples, dropped) = encode_all(
-        &settings.data,
-        &records,
-        settings.prompt_template(),
-        &tokenizer,
-        settings.max_len,
-    )?;
+    let (examples, dropped) = settings.encode(&records, &tokenizer)?;
     let (train, validation) = split_validation(examples, settings.validation, settings.seed);
     eprintln!(
         "data: {} examples for training, {} for validation ({} malformed lines skipped, {} prompts too long)",
@@ -402,9 +392,8 @@ pub fn run(args: TrainArgs) -> CliResult {
         adapter_dir.display()
     );
     println!("metrics             {}", metrics_path.display());
-    let chart = settings.out.join("loss.png");
-    match write_loss_chart(&settings.out, &chart, &settings) {
-        Ok(()) => println!("loss curve          {}", chart.display()),
+    match write_loss_chart(&settings) {
+        Ok(chart) => println!("loss curve          {}", chart.display()),
         // The run itself succeeded; a chart that cannot be drawn is only a warning.
         Err(e) => eprintln!("warning: no loss chart: {e}"),
     }
@@ -412,9 +401,9 @@ pub fn run(args: TrainArgs) -> CliResult {
 }
 
 /// `OUT/loss.png`: every step's loss in `metrics.jsonl` (all sessions of a resumed run) and
-/// its running mean.
-fn write_loss_chart(run: &Path, chart: &Path, settings: &RunSettings) -> CliResult {
-    let losses = super::plot::read_losses(run)?;
+/// its running mean. Returns the chart's path.
+fn write_loss_chart(settings: &RunSettings) -> CliResult<PathBuf> {
+    let losses = super::plot::read_losses(&settings.out)?;
     let window = (losses.len() / 20).max(1);
     let title = format!(
         "{} r{} on {}",
@@ -426,15 +415,16 @@ fn write_loss_chart(run: &Path, chart: &Path, settings: &RunSettings) -> CliResu
             .unwrap_or_default()
             .to_string_lossy()
     );
+    let chart = settings.out.join("loss.png");
     loss_chart(
-        chart,
+        &chart,
         &title,
         &[
             Series::smoothed("loss", &losses, 1),
             Series::smoothed(format!("mean of {window} steps"), &losses, window),
         ],
     )?;
-    Ok(())
+    Ok(chart)
 }
 
 /// Exact-match outcomes before / after training, under the run directory.
