@@ -32,7 +32,8 @@ enum Task {
     },
     /// Run the benchmarks (release build) and print their summary tables.
     Bench {
-        /// Which benchmark: `adapters` (one adapted linear, every method, fwd+bwd) or `models`
+        /// Which benchmark: `adapters` (one adapted linear, every method, fwd+bwd), `kernels` (fused
+        /// vs unfused Bone / BAT) or `models`
         /// (SmolLM2-135M from `../shared/assets`: prefill, decode, Bone / LoRA train step).
         #[arg(default_value = "adapters")]
         which: String,
@@ -122,9 +123,45 @@ const CI_STEPS: &[Step] = &[
     },
 ];
 
-/// Type-checks of the opt-in backends. CUDA builds normally need `nvcc` or LLVM at build time;
-/// `DOCS_RS=1` with an explicit `CUDARC_CUDA_VERSION` type-checks without either.
+/// The opt-in backends. The CubeCL kernels are linted, and run on the CPU through WGPU over
+/// Mesa's software Vulkan driver (lavapipe; `.ci/run` installs it): the kernel suite against the
+/// reference, and the Llama adapter goldens (logits, gradients, 3 SGD steps) with the kernels
+/// active. CUDA builds normally need `nvcc` or LLVM at build time; `DOCS_RS=1` with an explicit
+/// `CUDARC_CUDA_VERSION` type-checks without either.
 const GPU_CHECK_STEPS: &[Step] = &[
+    Step {
+        label: "clippy, CubeCL kernels (wgpu, fusion)",
+        args: &[
+            "clippy",
+            "-p",
+            "disha-core",
+            "--features",
+            "wgpu,fusion",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
+        env: &[],
+    },
+    // One invocation, so the WGPU build of the Burn stack is shared by both test targets.
+    Step {
+        label: "kernel suite + Llama adapter goldens on WGPU (lavapipe), kernels active",
+        args: &[
+            "test",
+            "-p",
+            "disha-core",
+            "-p",
+            "disha-models",
+            "--features",
+            "disha-core/wgpu,disha-models/wgpu",
+            "--test",
+            "kernels",
+            "--test",
+            "llama_adapters",
+        ],
+        env: &[],
+    },
     Step {
         label: "type-check wgpu backend",
         args: &["check", "-p", "disha-train", "--features", "wgpu,fusion"],
@@ -218,8 +255,13 @@ fn main() -> ExitCode {
                 args: &["bench", "-p", "disha-models", "--bench", "llama"],
                 env: &[],
             }],
+            "kernels" => vec![&Step {
+                label: "bench: fused vs unfused Bone / BAT, fwd+bwd, default device",
+                args: &["bench", "-p", "disha-core", "--bench", "kernels"],
+                env: &[],
+            }],
             other => {
-                eprintln!("unknown benchmark `{other}` (available: adapters, models)");
+                eprintln!("unknown benchmark `{other}` (available: adapters, models, kernels)");
                 return ExitCode::from(2);
             }
         },

@@ -42,7 +42,7 @@ impl Layer {
 const CASES: [&str; 7] = [
     "frozen base",
     "Bone r64",
-    "BAT r64 (reference, materialized W')",
+    "BAT r64",
     "mini r64 mini_r64",
     "LoRA r32",
     "Bone r64 weight-space (DishaReparameterizer)",

@@ -9,6 +9,7 @@ use crate::adapter::{Adapter, AdapterSet};
 use crate::bat::block_affine_linear;
 use crate::dtype::{to_dtype, to_f32};
 use crate::error::{DishaError, Result};
+use crate::kernels::{KernelPolicy, kernel_policy};
 use crate::spec::AdapterSpec;
 
 /// Configuration to create an [`AdaptedLinear`] with a freshly initialized base, mirroring
@@ -385,19 +386,45 @@ impl AdaptedLinear {
             .position(|(_, a)| !a.is_weight_space())
             .unwrap_or(pending.len());
         let (bat, additive) = pending.split_at(split);
-        let mut y = match bat.split_last() {
-            None => burn::tensor::module::linear(input.clone(), weight, bias),
-            Some(((_, Adapter::Bat(last)), before)) => {
+        let frozen = !self.weight.is_require_grad();
+        let d_output = self.d_output();
+        // Under the single-pass policy, with no BAT adapter, one Bone adapter folds into the base
+        // product. Otherwise Bone stays in plain ops: the op would compute the same products and
+        // keep the same `S(x̃)`, and plain ops fuse better with their neighbours (kernels docs).
+        let single_pass = frozen && kernel_policy() == KernelPolicy::SinglePass;
+        let fused_bone = match bat.is_empty() && single_pass {
+            true => additive.iter().position(|(_, a)| match a {
+                Adapter::Bone(bone) => bone.is_fusable(d_output),
+                _ => false,
+            }),
+            false => None,
+        };
+        let mut y = match (bat.split_last(), fused_bone) {
+            (None, None) => burn::tensor::module::linear(input.clone(), weight, bias),
+            (None, Some(k)) => match additive[k].1 {
+                Adapter::Bone(bone) => bone.fused_linear(input.clone(), weight, bias),
+                _ => unreachable!("fused_bone indexes a Bone adapter"),
+            },
+            (Some(((_, Adapter::Bat(last)), before)), _) => {
                 let weight = before
                     .iter()
                     .fold(weight, |w, (_, adapter)| adapter.merge_into(w));
-                block_affine_linear(input.clone(), weight, bias, last)
+                block_affine_linear(
+                    input.clone(),
+                    weight,
+                    bias,
+                    last,
+                    before.is_empty() && frozen,
+                )
             }
-            Some(_) => unreachable!("pending() puts only BAT adapters first"),
+            (Some(_), _) => unreachable!("pending() puts only BAT adapters first"),
         };
-        if !additive.is_empty() {
+        if additive.len() > usize::from(fused_bone.is_some()) {
             y = to_f32(y);
-            for (_, adapter) in additive {
+            for (k, (_, adapter)) in additive.iter().enumerate() {
+                if Some(k) == fused_bone {
+                    continue;
+                }
                 y = match adapter {
                     Adapter::Bone(a) | Adapter::Mini(a) => a.add_to_output(input.clone(), y),
                     Adapter::Lora(a) => a.add_to_output(input.clone(), y),

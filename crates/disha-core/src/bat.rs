@@ -2,16 +2,21 @@
 //!
 //! # The forward seam
 //!
-//! [`block_affine_linear`] is the one function through which every BAT forward goes. Today its
-//! body materializes `W'` with ordinary tensor ops (as HF PEFT does); the fused CubeCL kernel of
-//! the kernels issue replaces that body on Cube backends while this tensor-op version stays as the
-//! reference for every backend. Nothing else in the crate forms `W'` for a forward pass.
+//! [`block_affine_linear`] is the one function through which every BAT forward goes:
+//! - PEFT orientation, frozen weight, any [policy](crate::kernels::KernelPolicy) but `Reference`:
+//!   [`crate::kernels::bat_linear`] (`W'` formed in bounded chunks or tile by tile, never kept);
+//! - RWKV-PEFT orientation: the input prologue of method.md §9.3, `y = (x + z)·W + tile(Σ_b z_b)`
+//!   with `z_b = x_b·D[b]ᵀ`, plain tensor ops that never form `W'` on any backend;
+//! - otherwise (the reference policy, a trainable weight): `W'` materialized with tensor ops, as
+//!   HF PEFT does.
 
 use burn::module::{Module, Param};
 use burn::tensor::{Tensor, TensorData};
 
 use crate::dtype::to_f32;
 use crate::inverse::{SingularMatrix, invert_batch};
+use crate::kernels::kernel_policy;
+use crate::shard::{flatten_rows, unflatten_rows};
 use crate::spec::BatOrientation;
 
 /// A BAT adapter: `W'_ab = W_ab (I + D_k) + D_k` on every `r x r` block `(a, b)` of the weight
@@ -68,6 +73,25 @@ impl BatAdapter {
         from_block_view(transformed)
     }
 
+    /// RWKV-PEFT orientation without forming `W'` (method.md §9.3, Burn layout):
+    /// `y = (x + z)·W + tile_{out/r}(Σ_b z_b)` with `z_b = x_b·D[b]ᵀ` per input block `b`.
+    /// Costs `O(M·in·r)` extra; autodiff keeps `x` (for `∂L/∂D`) and nothing weight-sized.
+    ///
+    /// # Shapes
+    /// - `x`: `[M, in]` (f32); `weight`: `[in, out]`; output: `[M, out]`
+    fn prologue_linear(&self, x: Tensor<2>, weight: Tensor<2>) -> Tensor<2> {
+        let [m, d_input] = x.dims();
+        let r = self.r();
+        let nb = d_input / r;
+        // z[t, b, :] = x[t, b, :]·D[b]ᵀ, as a batch over b: [nb, M, r]·[nb, r, r].
+        let x_blocks = x.clone().reshape([m, nb, r]).swap_dims(0, 1);
+        let z = x_blocks.matmul(self.blocks.val().swap_dims(1, 2));
+        let z_sum = z.clone().sum_dim(0).reshape([m, r]);
+        let z = z.swap_dims(0, 1).reshape([m, d_input]);
+        let y = (x + z).matmul(to_f32(weight));
+        crate::shard::add_tiled_cols(y, z_sum)
+    }
+
     /// `W` from `W'`: `W_B⟨b,a⟩ = (I + D_kᵀ)⁻¹ (W'_B⟨b,a⟩ − D_kᵀ)`, with the inverses computed
     /// once on the host in f64 (see [`crate::inverse`]).
     ///
@@ -107,10 +131,10 @@ impl BatAdapter {
 
 /// **The BAT forward seam**: `y = x · T_D(W) + bias`, with `T_D` the block-affine map of `adapter`.
 ///
-/// This reference body materializes `W' = T_D(W)` (`in x out`, f32) with tensor ops; autodiff then
-/// keeps `x` and computes the dense `G = Xᵀ·δY` in backward, exactly PEFT's cost (method.md §9).
-/// The fused block-affine kernel replaces this body on Cube backends; its contract is this
-/// function's output and gradients. Like PEFT, the product runs in f32 whatever the input dtype.
+/// `weight` is the (running) base weight; `frozen` says it receives no gradient, which the fused
+/// path requires. See the module docs for which formulation runs. All of them compute the same
+/// function and gradients (tested against each other); like PEFT, the product runs in f32
+/// whatever the input dtype.
 ///
 /// # Shapes
 /// - `x`: `[..., in]`; `weight`: `[in, out]`; `bias`: `[out]`
@@ -120,9 +144,48 @@ pub fn block_affine_linear<const D: usize>(
     weight: Tensor<2>,
     bias: Option<Tensor<1>>,
     adapter: &BatAdapter,
+    frozen: bool,
+) -> Tensor<D> {
+    let fused = frozen && kernel_policy().uses_ops();
+    match adapter.orientation {
+        BatOrientation::Peft if fused => {
+            let dims = x.dims();
+            let y =
+                crate::kernels::bat_linear(to_f32(flatten_rows(x)), weight, adapter.blocks.val());
+            unflatten_rows(add_bias(y, bias), dims)
+        }
+        BatOrientation::RwkvPeft => {
+            let dims = x.dims();
+            let y = adapter.prologue_linear(to_f32(flatten_rows(x)), weight);
+            unflatten_rows(add_bias(y, bias), dims)
+        }
+        BatOrientation::Peft => reference_block_affine_linear(x, weight, bias, adapter),
+    }
+}
+
+/// The materializing formulation of [`block_affine_linear`]: forms `W' = T_D(W)` (`in x out`,
+/// f32) with tensor ops; autodiff then keeps `x` and computes the dense `G = Xᵀ·δY` in backward,
+/// exactly PEFT's cost (method.md §9). The reference every other formulation is tested against.
+///
+/// # Shapes
+/// - `x`: `[..., in]`; `weight`: `[in, out]`; `bias`: `[out]`
+/// - output: `[..., out]` (f32)
+pub fn reference_block_affine_linear<const D: usize>(
+    x: Tensor<D>,
+    weight: Tensor<2>,
+    bias: Option<Tensor<1>>,
+    adapter: &BatAdapter,
 ) -> Tensor<D> {
     let transformed = adapter.transform_weight(weight);
     burn::tensor::module::linear(to_f32(x), transformed, bias.map(to_f32))
+}
+
+/// `y + bias` (broadcast over rows, f32).
+fn add_bias(y: Tensor<2>, bias: Option<Tensor<1>>) -> Tensor<2> {
+    match bias {
+        Some(bias) => y + to_f32(bias).unsqueeze_dim(0),
+        None => y,
+    }
 }
 
 /// `[in, out]` → `[in/r, out/r, r, r]` with element `(b, a, p, q) = W_B⟨b,a⟩[p, q]`.
@@ -137,4 +200,33 @@ fn block_view(weight: Tensor<2>, r: usize) -> Tensor<4> {
 fn from_block_view(blocks: Tensor<4>) -> Tensor<2> {
     let [nb, na, r, _] = blocks.dims();
     blocks.swap_dims(1, 2).reshape([nb * r, na * r])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::{device, max_abs_diff, random};
+
+    /// The RWKV-PEFT prologue (`W'` never formed) computes the materialized `x·T_D(W)` and the
+    /// same gradients for `x` and `D`. Values are O(1) sums of ≤ 48 f32 products: 1e-5.
+    #[test]
+    fn rwkv_prologue_matches_the_materialized_transform() {
+        let device = device().autodiff();
+        let (m, d_input, d_output, r) = (7, 48, 40, 8);
+        let x = random(1, [m, d_input], &device).require_grad();
+        let weight = random(2, [d_input, d_output], &device);
+        let d = random(3, [d_input / r, r, r], &device).require_grad();
+        let cotangent = random(4, [m, d_output], &device);
+        let adapter = BatAdapter::new(d.clone(), BatOrientation::RwkvPeft);
+
+        let prologue = adapter.prologue_linear(x.clone(), weight.clone());
+        let materialized = reference_block_affine_linear(x.clone(), weight, None, &adapter);
+        let g1 = (prologue.clone() * cotangent.clone()).sum().backward();
+        let g2 = (materialized.clone() * cotangent).sum().backward();
+
+        assert!(max_abs_diff(prologue, materialized) < 1e-5);
+        let dx = max_abs_diff(x.grad(&g1).unwrap(), x.grad(&g2).unwrap());
+        let dd = max_abs_diff(d.grad(&g1).unwrap(), d.grad(&g2).unwrap());
+        assert!(dx < 1e-5 && dd < 1e-5, "dL/dx diff {dx}, dL/dD diff {dd}");
+    }
 }

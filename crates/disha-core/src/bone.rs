@@ -64,6 +64,35 @@ impl BoneAdapter {
         unflatten_rows(add_tiled_cols(y, term), dims)
     }
 
+    /// Whether [`fused_linear`](Self::fused_linear) computes this adapter exactly: Bone proper
+    /// (`c = out`, not mini) without dropout.
+    pub fn is_fusable(&self, d_output: usize) -> bool {
+        self.block_width() == d_output && self.dropout.prob == 0.0
+    }
+
+    /// The base layer and this adapter in one fused product,
+    /// `x·W + S(x̃)·B + bias` ([`crate::kernels::bone_linear`]), in f32. `weight` must be frozen
+    /// and the adapter [fusable](Self::is_fusable). [`AdaptedLinear`](crate::AdaptedLinear) uses
+    /// it under [`KernelPolicy::SinglePass`](crate::kernels::KernelPolicy).
+    ///
+    /// # Shapes
+    /// - `x`: `[..., in]`; `weight`: `[in, out]`; `bias`: `[out]`; output: `[..., out]`
+    pub fn fused_linear<const D: usize>(
+        &self,
+        x: Tensor<D>,
+        weight: Tensor<2>,
+        bias: Option<Tensor<1>>,
+    ) -> Tensor<D> {
+        let dims = x.dims();
+        let x = to_f32(flatten_rows(x));
+        let y = crate::kernels::bone_linear(x, weight, self.block.val());
+        let y = match bias {
+            Some(bias) => y + to_f32(bias).unsqueeze_dim(0),
+            None => y,
+        };
+        unflatten_rows(y, dims)
+    }
+
     /// `W + ΔW` (or `W − ΔW` with `sign = -1`), in f32. Dropout plays no role in merging.
     ///
     /// # Shapes

@@ -26,6 +26,7 @@ mod convert;
 mod dtype;
 mod error;
 mod inverse;
+pub mod kernels;
 mod lora;
 mod peft_config;
 mod peft_files;
@@ -39,7 +40,7 @@ mod test_util;
 
 pub use adapted_linear::{AdaptedLinear, AdaptedLinearConfig};
 pub use adapter::{Adapter, AdapterSet};
-pub use bat::{BatAdapter, block_affine_linear};
+pub use bat::{BatAdapter, block_affine_linear, reference_block_affine_linear};
 pub use bone::BoneAdapter;
 pub use convert::miss_to_lora;
 pub use error::{DishaError, Result};

