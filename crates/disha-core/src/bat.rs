@@ -16,7 +16,7 @@ use burn::tensor::{Tensor, TensorData};
 use crate::dtype::to_f32;
 use crate::inverse::{SingularMatrix, invert_batch};
 use crate::kernels::kernel_policy;
-use crate::shard::{flatten_rows, unflatten_rows};
+use crate::shard::{add_bias, flatten_rows, unflatten_rows};
 use crate::spec::BatOrientation;
 
 /// A BAT adapter: `W'_ab = W_ab (I + D_k) + D_k` on every `r x r` block `(a, b)` of the weight
@@ -178,14 +178,6 @@ pub fn reference_block_affine_linear<const D: usize>(
 ) -> Tensor<D> {
     let transformed = adapter.transform_weight(weight);
     burn::tensor::module::linear(to_f32(x), transformed, bias.map(to_f32))
-}
-
-/// `y + bias` (broadcast over rows, f32).
-fn add_bias(y: Tensor<2>, bias: Option<Tensor<1>>) -> Tensor<2> {
-    match bias {
-        Some(bias) => y + to_f32(bias).unsqueeze_dim(0),
-        None => y,
-    }
 }
 
 /// `[in, out]` → `[in/r, out/r, r, r]` with element `(b, a, p, q) = W_B⟨b,a⟩[p, q]`.

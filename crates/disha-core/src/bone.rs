@@ -5,7 +5,9 @@ use burn::nn::Dropout;
 use burn::tensor::Tensor;
 
 use crate::dtype::to_f32;
-use crate::shard::{add_tiled_block, add_tiled_cols, flatten_rows, shard_sum, unflatten_rows};
+use crate::shard::{
+    add_bias, add_tiled_block, add_tiled_cols, flatten_rows, shard_sum, unflatten_rows,
+};
 
 /// A Bone or MiSS-mini adapter: one trainable block shared by every input shard.
 ///
@@ -86,11 +88,7 @@ impl BoneAdapter {
         let dims = x.dims();
         let x = to_f32(flatten_rows(x));
         let y = crate::kernels::bone_linear(x, weight, self.block.val());
-        let y = match bias {
-            Some(bias) => y + to_f32(bias).unsqueeze_dim(0),
-            None => y,
-        };
-        unflatten_rows(y, dims)
+        unflatten_rows(add_bias(y, bias), dims)
     }
 
     /// `W + ΔW` (or `W − ΔW` with `sign = -1`), in f32. Dropout plays no role in merging.

@@ -6,6 +6,8 @@
 use burn::tensor::Tensor;
 use burn::tensor::ops::PadMode;
 
+use crate::dtype::to_f32;
+
 /// The block sum `S(x̃) = Σ_c x̃_c` of the zero-padded input (method.md §1–2).
 ///
 /// # Shapes
@@ -76,6 +78,14 @@ pub(crate) fn add_tiled_cols(y: Tensor<2>, term: Tensor<2>) -> Tensor<2> {
     y.reshape([m, d_output / c, c])
         .add(term.reshape([m, 1, c]))
         .reshape([m, d_output])
+}
+
+/// `y + bias` (broadcast over rows, f32).
+pub(crate) fn add_bias(y: Tensor<2>, bias: Option<Tensor<1>>) -> Tensor<2> {
+    match bias {
+        Some(bias) => y + to_f32(bias).unsqueeze_dim(0),
+        None => y,
+    }
 }
 
 /// Flattens `[..., d]` to `[M, d]`.

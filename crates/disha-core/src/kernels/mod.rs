@@ -13,10 +13,10 @@
 //!   alternative ([`KernelPolicy::SinglePass`]).
 //! - The `Autodiff` implementation is hand-written (method.md §8): Bone keeps only `S(x̃)`, BAT
 //!   keeps `x` and never `W'`.
-//! - [`bone_linear`] and [`bat_linear`] are the tensor-level entry points;
-//!   [`AdaptedLinear`](crate::AdaptedLinear) uses them unless the policy is
-//!   [`KernelPolicy::Reference`] (`DISHA_KERNELS=reference` or [`set_kernel_policy`]), which
-//!   switches to plain tensor ops with Burn's autodiff.
+//! - [`bone_linear`] and [`bat_linear`] are the tensor-level entry points.
+//!   [`AdaptedLinear`](crate::AdaptedLinear) routes BAT through them by default and Bone too
+//!   under [`KernelPolicy::SinglePass`]; [`KernelPolicy::Reference`] (`DISHA_KERNELS=reference`
+//!   or [`set_kernel_policy`]) switches both to plain tensor ops with Burn's autodiff.
 
 mod autodiff;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
