@@ -8,16 +8,14 @@ use super::reference;
 
 /// Fused block-affine linear operations, one per forward and backward product.
 ///
-/// Every method has a **reference body** made of ordinary backend ops (the formulas of
-/// method.md §2, §4 and §8), which every backend can run: Flex uses it as is. Cube backends (CUDA,
-/// ROCm, WGPU / Vulkan / Metal) override the products with the CubeCL kernels of
-/// `kernels::cube`, and the `Autodiff` implementation wires them into training with a hand-written
+/// Every method has a **body** made of ordinary backend ops (the formulas of method.md §2, §4 and
+/// §8; BAT's `W'` and `G` one bounded chunk at a time), which every backend can run: Flex uses it
+/// as is. With `single_pass`, Cube backends (CUDA, ROCm, WGPU / Vulkan / Metal) run the products
+/// that contract with `W'` in disha's single-pass CubeCL GEMM instead, which forms `W'` tile by
+/// tile while loading it (no weight-sized buffer at all, not even a chunk); other backends ignore
+/// the flag. The `Autodiff` implementation wires the ops into training with a hand-written
 /// backward pass. Use the tensor-level functions [`bone_linear`](super::bone_linear) and
 /// [`bat_linear`](super::bat_linear) rather than calling these primitives.
-///
-/// `single_pass` asks Cube backends for disha's single-pass CubeCL GEMM, which forms `W'` tile
-/// by tile while loading it (no weight-sized buffer at all, not even a chunk); without it they
-/// use the bodies below, whose products run in the backend's own matmul. Other backends ignore it.
 ///
 /// The base weight is a **constant** for every method: it never receives a gradient (the callers
 /// only route frozen weights here). All methods compute in `x`'s float dtype (the tensor-level
