@@ -156,6 +156,24 @@ fn rows(start: usize, end: usize) -> Slice {
     Slice::new(start as isize, Some(end as isize), 1)
 }
 
+/// Rows `start..end` of `weight` (one chunk of input blocks), in `like`'s dtype: a weight stored
+/// in another dtype is converted one chunk at a time, never whole.
+fn weight_rows<B: Backend>(
+    weight: &FloatTensor<B>,
+    (start, end): (usize, usize),
+    like: &FloatTensor<B>,
+) -> FloatTensor<B> {
+    let chunk = B::float_slice(weight.clone(), &[rows(start, end), Slice::full()]);
+    cast_like::<B>(chunk, like)
+}
+
+/// The sum of per-chunk partial results.
+fn sum_chunks<B: Backend>(parts: impl Iterator<Item = FloatTensor<B>>) -> FloatTensor<B> {
+    parts
+        .reduce(B::float_add)
+        .expect("a BAT weight has at least one input block")
+}
+
 /// BAT forward: `x·T_D(W) = Σ_c x[:, c]·T_D(W)[c, :]` over chunks `c` of input blocks, so that
 /// only one chunk of `W'` (at most a quarter of the weight) exists at a time and none is kept.
 pub(crate) fn bat_linear<B: Backend>(
@@ -165,17 +183,11 @@ pub(crate) fn bat_linear<B: Backend>(
 ) -> FloatTensor<B> {
     let [d_input, d_output] = dims2::<B>(&weight);
     let r = blocks.shape().dims::<3>()[1];
-    let mut y: Option<FloatTensor<B>> = None;
-    for (start, end) in row_chunks(d_input, d_output, r) {
-        let w = B::float_slice(weight.clone(), &[rows(start, end), Slice::full()]);
-        let x_chunk = B::float_slice(x.clone(), &[Slice::full(), rows(start, end)]);
-        let part = B::float_matmul(x_chunk, bat_transform::<B>(w, blocks.clone(), &x));
-        y = Some(match y {
-            None => part,
-            Some(sum) => B::float_add(sum, part),
-        });
-    }
-    y.expect("a BAT weight has at least one input block")
+    sum_chunks::<B>(row_chunks(d_input, d_output, r).into_iter().map(|chunk| {
+        let w = weight_rows::<B>(&weight, chunk, &x);
+        let x_chunk = B::float_slice(x.clone(), &[Slice::full(), rows(chunk.0, chunk.1)]);
+        B::float_matmul(x_chunk, bat_transform::<B>(w, blocks.clone(), &x))
+    }))
 }
 
 /// BAT input gradient: `δY·T_D(W)ᵀ`, one chunk of input columns at a time (as [`bat_linear`]).
@@ -188,8 +200,8 @@ pub(crate) fn bat_linear_grad_input<B: Backend>(
     let r = blocks.shape().dims::<3>()[1];
     let parts: Vec<FloatTensor<B>> = row_chunks(d_input, d_output, r)
         .into_iter()
-        .map(|(start, end)| {
-            let w = B::float_slice(weight.clone(), &[rows(start, end), Slice::full()]);
+        .map(|chunk| {
+            let w = weight_rows::<B>(&weight, chunk, &grad);
             let transformed = bat_transform::<B>(w, blocks.clone(), &grad);
             B::float_matmul(grad.clone(), B::float_transpose(transformed))
         })
@@ -214,7 +226,6 @@ pub(crate) fn bat_blocks_grad<B: Backend>(
     r: usize,
 ) -> FloatTensor<B> {
     let [d_input, d_output] = dims2::<B>(&weight);
-    let weight = cast_like::<B>(weight, &x);
     let device = x.device();
     let dtype = FloatDType::from(x.dtype());
     let identity = B::float_from_data(
@@ -228,23 +239,14 @@ pub(crate) fn bat_blocks_grad<B: Backend>(
         &device,
     );
     let x_t = B::float_transpose(x);
-    let mut total: Option<FloatTensor<B>> = None;
-    for (start, end) in row_chunks(d_input, d_output, r) {
-        let x_chunk = B::float_slice(x_t.clone(), &[rows(start, end), Slice::full()]);
+    let total = sum_chunks::<B>(row_chunks(d_input, d_output, r).into_iter().map(|chunk| {
+        let x_chunk = B::float_slice(x_t.clone(), &[rows(chunk.0, chunk.1), Slice::full()]);
         let g = block_view::<B>(B::float_matmul(x_chunk, grad.clone()), r);
-        let w = block_view::<B>(
-            B::float_slice(weight.clone(), &[rows(start, end), Slice::full()]),
-            r,
-        );
+        let w = block_view::<B>(weight_rows::<B>(&weight, chunk, &x_t), r);
         let shifted = B::float_add(w, identity.clone());
         let per_block = B::float_matmul(shifted, B::float_swap_dims(g, 2, 3));
-        let partial = B::float_sum_dim(per_block, 0);
-        total = Some(match total {
-            None => partial,
-            Some(sum) => B::float_add(sum, partial),
-        });
-    }
-    let total = total.expect("a BAT weight has at least one input block");
+        B::float_sum_dim(per_block, 0)
+    }));
     B::float_reshape(total, Shape::new([d_output / r, r, r]))
 }
 
