@@ -254,6 +254,56 @@ pub enum DishaError {
         keys: Vec<String>,
     },
 
+    /// A file larger than the limit for its kind (see [`crate::limits`]).
+    #[error(
+        "{}: {size} bytes exceeds the limit {limit_name} = {limit} bytes (raise it with \
+         DISHA_LIMITS={limit_name}=N if the file is genuine)",
+        path.display()
+    )]
+    FileTooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its size (or the bytes read before stopping).
+        size: u64,
+        /// The limit in force.
+        limit: u64,
+        /// The [`crate::limits::Limits`] field.
+        limit_name: &'static str,
+    },
+
+    /// A text file that is not UTF-8.
+    #[error("{}: not UTF-8 text (invalid byte sequence at byte {offset})", path.display())]
+    NotText {
+        /// The file.
+        path: PathBuf,
+        /// Where the first invalid sequence starts.
+        offset: u64,
+    },
+
+    /// A tensor value that is NaN or infinite where only finite numbers make sense (weights,
+    /// adapter tensors).
+    #[error("{}: tensor `{key}` holds {value} at flat index {index}; the file is corrupt or the run that wrote it diverged", path.display())]
+    NonFiniteTensor {
+        /// The file.
+        path: PathBuf,
+        /// The tensor key.
+        key: String,
+        /// The first non-finite element.
+        index: usize,
+        /// Its value.
+        value: f32,
+    },
+
+    /// An error caused by what a file says (an adapter config that does not fit the model):
+    /// the file, then the error.
+    #[error("{}: {source}", path.display())]
+    InFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        source: Box<DishaError>,
+    },
+
     /// An operation this version does not support (named precisely).
     #[error("unsupported: {0}")]
     Unsupported(String),

@@ -27,11 +27,13 @@ mod dtype;
 mod error;
 mod inverse;
 pub mod kernels;
+pub mod limits;
 mod lora;
 mod peft_config;
 mod peft_files;
 mod peft_model;
 mod reparam;
+mod safetensors_file;
 mod shard;
 mod spec;
 mod targets;
@@ -55,5 +57,6 @@ pub use peft_model::{
     freeze_all_but_active_adapters, peft_key,
 };
 pub use reparam::{DishaReparam, DishaReparameterizer};
+pub use safetensors_file::{SafetensorsFile, TensorSlot};
 pub use spec::{AdapterInit, AdapterMethod, AdapterSpec, BatOrientation};
 pub use targets::TargetMatcher;

@@ -11,6 +11,7 @@ use std::path::Path;
 use serde_json::{Map, Value, json};
 
 use crate::error::{DishaError, Result};
+use crate::limits::excerpt;
 use crate::spec::{AdapterInit, AdapterSpec, BatOrientation};
 
 /// The `peft_type` of an adapter directory.
@@ -310,7 +311,7 @@ impl PeftConfig {
     /// # Errors
     /// I/O, malformed JSON, or an invalid / unsupported field, naming the file and the field.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| DishaError::io(path, e))?;
+        let text = crate::limits::read_config_file(path)?;
         let value: Value = serde_json::from_str(&text).map_err(|source| DishaError::Json {
             path: path.to_path_buf(),
             source,
@@ -344,14 +345,14 @@ impl PeftConfig {
                 other => {
                     return Err(DishaError::config(
                         "peft_type",
-                        format!("`{other}` is not supported (MISS, BONE or LORA)"),
+                        format!("`{}` is not supported (MISS, BONE or LORA)", excerpt(other)),
                     ));
                 }
             },
             Some(other) => {
                 return Err(DishaError::config(
                     "peft_type",
-                    format!("expected a string, got {other}"),
+                    format!("expected a string, got {}", excerpt(&other)),
                 ));
             }
             None => return Err(DishaError::config("peft_type", "required key is missing")),
@@ -371,7 +372,10 @@ impl PeftConfig {
                     Some(other) => {
                         return Err(DishaError::config(
                             "init_weights",
-                            format!("expected true, false, \"bat\" or \"mini\", got {other}"),
+                            format!(
+                                "expected true, false, \"bat\" or \"mini\", got {}",
+                                excerpt(&other)
+                            ),
                         ));
                     }
                 };
@@ -385,7 +389,10 @@ impl PeftConfig {
                 let alpha = match obj.remove("lora_alpha") {
                     None => 8.0,
                     Some(v) => v.as_f64().filter(|a| a.is_finite()).ok_or_else(|| {
-                        DishaError::config("lora_alpha", format!("expected a number, got {v}"))
+                        DishaError::config(
+                            "lora_alpha",
+                            format!("expected a number, got {}", excerpt(&v)),
+                        )
                     })?,
                 };
                 let init = match obj.remove("init_lora_weights") {
@@ -396,8 +403,9 @@ impl PeftConfig {
                         return Err(DishaError::config(
                             "init_lora_weights",
                             format!(
-                                "{other} is not supported (true, false or \"gaussian\"); \
-                                 PiSSA/OLoRA-style inits change the base weights"
+                                "{} is not supported (true, false or \"gaussian\"); \
+                                 PiSSA/OLoRA-style inits change the base weights",
+                                excerpt(&other)
                             ),
                         ));
                     }
@@ -410,7 +418,7 @@ impl PeftConfig {
                         if !is_noop {
                             return Err(DishaError::config(
                                 key,
-                                format!("{v} is not supported; only {noop} is"),
+                                format!("{} is not supported; only {noop} is", excerpt(v)),
                             ));
                         }
                     }
@@ -434,7 +442,7 @@ impl PeftConfig {
                         v.as_u64().map(|i| i as usize).ok_or_else(|| {
                             DishaError::config(
                                 "layers_to_transform",
-                                format!("expected layer indices, got {v}"),
+                                format!("expected layer indices, got {}", excerpt(v)),
                             )
                         })
                     })
@@ -443,7 +451,7 @@ impl PeftConfig {
             Some(v) => Some(vec![v.as_u64().map(|i| i as usize).ok_or_else(|| {
                 DishaError::config(
                     "layers_to_transform",
-                    format!("expected an index or a list, got {v}"),
+                    format!("expected an index or a list, got {}", excerpt(&v)),
                 )
             })?]),
         };
@@ -457,7 +465,7 @@ impl PeftConfig {
                         v.as_str().map(str::to_string).ok_or_else(|| {
                             DishaError::config(
                                 "layers_pattern",
-                                format!("expected strings, got {v}"),
+                                format!("expected strings, got {}", excerpt(v)),
                             )
                         })
                     })
@@ -466,7 +474,7 @@ impl PeftConfig {
             Some(v) => {
                 return Err(DishaError::config(
                     "layers_pattern",
-                    format!("expected a string or a list, got {v}"),
+                    format!("expected a string or a list, got {}", excerpt(&v)),
                 ));
             }
         };
@@ -476,7 +484,10 @@ impl PeftConfig {
             Some(v) => {
                 return Err(DishaError::config(
                     "bias",
-                    format!("{v} is not supported; only \"none\" (biases stay frozen)"),
+                    format!(
+                        "{} is not supported; only \"none\" (biases stay frozen)",
+                        excerpt(&v)
+                    ),
                 ));
             }
         }
@@ -485,7 +496,10 @@ impl PeftConfig {
         {
             return Err(DishaError::config(
                 "modules_to_save",
-                format!("{v} is not supported yet; only adapter tensors are trained and saved"),
+                format!(
+                    "{} is not supported yet; only adapter tensors are trained and saved",
+                    excerpt(&v)
+                ),
             ));
         }
         if obj.remove("runtime_config").is_some() {
@@ -683,7 +697,7 @@ fn take_rank(obj: &mut Map<String, Value>, default: usize) -> Result<usize> {
             Some(r) => Err(DishaError::config("r", format!("must be >= 1, got {r}"))),
             None => Err(DishaError::config(
                 "r",
-                format!("expected a positive integer, got {v}"),
+                format!("expected a positive integer, got {}", excerpt(&v)),
             )),
         },
     }
@@ -693,7 +707,10 @@ fn take_usize(obj: &mut Map<String, Value>, key: &str, default: usize) -> Result
     match obj.remove(key) {
         None | Some(Value::Null) => Ok(default),
         Some(v) => v.as_u64().map(|n| n as usize).ok_or_else(|| {
-            DishaError::config(key, format!("expected a non-negative integer, got {v}"))
+            DishaError::config(
+                key,
+                format!("expected a non-negative integer, got {}", excerpt(&v)),
+            )
         }),
     }
 }
@@ -705,7 +722,10 @@ fn take_prob(obj: &mut Map<String, Value>, key: &str) -> Result<f64> {
             .as_f64()
             .filter(|p| (0.0..1.0).contains(p))
             .ok_or_else(|| {
-                DishaError::config(key, format!("expected a number in [0, 1), got {v}"))
+                DishaError::config(
+                    key,
+                    format!("expected a number in [0, 1), got {}", excerpt(&v)),
+                )
             }),
     }
 }
@@ -716,7 +736,7 @@ fn take_bool(obj: &mut Map<String, Value>, key: &str, default: bool) -> Result<b
         Some(Value::Bool(b)) => Ok(b),
         Some(v) => Err(DishaError::config(
             key,
-            format!("expected true or false, got {v}"),
+            format!("expected true or false, got {}", excerpt(&v)),
         )),
     }
 }
@@ -727,7 +747,7 @@ fn take_opt_string(obj: &mut Map<String, Value>, key: &str) -> Result<Option<Str
         Some(Value::String(s)) => Ok(Some(s)),
         Some(v) => Err(DishaError::config(
             key,
-            format!("expected a string, got {v}"),
+            format!("expected a string, got {}", excerpt(&v)),
         )),
     }
 }
@@ -748,7 +768,10 @@ fn take_targets(
                 .iter()
                 .map(|v| {
                     v.as_str().map(str::to_string).ok_or_else(|| {
-                        DishaError::config(key, format!("expected module names, got {v}"))
+                        DishaError::config(
+                            key,
+                            format!("expected module names, got {}", excerpt(v)),
+                        )
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
@@ -759,7 +782,10 @@ fn take_targets(
         }
         Some(v) => Err(DishaError::config(
             key,
-            format!("expected a list of names or a regex string, got {v}"),
+            format!(
+                "expected a list of names or a regex string, got {}",
+                excerpt(&v)
+            ),
         )),
     }
 }

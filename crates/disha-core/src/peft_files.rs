@@ -8,11 +8,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use half::{bf16, f16};
-use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use safetensors::{Dtype, tensor::TensorView};
 
 use crate::error::{DishaError, Result};
 use crate::peft_config::{PeftConfig, PeftType};
+use crate::safetensors_file::SafetensorsFile;
 
 /// File name of the adapter config inside an adapter directory.
 pub const CONFIG_FILE: &str = "adapter_config.json";
@@ -44,6 +44,31 @@ impl HostTensor {
         );
         Self { shape, values }
     }
+
+    /// The first NaN or infinite value and its flat index, if any.
+    pub fn first_non_finite(&self) -> Option<(usize, f32)> {
+        self.values
+            .iter()
+            .position(|v| !v.is_finite())
+            .map(|i| (i, self.values[i]))
+    }
+
+    /// `Ok` when every value is finite; else [`DishaError::NonFiniteTensor`] naming `path` and
+    /// `key`.
+    ///
+    /// # Errors
+    /// A NaN or infinite value.
+    pub fn check_finite(&self, path: &Path, key: &str) -> Result<()> {
+        match self.first_non_finite() {
+            None => Ok(()),
+            Some((index, value)) => Err(DishaError::NonFiniteTensor {
+                path: path.to_path_buf(),
+                key: key.to_string(),
+                index,
+                value,
+            }),
+        }
+    }
 }
 
 /// The contents of a PEFT adapter directory.
@@ -69,7 +94,8 @@ impl PeftAdapterFiles {
 ///
 /// # Errors
 /// Missing files (a legacy `adapter_model.bin` is named as unsupported), an invalid config, a
-/// malformed safetensors file, or a tensor that is not F32 / F16 / BF16.
+/// malformed safetensors file, a tensor that is not F32 / F16 / BF16, or a NaN / infinite
+/// value (an adapter saved from a diverged run).
 pub fn read_adapter_dir(dir: &Path) -> Result<PeftAdapterFiles> {
     let config = PeftConfig::from_file(&dir.join(CONFIG_FILE))?;
     let weights = dir.join(WEIGHTS_FILE);
@@ -81,6 +107,9 @@ pub fn read_adapter_dir(dir: &Path) -> Result<PeftAdapterFiles> {
         )));
     }
     let mut tensors = read_safetensors(&weights)?;
+    for (key, tensor) in &tensors {
+        tensor.check_finite(&weights, key)?;
+    }
     if config.peft_type == PeftType::Bone {
         tensors = tensors
             .into_iter()
@@ -94,47 +123,16 @@ pub fn read_adapter_dir(dir: &Path) -> Result<PeftAdapterFiles> {
     })
 }
 
-/// Reads every tensor of a safetensors file as f32.
+/// Reads every tensor of a safetensors file as f32, one tensor at a time (see
+/// [`SafetensorsFile`]).
 ///
 /// # Errors
 /// I/O, a malformed file, or a dtype other than F32 / F16 / BF16, naming the file and key.
 pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, HostTensor>> {
-    let bytes = std::fs::read(path).map_err(|e| DishaError::io(path, e))?;
-    let file = SafeTensors::deserialize(&bytes).map_err(|e| DishaError::Safetensors {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })?;
-    file.iter()
-        .map(|(key, view)| {
-            let values = match view.dtype() {
-                Dtype::F32 => view
-                    .data()
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect(),
-                Dtype::F16 => view
-                    .data()
-                    .chunks_exact(2)
-                    .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
-                    .collect(),
-                Dtype::BF16 => view
-                    .data()
-                    .chunks_exact(2)
-                    .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                    .collect(),
-                other => {
-                    return Err(DishaError::TensorDtype {
-                        path: path.to_path_buf(),
-                        key: key.to_string(),
-                        dtype: format!("{other:?}"),
-                    });
-                }
-            };
-            Ok((
-                key.to_string(),
-                HostTensor::new(view.shape().to_vec(), values),
-            ))
-        })
+    let file = SafetensorsFile::open(path)?;
+    file.tensors()
+        .keys()
+        .map(|key| Ok((key.clone(), file.read_f32(key)?)))
         .collect()
 }
 
@@ -208,6 +206,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 mod tests {
     use super::*;
     use crate::peft_config::TargetModules;
+    use half::{bf16, f16};
 
     #[test]
     fn writes_f32_with_pt_metadata_and_reads_back() {
@@ -220,7 +219,7 @@ mod tests {
         )]);
         write_adapter_dir(dir.path(), &config, &tensors).unwrap();
         let bytes = std::fs::read(dir.path().join(WEIGHTS_FILE)).unwrap();
-        let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
         assert_eq!(
             meta.metadata().as_ref().and_then(|m| m.get("format")),
             Some(&"pt".to_string())

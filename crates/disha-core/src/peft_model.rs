@@ -284,7 +284,15 @@ pub trait PeftModelExt: AdaptableModel {
     fn load_adapter(&mut self, dir: &Path, name: &str) -> Result<PeftConfig> {
         let files = read_adapter_dir(dir)?;
         let config = files.config.clone();
-        let plans = plan_adapter(self, name, &config)?;
+        // A config that does not fit this model is the config file's problem: name it. (An
+        // adapter name already in use is the caller's.)
+        let plans = plan_adapter(self, name, &config).map_err(|e| match e {
+            DishaError::AdapterExists { .. } => e,
+            e => DishaError::InFile {
+                path: dir.join(crate::peft_files::CONFIG_FILE),
+                source: Box::new(e),
+            },
+        })?;
         let spec = config.spec();
         let weights = files.weights_path();
         let mut unused: BTreeMap<&str, ()> =

@@ -244,6 +244,20 @@ impl AdapterSpec {
                     mini_r,
                 });
             }
+            AdapterMethod::Lora { .. } if r > d_input.saturating_add(d_output) => {
+                // PEFT allows r > in (kept for parity), but the update's rank is at most
+                // min(in, out): beyond in + out the extra memory only buys an abort when an
+                // absurd r comes from a file or a flag.
+                return Err(DishaError::InvalidHyperparameter {
+                    what: format!("layer `{layer}` [in={d_input}, out={d_output}]: LoRA r"),
+                    message: format!(
+                        "r = {r} exceeds in + out = {}; a LoRA update has rank at most \
+                         min(in, out) = {}",
+                        d_input + d_output,
+                        d_input.min(d_output)
+                    ),
+                });
+            }
             AdapterMethod::Lora { alpha, .. } if !alpha.is_finite() => {
                 return Err(DishaError::InvalidHyperparameter {
                     what: format!("layer `{layer}`: lora_alpha"),
@@ -403,8 +417,10 @@ mod tests {
             .validate("q", 4, 4)
             .unwrap_err();
         assert!(e.to_string().contains("only for LoRA"), "{e}");
-        // LoRA may have r > in (PEFT allows it).
+        // LoRA may have r > in (PEFT allows it), up to in + out.
         AdapterSpec::lora(16, 16.0).validate("q", 8, 8).unwrap();
+        let e = AdapterSpec::lora(17, 16.0).validate("q", 8, 8).unwrap_err();
+        assert!(e.to_string().contains("exceeds in + out = 16"), "{e}");
     }
 
     #[test]

@@ -32,13 +32,33 @@ impl Rule {
     }
 }
 
-/// PEFT's `re.fullmatch(pattern, key)`: the pattern anchored at both ends.
-fn full_match(pattern: &str, field: &str) -> Result<Regex> {
-    Regex::new(&format!("^(?:{pattern})$")).map_err(|source| DishaError::Regex {
+/// Longest regular expression a config may hold: PEFT's target patterns are a few dozen
+/// bytes; compiling megabytes of pattern costs hundreds of megabytes of memory.
+const MAX_PATTERN_BYTES: usize = 4096;
+
+/// Compiles `regex`, built from the config's `pattern` in `field`, within
+/// [`MAX_PATTERN_BYTES`] and the regex engine's default size limits.
+fn compile(regex: &str, pattern: &str, field: &str) -> Result<Regex> {
+    if pattern.len() > MAX_PATTERN_BYTES {
+        return Err(DishaError::config(
+            field,
+            format!(
+                "the pattern {} is {} bytes; patterns are at most {MAX_PATTERN_BYTES}",
+                crate::limits::excerpt(pattern),
+                pattern.len()
+            ),
+        ));
+    }
+    Regex::new(regex).map_err(|source| DishaError::Regex {
         field: field.to_string(),
         pattern: pattern.to_string(),
         source,
     })
+}
+
+/// PEFT's `re.fullmatch(pattern, key)`: the pattern anchored at both ends.
+fn full_match(pattern: &str, field: &str) -> Result<Regex> {
+    compile(&format!("^(?:{pattern})$"), pattern, field)
 }
 
 /// `key == name` or `key` ends with `"." + name`.
@@ -96,13 +116,7 @@ impl TargetMatcher {
             None => vec![Regex::new(r"^.*\.[^.]*\.(\d+)\.").expect("valid regex")],
             Some(patterns) => patterns
                 .iter()
-                .map(|p| {
-                    Regex::new(&format!(r"^.*\.{p}\.(\d+)\.")).map_err(|source| DishaError::Regex {
-                        field: "layers_pattern".into(),
-                        pattern: p.clone(),
-                        source,
-                    })
-                })
+                .map(|p| compile(&format!(r"^.*\.{p}\.(\d+)\."), p, "layers_pattern"))
                 .collect::<Result<_>>()?,
         };
         Ok(Self {
