@@ -35,6 +35,14 @@ pub const LLAMA2: &str = "{% if messages[0]['role'] == 'system' %}{% set loop_me
 /// Meta's Llama-3 instruct format (`<|start_header_id|>role<|end_header_id|>\n\n…<|eot_id|>`).
 pub const LLAMA3: &str = "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}";
 
+/// Longest chat template accepted (bytes). Real templates are 1–15 KB; the limit keeps a
+/// template (and what it renders, which is then tokenized) from sizing memory.
+pub const MAX_CHAT_TEMPLATE_BYTES: usize = 256 << 10;
+
+/// Instructions one rendering may execute: a conversation of thousands of turns needs well
+/// under a million; a template that loops without end stops with an error instead of hanging.
+const CHAT_TEMPLATE_FUEL: u64 = 20_000_000;
+
 /// A compiled chat template with the special tokens it may reference.
 #[derive(Debug)]
 pub struct ChatTemplate {
@@ -48,7 +56,8 @@ impl ChatTemplate {
     /// Compiles `template` (Jinja source); `source_name` names it in errors.
     ///
     /// # Errors
-    /// A syntax error, with the engine's line information.
+    /// A template longer than [`MAX_CHAT_TEMPLATE_BYTES`], or a syntax error with the engine's
+    /// line information.
     pub fn new(
         template: &str,
         source_name: impl Into<String>,
@@ -56,7 +65,17 @@ impl ChatTemplate {
         eos_token: impl Into<String>,
     ) -> Result<Self> {
         let source_name = source_name.into();
+        if template.len() > MAX_CHAT_TEMPLATE_BYTES {
+            return Err(ModelError::ChatTemplate {
+                source_name,
+                message: format!(
+                    "{} bytes long; chat templates are at most {MAX_CHAT_TEMPLATE_BYTES} bytes",
+                    template.len()
+                ),
+            });
+        }
         let mut env = Environment::new();
+        env.set_fuel(Some(CHAT_TEMPLATE_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function(
             "raise_exception",
@@ -166,6 +185,25 @@ mod tests {
              <|start_header_id|>user<|end_header_id|>\n\nWhat is 2+3?<|eot_id|>\
              <|start_header_id|>assistant<|end_header_id|>\n\n"
         );
+    }
+
+    /// A template is code from the model's files: its size and the work one rendering may do
+    /// are bounded, so neither a huge template nor an endless loop hangs or exhausts memory.
+    #[test]
+    fn oversized_and_endless_templates_are_errors() {
+        let huge = "x".repeat(MAX_CHAT_TEMPLATE_BYTES + 1);
+        let err = ChatTemplate::new(&huge, "chat_template.jinja", "", "")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("chat_template.jinja") && err.contains("at most"),
+            "{err}"
+        );
+        let endless =
+            "{% for i in range(10000) %}{% for j in range(10000) %}{% endfor %}{% endfor %}";
+        let t = ChatTemplate::new(endless, "loop.jinja", "", "").unwrap();
+        let err = t.render(&conversation(), true).unwrap_err().to_string();
+        assert!(err.contains("loop.jinja") && err.contains("fuel"), "{err}");
     }
 
     #[test]

@@ -123,6 +123,22 @@ pub enum ModelError {
         message: String,
     },
 
+    /// A tokenizer that can produce ids the model has no embedding for.
+    #[error(
+        "tokenizer ({source_name}) produces id {id} (`{token}`), but the model has {vocab_size} \
+         tokens (ids 0..{vocab_size}); use the model's own tokenizer"
+    )]
+    TokenizerVocabulary {
+        /// Where the tokenizer came from.
+        source_name: String,
+        /// The largest id it can produce.
+        id: u32,
+        /// That id's token.
+        token: String,
+        /// The model's vocabulary size.
+        vocab_size: usize,
+    },
+
     /// The chat template failed to parse or render.
     #[error("chat template ({source_name}): {message}")]
     ChatTemplate {
@@ -141,6 +157,22 @@ pub enum ModelError {
         position: usize,
         /// The model's vocabulary size.
         vocab_size: usize,
+    },
+
+    /// A merged export would write a weight that is not finite in the export dtype.
+    #[error(
+        "merged weight `{name}` is {value} at flat index {index} (export dtype {dtype}); the \
+         adapter drives it out of range, so nothing was written"
+    )]
+    NonFiniteExport {
+        /// The tensor.
+        name: String,
+        /// The first bad element.
+        index: usize,
+        /// Its value in f32 before conversion.
+        value: f32,
+        /// The export dtype.
+        dtype: String,
     },
 
     /// A generation or input parameter is out of range.

@@ -33,6 +33,15 @@ fn encode(values: &[f32], dtype: Dtype) -> Vec<u8> {
     }
 }
 
+/// Whether `v` is finite in `dtype` (f16 overflows past ±65504; bf16 has f32's range).
+fn fits(v: f32, dtype: Dtype) -> bool {
+    match dtype {
+        Dtype::F16 => f16::from_f32(v).is_finite(),
+        Dtype::BF16 => bf16::from_f32(v).is_finite(),
+        _ => v.is_finite(),
+    }
+}
+
 fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.into_data()
         .try_to_vec_as::<f32>()
@@ -49,7 +58,9 @@ fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
 /// not exist or is complete.
 ///
 /// # Errors
-/// `out` exists and is not an empty directory, or I/O errors (naming the path).
+/// `out` exists and is not an empty directory; a weight that is not finite in the export dtype
+/// once merged ([`ModelError::NonFiniteExport`]: nothing is written); or I/O errors (naming the
+/// path).
 pub fn export_merged(
     model: &Llama,
     config_json: &Value,
@@ -78,12 +89,17 @@ pub fn export_merged(
         _ => Dtype::F32,
     };
     let mut tensors = Vec::new();
+    // The first weight that is not finite once merged and converted to the export dtype: an
+    // adapter that drives a weight out of range (or past f16's ±65504) must not be written.
+    let mut broken: Option<(String, usize, f32)> = None;
     let mut push = |name: String, shape: Vec<usize>, values: Vec<f32>| {
-        tensors.push(Encoded {
-            name,
-            shape,
-            bytes: encode(&values, dtype),
-        })
+        let bytes = encode(&values, dtype);
+        if broken.is_none()
+            && let Some(index) = values.iter().position(|&v| !fits(v, dtype))
+        {
+            broken = Some((name.clone(), index, values[index]));
+        }
+        tensors.push(Encoded { name, shape, bytes })
     };
     let embed = model.embed_tokens.weight.val();
     push(
@@ -115,6 +131,14 @@ pub fn export_merged(
             push(format!("{}.bias", site.name), b.dims().to_vec(), host(b));
         }
     });
+    if let Some((name, index, value)) = broken {
+        return Err(ModelError::NonFiniteExport {
+            name,
+            index,
+            value,
+            dtype: format!("{dtype:?}"),
+        });
+    }
     let views = tensors
         .iter()
         .map(|t| {
@@ -154,8 +178,8 @@ pub fn export_merged(
         let name = file
             .file_name()
             .ok_or_else(|| ModelError::io(file, std::io::Error::other("not a file name")))?;
-        let bytes = std::fs::read(file).map_err(|e| ModelError::io(file, e))?;
-        write(&name.to_string_lossy(), &bytes)?;
+        let dest = staging.path().join(name);
+        std::fs::copy(file, &dest).map_err(|e| ModelError::io(file, e))?;
     }
     // Sync the files, then move the directory into place in one rename.
     for entry in std::fs::read_dir(staging.path()).map_err(|e| ModelError::io(staging.path(), e))? {

@@ -4,10 +4,20 @@
 //! Layout (llama.cpp `gguf.h`): magic `GGUF`, version, tensor count, metadata count, the
 //! metadata key/values, the tensor infos (name, dims fastest-first, type, offset), then the data
 //! section at the next multiple of `general.alignment` (default 32). All integers little-endian.
+//!
+//! Only the header is read when a file is opened; each tensor is read from its own position
+//! when it is dequantized, so peak memory is the metadata plus one tensor. Everything the header
+//! declares is checked before it sizes an allocation: counts and lengths against the bytes left
+//! in the file and against [`disha_core::limits::Limits`], every tensor's element count and
+//! byte size with checked arithmetic, every type id against ggml's table, and every tensor slot
+//! against the data section — aligned, inside the file, overlapping no other.
 
 use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
+use disha_core::limits::{Limits, exceeds, limits};
 use half::{bf16, f16};
 
 use crate::error::{ModelError, Result};
@@ -74,48 +84,61 @@ impl GgufValue {
     }
 }
 
-/// GGML tensor types this reader knows by name (ids from `ggml.h`).
+/// ggml's tensor types: `(id, name, block elements, block bytes)` (`ggml.h` / `ggml-common.h`);
+/// ids 4, 5, 31–33 and 36–38 were removed from the format.
+const GGML_TYPES: &[(u32, &str, u64, u64)] = &[
+    (0, "F32", 1, 4),
+    (1, "F16", 1, 2),
+    (2, "Q4_0", 32, 18),
+    (3, "Q4_1", 32, 20),
+    (6, "Q5_0", 32, 22),
+    (7, "Q5_1", 32, 24),
+    (8, "Q8_0", 32, 34),
+    (9, "Q8_1", 32, 36),
+    (10, "Q2_K", 256, 84),
+    (11, "Q3_K", 256, 110),
+    (12, "Q4_K", 256, 144),
+    (13, "Q5_K", 256, 176),
+    (14, "Q6_K", 256, 210),
+    (15, "Q8_K", 256, 292),
+    (16, "IQ2_XXS", 256, 66),
+    (17, "IQ2_XS", 256, 74),
+    (18, "IQ3_XXS", 256, 98),
+    (19, "IQ1_S", 256, 50),
+    (20, "IQ4_NL", 32, 18),
+    (21, "IQ3_S", 256, 110),
+    (22, "IQ2_S", 256, 82),
+    (23, "IQ4_XS", 256, 136),
+    (24, "I8", 1, 1),
+    (25, "I16", 1, 2),
+    (26, "I32", 1, 4),
+    (27, "I64", 1, 8),
+    (28, "F64", 1, 8),
+    (29, "IQ1_M", 256, 56),
+    (30, "BF16", 1, 2),
+    (34, "TQ1_0", 256, 54),
+    (35, "TQ2_0", 256, 66),
+    (39, "MXFP4", 32, 17),
+];
+
+fn ggml_type(id: u32) -> Option<(&'static str, u64, u64)> {
+    GGML_TYPES
+        .iter()
+        .find(|t| t.0 == id)
+        .map(|&(_, name, block, bytes)| (name, block, bytes))
+}
+
+/// GGML type name of `id` (`Q4_1`, ...; `unknown` for ids not in ggml's table).
 fn ggml_type_name(id: u32) -> &'static str {
-    match id {
-        0 => "F32",
-        1 => "F16",
-        2 => "Q4_0",
-        3 => "Q4_1",
-        6 => "Q5_0",
-        7 => "Q5_1",
-        8 => "Q8_0",
-        9 => "Q8_1",
-        10 => "Q2_K",
-        11 => "Q3_K",
-        12 => "Q4_K",
-        13 => "Q5_K",
-        14 => "Q6_K",
-        15 => "Q8_K",
-        16..=23 => "IQ*",
-        24 => "I8",
-        25 => "I16",
-        26 => "I32",
-        27 => "I64",
-        28 => "F64",
-        29 => "IQ1_M",
-        30 => "BF16",
-        _ => "unknown",
-    }
+    ggml_type(id).map_or("unknown", |t| t.0)
 }
 
-/// `(block elements, block bytes)` of the supported types.
-fn block_layout(id: u32) -> Option<(usize, usize)> {
-    match id {
-        0 => Some((1, 4)),
-        1 | 30 => Some((1, 2)),
-        2 => Some((32, 18)),
-        3 => Some((32, 20)),
-        8 => Some((32, 34)),
-        _ => None,
-    }
+/// The types this reader dequantizes.
+fn is_supported(id: u32) -> bool {
+    matches!(id, 0 | 1 | 2 | 3 | 8 | 30)
 }
 
-/// One entry of the tensor directory.
+/// One entry of the tensor directory (validated when the file was opened).
 #[derive(Clone, Debug)]
 pub struct GgufTensorInfo {
     /// Dimensions in GGUF order (fastest-varying first).
@@ -124,6 +147,8 @@ pub struct GgufTensorInfo {
     pub type_id: u32,
     /// Offset from the start of the data section.
     pub offset: u64,
+    /// Bytes the tensor occupies.
+    pub byte_len: u64,
 }
 
 impl GgufTensorInfo {
@@ -132,60 +157,119 @@ impl GgufTensorInfo {
         self.dims.iter().rev().copied().collect()
     }
 
+    /// Number of elements.
+    pub fn elements(&self) -> usize {
+        self.dims.iter().product()
+    }
+
     /// GGML type name (`Q4_1`, ...).
     pub fn type_name(&self) -> &'static str {
         ggml_type_name(self.type_id)
     }
 }
 
-/// A parsed GGUF file held in memory.
+/// Where the tensor data is read from.
+#[derive(Debug)]
+enum Source {
+    File(File),
+    Memory(Vec<u8>),
+}
+
+/// What the header declares, before the tensor slots are checked against the file.
+struct Header {
+    version: u32,
+    metadata: BTreeMap<String, GgufValue>,
+    infos: Vec<(String, GgufTensorInfo)>,
+    alignment: u64,
+    data_start: u64,
+}
+
+/// A GGUF file: the parsed header, and a handle for reading tensors one at a time.
 #[derive(Debug)]
 pub struct GgufFile {
     path: PathBuf,
-    bytes: Vec<u8>,
+    source: Source,
     /// Format version (2 or 3).
     pub version: u32,
     /// Metadata key/values.
     pub metadata: BTreeMap<String, GgufValue>,
     /// Tensor directory by name.
     pub tensors: BTreeMap<String, GgufTensorInfo>,
-    data_start: usize,
+    data_start: u64,
 }
 
-/// A cursor over the file bytes with errors carrying the offset.
-struct Reader<'a> {
+/// Bytes of the smallest metadata value of each type (arrays: type + count).
+fn min_value_bytes(type_id: u32) -> Option<u64> {
+    Some(match type_id {
+        0 | 1 | 7 => 1,
+        2 | 3 => 2,
+        4..=6 => 4,
+        8 => 8,
+        9 => 12,
+        10..=12 => 8,
+        _ => return None,
+    })
+}
+
+/// A cursor over the header with errors carrying the offset, bounded by the file's length and
+/// the limits.
+struct HeaderReader<'a, R> {
     path: &'a Path,
-    bytes: &'a [u8],
-    pos: usize,
+    inner: R,
+    pos: u64,
+    len: u64,
+    limits: Limits,
+    /// Bytes the decoded metadata and tensor table occupy in memory (bounded by
+    /// `max_header_bytes`).
+    decoded: u64,
 }
 
-impl Reader<'_> {
+impl<R: Read> HeaderReader<'_, R> {
     fn error(&self, message: impl Into<String>) -> ModelError {
         ModelError::Gguf {
             path: self.path.to_path_buf(),
-            offset: self.pos as u64,
+            offset: self.pos,
             message: message.into(),
         }
     }
 
-    fn take(&mut self, n: usize) -> Result<&[u8]> {
-        let end = self
-            .pos
-            .checked_add(n)
-            .filter(|&e| e <= self.bytes.len())
-            .ok_or_else(|| {
-                self.error(format!(
-                    "file truncated: need {n} more bytes, {} left",
-                    self.bytes.len() - self.pos
-                ))
-            })?;
-        let out = &self.bytes[self.pos..end];
-        self.pos = end;
+    fn remaining(&self) -> u64 {
+        self.len - self.pos
+    }
+
+    /// Counts `bytes` of decoded header against `max_header_bytes`.
+    fn charge(&mut self, bytes: u64) -> Result<()> {
+        self.decoded = self.decoded.saturating_add(bytes);
+        if self.decoded > self.limits.max_header_bytes {
+            return Err(self.error(format!(
+                "metadata and tensor table: {} bytes in memory",
+                exceeds(
+                    format!("above {}", self.limits.max_header_bytes),
+                    "max_header_bytes",
+                    self.limits.max_header_bytes
+                )
+            )));
+        }
+        Ok(())
+    }
+
+    fn take(&mut self, n: u64) -> Result<Vec<u8>> {
+        if n > self.remaining() {
+            return Err(self.error(format!(
+                "file truncated: need {n} more bytes, {} left",
+                self.remaining()
+            )));
+        }
+        let mut out = vec![0u8; n as usize];
+        self.inner
+            .read_exact(&mut out)
+            .map_err(|e| ModelError::io(self.path, e))?;
+        self.pos += n;
         Ok(out)
     }
 
     fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
-        Ok(self.take(N)?.try_into().expect("length checked"))
+        Ok(self.take(N as u64)?.try_into().expect("length checked"))
     }
 
     fn u32(&mut self) -> Result<u32> {
@@ -196,23 +280,39 @@ impl Reader<'_> {
         Ok(u64::from_le_bytes(self.array()?))
     }
 
-    fn len(&mut self, what: &str) -> Result<usize> {
+    /// A count of items each at least `min_item_bytes` long, bounded by what is left in the
+    /// file and by `limit` (named `limit_name` in the error).
+    fn count(
+        &mut self,
+        what: &str,
+        min_item_bytes: u64,
+        limit: u64,
+        limit_name: &str,
+    ) -> Result<u64> {
         let n = self.u64()?;
-        // No length can exceed the file; this turns garbage into an error instead of an
-        // allocation failure.
-        if n > self.bytes.len() as u64 {
-            return Err(self.error(format!("{what} length {n} exceeds the file size")));
+        if n > limit {
+            return Err(self.error(format!("{what} {}", exceeds(n, limit_name, limit))));
         }
-        Ok(n as usize)
+        if n.saturating_mul(min_item_bytes) > self.remaining() {
+            return Err(self.error(format!(
+                "{what} {n} needs at least {} bytes, the file has {} left",
+                n.saturating_mul(min_item_bytes),
+                self.remaining()
+            )));
+        }
+        Ok(n)
     }
 
-    fn string(&mut self) -> Result<String> {
-        let n = self.len("string")?;
+    fn string(&mut self, what: &str) -> Result<String> {
+        let max = self.limits.max_string_bytes;
+        let n = self.count(&format!("{what} length"), 1, max, "max_string_bytes")?;
+        self.charge(n + std::mem::size_of::<String>() as u64)?;
         let raw = self.take(n)?;
-        String::from_utf8(raw.to_vec()).map_err(|_| self.error("string is not UTF-8"))
+        String::from_utf8(raw).map_err(|_| self.error(format!("{what} is not UTF-8")))
     }
 
-    fn value(&mut self, type_id: u32, depth: usize) -> Result<GgufValue> {
+    fn value(&mut self, key: &str, type_id: u32, depth: usize) -> Result<GgufValue> {
+        self.charge(std::mem::size_of::<GgufValue>() as u64)?;
         Ok(match type_id {
             0 => GgufValue::U64(u8::from_le_bytes(self.array()?) as u64),
             1 => GgufValue::I64(i8::from_le_bytes(self.array()?) as i64),
@@ -227,49 +327,132 @@ impl Reader<'_> {
                 GgufValue::F64(v.to_string().parse().unwrap_or(v as f64))
             }
             7 => GgufValue::Bool(self.array::<1>()?[0] != 0),
-            8 => GgufValue::String(self.string()?),
+            8 => GgufValue::String(self.string(&format!("value of `{key}`"))?),
             9 => {
-                if depth > 4 {
-                    return Err(self.error("arrays nested too deeply"));
+                if depth >= 2 {
+                    return Err(self.error(format!("`{key}`: arrays nested too deeply")));
                 }
                 let inner = self.u32()?;
-                let n = self.len("array")?;
-                let mut items = Vec::with_capacity(n.min(1 << 20));
+                let min = min_value_bytes(inner).ok_or_else(|| {
+                    self.error(format!("`{key}`: unknown array element type {inner}"))
+                })?;
+                let max = self.limits.max_array_len;
+                let n = self.count(&format!("`{key}` array length"), min, max, "max_array_len")?;
+                let mut items = Vec::with_capacity(n as usize);
                 for _ in 0..n {
-                    items.push(self.value(inner, depth + 1)?);
+                    items.push(self.value(key, inner, depth + 1)?);
                 }
                 GgufValue::Array(items)
             }
             10 => GgufValue::U64(self.u64()?),
             11 => GgufValue::I64(i64::from_le_bytes(self.array()?)),
             12 => GgufValue::F64(f64::from_le_bytes(self.array()?)),
-            other => return Err(self.error(format!("unknown metadata value type {other}"))),
+            other => {
+                return Err(self.error(format!("`{key}`: unknown metadata value type {other}")));
+            }
         })
+    }
+
+    /// One tensor-table entry: name, dims, type, offset, with the element count and byte size
+    /// computed with checked arithmetic.
+    fn tensor_info(&mut self) -> Result<(String, GgufTensorInfo)> {
+        let name = self.string("tensor name")?;
+        let n_dims = self.u32()?;
+        if n_dims > 4 {
+            return Err(self.error(format!("tensor `{name}` has {n_dims} dimensions (max 4)")));
+        }
+        self.charge(8 * n_dims as u64 + 64)?;
+        let mut dims = Vec::with_capacity(n_dims as usize);
+        let mut elements: u64 = 1;
+        for _ in 0..n_dims {
+            let d = self.u64()?;
+            if d == 0 {
+                return Err(self.error(format!("tensor `{name}` has a dimension of size 0")));
+            }
+            elements = elements
+                .checked_mul(d)
+                .filter(|&n| n <= i64::MAX as u64)
+                .ok_or_else(|| {
+                    self.error(format!(
+                        "tensor `{name}`: dimensions overflow the element count"
+                    ))
+                })?;
+            dims.push(d);
+        }
+        let type_id = self.u32()?;
+        let offset = self.u64()?;
+        let (type_name, block, block_bytes) = ggml_type(type_id).ok_or_else(|| {
+            self.error(format!(
+                "tensor `{name}`: unknown GGML type id {type_id} (this reader knows {})",
+                GGML_TYPES
+                    .iter()
+                    .map(|t| t.1)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })?;
+        let row = dims.first().copied().unwrap_or(1);
+        if !row.is_multiple_of(block) {
+            return Err(self.error(format!(
+                "tensor `{name}`: row length {row} is not a multiple of the {type_name} block \
+                 size {block}"
+            )));
+        }
+        let byte_len = (elements / block)
+            .checked_mul(block_bytes)
+            .ok_or_else(|| self.error(format!("tensor `{name}`: byte size overflows")))?;
+        let dims = dims
+            .into_iter()
+            .map(|d| usize::try_from(d).expect("each dimension is at most the i64 element count"))
+            .collect();
+        Ok((
+            name,
+            GgufTensorInfo {
+                dims,
+                type_id,
+                offset,
+                byte_len,
+            },
+        ))
     }
 }
 
 impl GgufFile {
-    /// Reads and parses `path` (the whole file is read into memory).
+    /// Opens `path` and parses its header; tensor data stays on disk until
+    /// [`Self::dequantize`] reads it.
     ///
     /// # Errors
-    /// I/O, a bad magic or version, a truncated header or data section (with the byte offset),
-    /// or a tensor whose data would extend past the end of the file.
+    /// I/O; a bad magic or version; a truncated or oversized header; a count, length, type or
+    /// tensor slot that the file cannot hold (each with the byte offset and, where there is
+    /// one, the key or tensor).
     pub fn open(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| ModelError::io(path, e))?;
-        Self::parse(path, bytes)
+        let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
+        let len = file.metadata().map_err(|e| ModelError::io(path, e))?.len();
+        let header = Self::parse_header(path, BufReader::new(&file), len)?;
+        Self::assemble(path, Source::File(file), len, header)
     }
 
-    /// Parses GGUF bytes; `path` is used in errors.
+    /// Parses GGUF bytes held in memory; `path` is used in errors.
     ///
     /// # Errors
     /// As [`Self::open`].
     pub fn parse(path: &Path, bytes: Vec<u8>) -> Result<Self> {
-        let mut r = Reader {
+        let len = bytes.len() as u64;
+        let header = Self::parse_header(path, bytes.as_slice(), len)?;
+        Self::assemble(path, Source::Memory(bytes), len, header)
+    }
+
+    fn parse_header<R: Read>(path: &Path, inner: R, len: u64) -> Result<Header> {
+        let limits = limits();
+        let mut r = HeaderReader {
             path,
-            bytes: &bytes,
+            inner,
             pos: 0,
+            len,
+            limits: limits.clone(),
+            decoded: 0,
         };
-        if r.take(4)? != b"GGUF" {
+        if r.take(4).ok().as_deref() != Some(b"GGUF") {
             r.pos = 0;
             return Err(r.error("not a GGUF file (magic is not `GGUF`)"));
         }
@@ -277,60 +460,120 @@ impl GgufFile {
         if !(2..=3).contains(&version) {
             return Err(r.error(format!("GGUF version {version} (supported: 2, 3)")));
         }
-        let n_tensors = r.len("tensor count")?;
-        let n_kv = r.len("metadata count")?;
+        // Smallest tensor-table entry: name length, n_dims, type, offset.
+        let n_tensors = r.count(
+            "tensor count",
+            24,
+            limits.max_tensor_count,
+            "max_tensor_count",
+        )?;
+        // Smallest key/value: key length, value type, a one-byte value.
+        let n_kv = r.count("metadata count", 13, u64::MAX, "")?;
         let mut metadata = BTreeMap::new();
         for _ in 0..n_kv {
-            let key = r.string()?;
+            let key = r.string("metadata key")?;
             let type_id = r.u32()?;
-            let value = r.value(type_id, 0)?;
-            metadata.insert(key, value);
+            let value = r.value(&key, type_id, 0)?;
+            if metadata.insert(key.clone(), value).is_some() {
+                return Err(r.error(format!("metadata key `{key}` appears twice")));
+            }
         }
-        let mut infos = Vec::with_capacity(n_tensors);
+        let mut infos = Vec::with_capacity(n_tensors as usize);
         for _ in 0..n_tensors {
-            let name = r.string()?;
-            let n_dims = r.u32()? as usize;
-            if n_dims > 4 {
-                return Err(r.error(format!("tensor `{name}` has {n_dims} dimensions (max 4)")));
-            }
-            let mut dims = Vec::with_capacity(n_dims);
-            for _ in 0..n_dims {
-                dims.push(r.len("dimension")?);
-            }
-            let type_id = r.u32()?;
-            let offset = r.u64()?;
-            infos.push((
-                name,
-                GgufTensorInfo {
-                    dims,
-                    type_id,
-                    offset,
-                },
-            ));
+            infos.push(r.tensor_info()?);
         }
-        let alignment = metadata
-            .get("general.alignment")
-            .and_then(GgufValue::as_u64)
-            .unwrap_or(32) as usize;
-        if alignment == 0 {
-            return Err(r.error("general.alignment is 0"));
-        }
-        let data_start = r.pos.div_ceil(alignment) * alignment;
-        let tensors: BTreeMap<String, GgufTensorInfo> = infos.into_iter().collect();
-        let file = Self {
+        let alignment = match metadata.get("general.alignment") {
+            None => 32,
+            Some(v) => v
+                .as_u64()
+                .filter(|a| a.is_power_of_two())
+                .ok_or_else(|| r.error(format!("general.alignment {v:?} is not a power of two")))?,
+        };
+        let data_start = r
+            .pos
+            .checked_next_multiple_of(alignment)
+            .ok_or_else(|| r.error("general.alignment overflows the data offset"))?;
+        Ok(Header {
+            version,
+            metadata,
+            infos,
+            alignment,
+            data_start,
+        })
+    }
+
+    /// Checks every tensor slot against the data section and builds the file.
+    fn assemble(path: &Path, source: Source, len: u64, header: Header) -> Result<Self> {
+        let Header {
+            version,
+            metadata,
+            infos,
+            alignment,
+            data_start,
+        } = header;
+        let data_len = len.saturating_sub(data_start);
+        let error = |offset: u64, message: String| ModelError::Gguf {
             path: path.to_path_buf(),
+            offset,
+            message,
+        };
+        let mut tensors = BTreeMap::new();
+        for (name, info) in infos {
+            if !info.offset.is_multiple_of(alignment) {
+                return Err(error(
+                    data_start,
+                    format!(
+                        "tensor `{name}`: offset {} is not a multiple of the alignment {alignment}",
+                        info.offset
+                    ),
+                ));
+            }
+            let end = info.offset.checked_add(info.byte_len);
+            if end.is_none_or(|end| end > data_len) {
+                return Err(error(
+                    data_start,
+                    format!(
+                        "file truncated or tensor table corrupt: tensor `{name}` ({}, {} bytes at \
+                         data offset {}) ends past the {data_len} bytes of data",
+                        info.type_name(),
+                        info.byte_len,
+                        info.offset
+                    ),
+                ));
+            }
+            if tensors.insert(name.clone(), info).is_some() {
+                return Err(error(
+                    data_start,
+                    format!("tensor `{name}` is listed twice"),
+                ));
+            }
+        }
+        let mut by_offset: Vec<(&String, &GgufTensorInfo)> = tensors.iter().collect();
+        by_offset.sort_by_key(|(_, t)| (t.offset, t.byte_len));
+        for pair in by_offset.windows(2) {
+            let ((a, ta), (b, tb)) = (pair[0], pair[1]);
+            if ta.offset + ta.byte_len > tb.offset {
+                return Err(error(
+                    data_start + tb.offset,
+                    format!(
+                        "tensor `{b}` (data offset {}) overlaps tensor `{a}` ({}, {} bytes at \
+                         data offset {})",
+                        tb.offset,
+                        ta.type_name(),
+                        ta.byte_len,
+                        ta.offset
+                    ),
+                ));
+            }
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            source,
             version,
             metadata,
             tensors,
             data_start,
-            bytes,
-        };
-        for name in file.tensors.keys() {
-            // Validates the extent of every supported tensor up front: a truncated download
-            // fails at open, naming the first tensor that does not fit.
-            file.tensor_bytes(name)?;
-        }
-        Ok(file)
+        })
     }
 
     /// The file path.
@@ -343,54 +586,18 @@ impl GgufFile {
         self.metadata.get(key)
     }
 
-    /// The raw bytes of tensor `name`, or `None` for unknown names. Unsupported types return
-    /// an empty slice (their size is unknown to this reader); [`Self::dequantize`] reports them.
-    fn tensor_bytes(&self, name: &str) -> Result<Option<&[u8]>> {
-        let Some(info) = self.tensors.get(name) else {
-            return Ok(None);
-        };
-        let Some((block, block_bytes)) = block_layout(info.type_id) else {
-            return Ok(Some(&[]));
-        };
-        let n: usize = info.dims.iter().product();
-        if !n.is_multiple_of(block) {
-            return Err(ModelError::Gguf {
-                path: self.path.clone(),
-                offset: info.offset,
-                message: format!(
-                    "tensor `{name}`: {n} elements is not a multiple of the {} block size {block}",
-                    info.type_name()
-                ),
-            });
-        }
-        let len = n / block * block_bytes;
-        let start = self.data_start as u64 + info.offset;
-        let end = start + len as u64;
-        if end > self.bytes.len() as u64 {
-            return Err(ModelError::Gguf {
-                path: self.path.clone(),
-                offset: start,
-                message: format!(
-                    "file truncated: tensor `{name}` ({}, {len} bytes) ends at byte {end}, \
-                     the file has {}",
-                    info.type_name(),
-                    self.bytes.len()
-                ),
-            });
-        }
-        Ok(Some(&self.bytes[start as usize..end as usize]))
-    }
-
     /// Tensor `name` dequantized to f32, in GGUF element order (row-major over the
-    /// PyTorch-order shape). `None` for unknown names.
+    /// PyTorch-order shape). `None` for unknown names. The data is read in chunks of whole
+    /// blocks, so memory is the result plus a small buffer.
     ///
     /// # Errors
-    /// An unsupported type ([`ModelError::UnsupportedQuantization`], naming the tensor).
+    /// An unsupported type ([`ModelError::UnsupportedQuantization`], naming the tensor), or
+    /// I/O.
     pub fn dequantize(&self, name: &str) -> Result<Option<Vec<f32>>> {
         let Some(info) = self.tensors.get(name) else {
             return Ok(None);
         };
-        if block_layout(info.type_id).is_none() {
+        if !is_supported(info.type_id) {
             return Err(ModelError::UnsupportedQuantization {
                 path: self.path.clone(),
                 name: name.to_string(),
@@ -398,56 +605,82 @@ impl GgufFile {
                 type_id: info.type_id,
             });
         }
-        let data = self.tensor_bytes(name)?.expect("tensor exists");
-        Ok(Some(dequantize_blocks(info.type_id, data)))
+        let (_, block, block_bytes) = ggml_type(info.type_id).expect("validated at open");
+        let start = self.data_start + info.offset;
+        let mut out = Vec::with_capacity(info.elements());
+        let chunk = ((1 << 20) / block_bytes).max(1) * block_bytes;
+        match &self.source {
+            Source::Memory(bytes) => {
+                let data = &bytes[start as usize..(start + info.byte_len) as usize];
+                dequantize_into(info.type_id, data, &mut out);
+            }
+            Source::File(file) => {
+                let io = |e| ModelError::io(&self.path, e);
+                let mut reader = file;
+                reader.seek(SeekFrom::Start(start)).map_err(io)?;
+                let mut buffer = vec![0u8; chunk.min(info.byte_len) as usize];
+                let mut left = info.byte_len;
+                while left > 0 {
+                    let n = left.min(chunk) as usize;
+                    reader.read_exact(&mut buffer[..n]).map_err(io)?;
+                    dequantize_into(info.type_id, &buffer[..n], &mut out);
+                    left -= n as u64;
+                }
+            }
+        }
+        debug_assert_eq!(out.len() as u64, info.byte_len / block_bytes * block);
+        Ok(Some(out))
     }
 }
 
-/// Dequantizes raw GGML data of a supported type.
-fn dequantize_blocks(type_id: u32, data: &[u8]) -> Vec<f32> {
+/// Dequantizes whole blocks of raw GGML data of a supported type, appending to `out`.
+fn dequantize_into(type_id: u32, data: &[u8], out: &mut Vec<f32>) {
     let f16_at = |b: &[u8], i: usize| f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
     match type_id {
-        0 => data
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
-        1 => data.chunks_exact(2).map(|b| f16_at(b, 0)).collect(),
-        30 => data
-            .chunks_exact(2)
-            .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
+        0 => out.extend(
+            data.chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        ),
+        1 => out.extend(data.chunks_exact(2).map(|b| f16_at(b, 0))),
+        30 => out.extend(
+            data.chunks_exact(2)
+                .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+        ),
         // Q4_0: d (f16), 16 bytes of nibbles; w[j] = d·(lo - 8), w[j + 16] = d·(hi - 8).
-        2 => data
-            .chunks_exact(18)
-            .flat_map(|b| {
+        2 => {
+            for b in data.chunks_exact(18) {
                 let d = f16_at(b, 0);
                 let q = &b[2..18];
-                let lo = q.iter().map(move |&x| d * ((x & 0x0F) as f32 - 8.0));
-                let hi = q.iter().map(move |&x| d * ((x >> 4) as f32 - 8.0));
-                lo.chain(hi).collect::<Vec<_>>()
-            })
-            .collect(),
+                out.extend(q.iter().map(|&x| d * ((x & 0x0F) as f32 - 8.0)));
+                out.extend(q.iter().map(|&x| d * ((x >> 4) as f32 - 8.0)));
+            }
+        }
         // Q4_1: d, m (f16), 16 bytes of nibbles; w[j] = d·lo + m, w[j + 16] = d·hi + m.
-        3 => data
-            .chunks_exact(20)
-            .flat_map(|b| {
+        3 => {
+            for b in data.chunks_exact(20) {
                 let (d, m) = (f16_at(b, 0), f16_at(b, 2));
                 let q = &b[4..20];
-                let lo = q.iter().map(move |&x| d * (x & 0x0F) as f32 + m);
-                let hi = q.iter().map(move |&x| d * (x >> 4) as f32 + m);
-                lo.chain(hi).collect::<Vec<_>>()
-            })
-            .collect(),
+                out.extend(q.iter().map(|&x| d * (x & 0x0F) as f32 + m));
+                out.extend(q.iter().map(|&x| d * (x >> 4) as f32 + m));
+            }
+        }
         // Q8_0: d (f16), 32 × i8; w = d·q.
-        8 => data
-            .chunks_exact(34)
-            .flat_map(|b| {
+        8 => {
+            for b in data.chunks_exact(34) {
                 let d = f16_at(b, 0);
-                b[2..34].iter().map(move |&x| d * (x as i8) as f32)
-            })
-            .collect(),
-        other => unreachable!("dequantize_blocks called for unsupported type {other}"),
+                out.extend(b[2..34].iter().map(|&x| d * (x as i8) as f32));
+            }
+        }
+        other => unreachable!("dequantize_into called for unsupported type {other}"),
     }
+}
+
+/// Dequantizes raw GGML data of a supported type (tests).
+#[cfg(test)]
+fn dequantize_blocks(type_id: u32, data: &[u8]) -> Vec<f32> {
+    let mut out = Vec::new();
+    dequantize_into(type_id, data, &mut out);
+    out
 }
 
 #[cfg(test)]
@@ -458,6 +691,16 @@ pub(crate) mod tests {
     pub(crate) fn build_gguf(
         metadata: &[(&str, GgufValue)],
         tensors: &[(&str, Vec<usize>, u32, Vec<u8>)],
+    ) -> Vec<u8> {
+        build_gguf_with_offsets(metadata, tensors, &[])
+    }
+
+    /// [`build_gguf`] where the first `offsets.len()` tensors declare the given data offsets
+    /// instead of their real ones (to write corrupt tensor tables).
+    pub(crate) fn build_gguf_with_offsets(
+        metadata: &[(&str, GgufValue)],
+        tensors: &[(&str, Vec<usize>, u32, Vec<u8>)],
+        offsets: &[u64],
     ) -> Vec<u8> {
         fn put_str(out: &mut Vec<u8>, s: &str) {
             out.extend((s.len() as u64).to_le_bytes());
@@ -504,14 +747,14 @@ pub(crate) mod tests {
             put_value(&mut out, v);
         }
         let mut offset = 0u64;
-        for (name, dims, type_id, data) in tensors {
+        for (i, (name, dims, type_id, data)) in tensors.iter().enumerate() {
             put_str(&mut out, name);
             out.extend((dims.len() as u32).to_le_bytes());
             for d in dims {
                 out.extend((*d as u64).to_le_bytes());
             }
             out.extend(type_id.to_le_bytes());
-            out.extend(offset.to_le_bytes());
+            out.extend(offsets.get(i).copied().unwrap_or(offset).to_le_bytes());
             offset += (data.len() as u64).div_ceil(32) * 32;
         }
         while !out.len().is_multiple_of(32) {
@@ -563,14 +806,23 @@ pub(crate) mod tests {
         );
     }
 
+    fn f32_bytes(n: usize) -> Vec<u8> {
+        (0..n).flat_map(|i| (i as f32).to_le_bytes()).collect()
+    }
+
+    fn parse_error(bytes: Vec<u8>) -> String {
+        GgufFile::parse(Path::new("m.gguf"), bytes)
+            .unwrap_err()
+            .to_string()
+    }
+
     #[test]
     fn truncation_and_unknown_types_are_named() {
-        let data: Vec<u8> = (0..8).flat_map(|i| (i as f32).to_le_bytes()).collect();
-        let mut bytes = build_gguf(
+        let bytes = build_gguf(
             &[("general.architecture", GgufValue::String("llama".into()))],
             &[
-                ("a.weight", vec![4, 2], 0, data),
-                ("b.weight", vec![32], 12, vec![0; 144]),
+                ("a.weight", vec![4, 2], 0, f32_bytes(8)),
+                ("b.weight", vec![256], 12, vec![0; 144]),
             ],
         );
         let ok = GgufFile::parse(Path::new("m.gguf"), bytes.clone()).unwrap();
@@ -578,22 +830,103 @@ pub(crate) mod tests {
         assert_eq!(ok.dequantize("a.weight").unwrap().unwrap()[5], 5.0);
         let err = ok.dequantize("b.weight").unwrap_err().to_string();
         assert!(err.contains("`b.weight`") && err.contains("Q4_K"), "{err}");
-        bytes.truncate(bytes.len() - 40);
-        // b's data is cut; it is unsupported, so only its use fails. Cut a's data next.
-        assert!(GgufFile::parse(Path::new("m.gguf"), bytes).is_ok());
-        let data: Vec<u8> = (0..8).flat_map(|i| (i as f32).to_le_bytes()).collect();
-        let mut bytes = build_gguf(&[], &[("a.weight", vec![4, 2], 0, data)]);
-        bytes.truncate(bytes.len() - 20);
-        let err = GgufFile::parse(Path::new("m.gguf"), bytes)
-            .unwrap_err()
-            .to_string();
+        // Every slot is checked at open, supported type or not: cutting b's data fails there.
+        let mut cut = bytes.clone();
+        cut.truncate(cut.len() - 40);
+        let err = parse_error(cut);
         assert!(
-            err.contains("truncated") && err.contains("`a.weight`"),
+            err.contains("truncated") && err.contains("`b.weight`"),
             "{err}"
         );
-        let err = GgufFile::parse(Path::new("m.gguf"), b"GGML0000".to_vec())
-            .unwrap_err()
-            .to_string();
+        let err = parse_error(b"GGML0000".to_vec());
         assert!(err.contains("magic"), "{err}");
+        // The same file read from disk, tensor by tensor.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf");
+        std::fs::write(&path, &bytes).unwrap();
+        let file = GgufFile::open(&path).unwrap();
+        assert_eq!(
+            file.dequantize("a.weight").unwrap(),
+            ok.dequantize("a.weight").unwrap()
+        );
+    }
+
+    #[test]
+    fn tensor_slots_must_fit_the_file_and_not_overlap() {
+        let tensors = [
+            ("a.weight", vec![8], 0, f32_bytes(8)),
+            ("b.weight", vec![8], 0, f32_bytes(8)),
+        ];
+        // An offset near 2^64 (once wrapped into all-NaN logits) is past the data.
+        let err = parse_error(build_gguf_with_offsets(&[], &tensors, &[u64::MAX - 31]));
+        assert!(
+            err.contains("`a.weight`") && err.contains("ends past"),
+            "{err}"
+        );
+        // An offset that is not a multiple of the alignment.
+        let err = parse_error(build_gguf_with_offsets(&[], &tensors, &[4]));
+        assert!(
+            err.contains("`a.weight`") && err.contains("alignment 32"),
+            "{err}"
+        );
+        // A declared type needing more bytes than its slot reads into the next tensor.
+        let wide = [
+            ("a.weight", vec![16], 0, f32_bytes(8)),
+            ("b.weight", vec![8], 0, f32_bytes(8)),
+        ];
+        let err = parse_error(build_gguf(&[], &wide));
+        assert!(
+            err.contains("`b.weight`") && err.contains("overlaps tensor `a.weight`"),
+            "{err}"
+        );
+        // Unknown type ids, zero and overflowing dimensions, and rows that split blocks.
+        let err = parse_error(build_gguf(&[], &[("a.weight", vec![8], 31, f32_bytes(8))]));
+        assert!(
+            err.contains("`a.weight`") && err.contains("unknown GGML type id 31"),
+            "{err}"
+        );
+        let err = parse_error(build_gguf(&[], &[("a.weight", vec![8, 0], 0, vec![])]));
+        assert!(err.contains("size 0"), "{err}");
+        let err = parse_error(build_gguf(
+            &[],
+            &[("a.weight", vec![1 << 40, 1 << 40], 0, vec![])],
+        ));
+        assert!(err.contains("overflow"), "{err}");
+        let err = parse_error(build_gguf(&[], &[("a.weight", vec![48], 8, vec![0; 34])]));
+        assert!(
+            err.contains("row length 48") && err.contains("Q8_0"),
+            "{err}"
+        );
+        let err = parse_error(build_gguf(
+            &[("general.alignment", GgufValue::U64(24))],
+            &[],
+        ));
+        assert!(err.contains("power of two"), "{err}");
+    }
+
+    #[test]
+    fn counts_and_lengths_are_bounded_by_the_file_and_the_limits() {
+        let mut bytes = build_gguf(&[("k", GgufValue::String("v".into()))], &[]);
+        // Tensor count (bytes 8..16) and metadata count (16..24) far beyond the file.
+        bytes[8..16].copy_from_slice(&(1u64 << 62).to_le_bytes());
+        assert!(parse_error(bytes.clone()).contains("max_tensor_count"));
+        bytes[8..16].copy_from_slice(&1000u64.to_le_bytes());
+        let err = parse_error(bytes.clone());
+        assert!(err.contains("tensor count 1000 needs at least"), "{err}");
+        bytes[8..16].copy_from_slice(&0u64.to_le_bytes());
+        bytes[16..24].copy_from_slice(&(u64::MAX).to_le_bytes());
+        assert!(parse_error(bytes.clone()).contains("metadata count"));
+        bytes[16..24].copy_from_slice(&1u64.to_le_bytes());
+        // The key's length (bytes 24..32).
+        bytes[24..32].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        assert!(parse_error(bytes.clone()).contains("max_string_bytes"));
+        // An array claiming more elements than the file holds.
+        let mut arr = build_gguf(
+            &[("a", GgufValue::Array(vec![GgufValue::String("x".into())]))],
+            &[],
+        );
+        // key len (8) + "a" (1) + type (4) + element type (4) = count at 24 + 17.
+        arr[41..49].copy_from_slice(&(1u64 << 30).to_le_bytes());
+        assert!(parse_error(arr).contains("`a` array length"));
     }
 }

@@ -26,7 +26,10 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<LlamaConfig> {
         return Err(ModelError::config(
             path,
             "general.architecture",
-            format!("`{arch}`: only `llama` GGUF files are supported"),
+            format!(
+                "`{}`: only `llama` GGUF files are supported",
+                disha_core::limits::excerpt(arch)
+            ),
         ));
     }
     let int = |key: &str| -> Result<usize> {
@@ -75,7 +78,10 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<LlamaConfig> {
             return Err(ModelError::config(
                 path,
                 "llama.rope.scaling.type",
-                format!("`{other}` is not supported (none, linear)"),
+                format!(
+                    "`{}` is not supported (none, linear)",
+                    disha_core::limits::excerpt(other)
+                ),
             ));
         }
     };
@@ -87,7 +93,29 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<LlamaConfig> {
              load the HF checkpoint (its rope_scaling is supported)",
         ));
     }
-    let token = |key: &str| file.get(key).and_then(GgufValue::as_u64).map(|v| v as u32);
+    let token = |key: &str| -> Result<Option<u32>> {
+        match file.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .and_then(|id| u32::try_from(id).ok())
+                .map(Some)
+                .ok_or_else(|| {
+                    ModelError::config(
+                        path,
+                        key,
+                        format!(
+                            "{} is not a token id",
+                            disha_core::limits::excerpt(format!("{v:?}"))
+                        ),
+                    )
+                }),
+        }
+    };
+    let context_length = match file.get("llama.context_length") {
+        Some(_) => int("llama.context_length")?,
+        None => 2048,
+    };
     let config = LlamaConfig {
         vocab_size,
         hidden_size,
@@ -99,16 +127,49 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<LlamaConfig> {
         rms_norm_eps: float("llama.attention.layer_norm_rms_epsilon", 1e-5)?,
         rope_theta: float("llama.rope.freq_base", 10_000.0)?,
         rope_scaling,
-        max_position_embeddings: int("llama.context_length").unwrap_or(2048),
+        max_position_embeddings: context_length,
         tie_word_embeddings: !file.tensors.contains_key("output.weight"),
         attention_bias: file.tensors.contains_key("blk.0.attn_q.bias"),
         mlp_bias: file.tensors.contains_key("blk.0.ffn_up.bias"),
-        bos_token_id: token("tokenizer.ggml.bos_token_id"),
-        eos_token_ids: token("tokenizer.ggml.eos_token_id").into_iter().collect(),
+        bos_token_id: token("tokenizer.ggml.bos_token_id")?,
+        eos_token_ids: token("tokenizer.ggml.eos_token_id")?.into_iter().collect(),
         dtype: "float32".into(),
     };
-    config.validate(path)?;
+    config.validate(path).map_err(|e| match e {
+        // Name the GGUF key the user can see in the file, not the HF field it became.
+        ModelError::Config {
+            path,
+            field,
+            message,
+        } => ModelError::Config {
+            field: match gguf_key(&field) {
+                Some(key) => format!("{key} ({field})"),
+                None => field,
+            },
+            path,
+            message,
+        },
+        other => other,
+    })?;
     Ok(config)
+}
+
+/// The GGUF metadata key an HF config field is read from.
+fn gguf_key(hf_field: &str) -> Option<&'static str> {
+    Some(match hf_field {
+        "vocab_size" => "llama.vocab_size",
+        "hidden_size" => "llama.embedding_length",
+        "intermediate_size" => "llama.feed_forward_length",
+        "num_hidden_layers" => "llama.block_count",
+        "num_attention_heads" => "llama.attention.head_count",
+        "num_key_value_heads" => "llama.attention.head_count_kv",
+        "head_dim" => "llama.attention.key_length",
+        "rms_norm_eps" => "llama.attention.layer_norm_rms_epsilon",
+        "rope_theta" => "llama.rope.freq_base",
+        "rope_scaling.factor" => "llama.rope.scaling.factor",
+        "max_position_embeddings" => "llama.context_length",
+        _ => return None,
+    })
 }
 
 /// GGUF tensor name for an HF name (`model.layers.3.mlp.up_proj.weight` → `blk.3.ffn_up.weight`).
@@ -369,6 +430,77 @@ mod tests {
         std::fs::write(&q8_path, tiny_llama_gguf(true)).unwrap();
         let d = max_diff(&logits_of(&q8_path), &reference);
         assert!(d > 0.0 && d < 0.25, "{d:e}");
+    }
+
+    /// Re-emits `bytes` (a GGUF file) with metadata `key` replaced by `value`.
+    fn with_metadata(bytes: Vec<u8>, key: &str, value: GgufValue) -> Vec<u8> {
+        let file = crate::gguf::GgufFile::parse(std::path::Path::new("t.gguf"), bytes).unwrap();
+        let mut metadata: Vec<(&str, GgufValue)> = file
+            .metadata
+            .iter()
+            .filter(|(k, _)| k.as_str() != key)
+            .map(|(k, v)| (k.as_str(), v.clone()))
+            .collect();
+        metadata.push((key, value));
+        let tensors: Vec<(&str, Vec<usize>, u32, Vec<u8>)> = file
+            .tensors
+            .iter()
+            .map(|(n, info)| {
+                let values = file.dequantize(n).unwrap().unwrap();
+                let data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+                (n.as_str(), info.dims.clone(), 0, data)
+            })
+            .collect();
+        crate::gguf::tests::build_gguf(&metadata, &tensors)
+    }
+
+    /// GGUF metadata gets the same domain checks as config.json, and the error names the GGUF
+    /// key (hardening regressions: epsilon <= 0 panicked in Burn; an absurd block_count
+    /// allocated until abort).
+    #[test]
+    fn out_of_domain_gguf_metadata_is_named_by_its_key() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cases = [
+            (
+                "llama.attention.layer_norm_rms_epsilon",
+                GgufValue::F64(0.0),
+                "finite number > 0",
+            ),
+            (
+                "llama.attention.layer_norm_rms_epsilon",
+                GgufValue::F64(f64::NAN),
+                "finite number > 0",
+            ),
+            ("llama.block_count", GgufValue::U64(1 << 63), "max_layers"),
+            (
+                "llama.block_count",
+                GgufValue::U64(1_000_000_000),
+                "max_layers",
+            ),
+            (
+                "llama.rope.freq_base",
+                GgufValue::F64(-1.0),
+                "finite number > 0",
+            ),
+            ("llama.embedding_length", GgufValue::U64(0), "must be > 0"),
+            (
+                "tokenizer.ggml.eos_token_id",
+                GgufValue::U64(1 << 40),
+                "not a token id",
+            ),
+        ];
+        for (key, value, expected) in cases {
+            let bytes = with_metadata(tiny_llama_gguf(false), key, value.clone());
+            let path = tmp.path().join("bad.gguf");
+            std::fs::write(&path, bytes).unwrap();
+            let err = crate::load_model(&path, &burn::tensor::Device::default())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("bad.gguf") && err.contains(key) && err.contains(expected),
+                "{key} = {value:?}: {err}"
+            );
+        }
     }
 
     #[test]

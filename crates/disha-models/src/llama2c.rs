@@ -10,108 +10,100 @@
 //! layout and are permuted into HF's rotate-half layout here.
 
 use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use disha_core::HostTensor;
+use disha_core::limits::{exceeds, limits};
 
 use crate::error::{ModelError, Result};
 use crate::gguf_llama::unpermute_rope_rows;
 use crate::llama::{LlamaConfig, RopeScaling};
 use crate::weights::WeightSource;
 
-/// The tensors of a llama2.c checkpoint under HF names.
+/// Bytes of the header: seven little-endian `i32`.
+const HEADER_BYTES: u64 = 28;
+
+/// The tensors of a llama2.c checkpoint under HF names, read from the file one at a time.
 #[derive(Debug)]
 pub struct Llama2cWeights {
     path: PathBuf,
-    tensors: BTreeMap<String, HostTensor>,
+    file: File,
+    /// HF name → (byte offset, shape), for the tensors not taken yet.
+    slots: BTreeMap<String, (u64, Vec<usize>)>,
+    heads: usize,
+    kv_heads: usize,
 }
 
 impl Llama2cWeights {
-    /// Reads `path`, returning the config its header describes and the weights.
+    /// Opens `path`, returning the config its header describes and the weights (read when
+    /// taken).
     ///
     /// # Errors
-    /// I/O, a header with non-positive sizes, or a file whose size does not match the layout
-    /// the header implies exactly (both sizes are named).
+    /// I/O; a header field that is not positive or exceeds the limits (`max_layers`,
+    /// `max_dim`), heads that do not divide the width; or a file whose size does not match the
+    /// layout the header implies exactly (both sizes are named) — all checked before anything
+    /// is allocated from the header.
     pub fn open(path: &Path) -> Result<(LlamaConfig, Self)> {
-        let bytes = std::fs::read(path).map_err(|e| ModelError::io(path, e))?;
-        let bad = |message: String| ModelError::config(path, "<llama2.c header>", message);
-        if bytes.len() < 28 {
-            return Err(bad(format!(
-                "{} bytes is shorter than the 28-byte header",
-                bytes.len()
-            )));
+        let mut file = File::open(path).map_err(|e| ModelError::io(path, e))?;
+        let file_len = file.metadata().map_err(|e| ModelError::io(path, e))?.len();
+        let bad = |field: &str, message: String| {
+            ModelError::config(path, format!("<llama2.c header>.{field}"), message)
+        };
+        if file_len < HEADER_BYTES {
+            return Err(bad(
+                "size",
+                format!("{file_len} bytes is shorter than the 28-byte header"),
+            ));
         }
-        let header: Vec<i32> = bytes[..28]
+        let mut raw = [0u8; HEADER_BYTES as usize];
+        file.read_exact(&mut raw)
+            .map_err(|e| ModelError::io(path, e))?;
+        let header: Vec<i32> = raw
             .chunks_exact(4)
             .map(|b| i32::from_le_bytes(b.try_into().expect("4 bytes")))
             .collect();
-        let [dim, hidden, layers, heads, kv_heads, vocab, seq_len] =
-            header[..].try_into().expect("7 fields");
-        if [dim, hidden, layers, heads, kv_heads, seq_len]
-            .iter()
-            .any(|&v| v <= 0)
-            || vocab == 0
-        {
-            return Err(bad(format!("implausible header {header:?}")));
+        let names = [
+            "dim",
+            "hidden_dim",
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "vocab_size",
+            "seq_len",
+        ];
+        let limits = limits();
+        let mut fields = [0usize; 7];
+        for (i, (&v, name)) in header.iter().zip(names).enumerate() {
+            // A negative vocab_size marks an unshared classifier; its magnitude is the size.
+            let magnitude = if name == "vocab_size" {
+                v.unsigned_abs() as i64
+            } else {
+                v as i64
+            };
+            if magnitude <= 0 {
+                return Err(bad(name, format!("{v} must be > 0")));
+            }
+            let (limit_name, limit) = if name == "n_layers" {
+                ("max_layers", limits.max_layers)
+            } else {
+                ("max_dim", limits.max_dim)
+            };
+            if magnitude as usize > limit {
+                return Err(bad(name, exceeds(magnitude, limit_name, limit)));
+            }
+            fields[i] = magnitude as usize;
         }
-        let shared = vocab > 0;
-        let [dim, hidden, layers, heads, kv_heads, vocab, seq_len] =
-            [dim, hidden, layers, heads, kv_heads, vocab.abs(), seq_len].map(|v| v as usize);
+        let [dim, hidden, layers, heads, kv_heads, vocab, seq_len] = fields;
+        let shared = header[5] > 0;
         if !dim.is_multiple_of(heads) {
-            return Err(bad(format!(
-                "dim {dim} is not divisible by n_heads {heads}"
-            )));
+            return Err(bad(
+                "n_heads",
+                format!("dim {dim} is not divisible by n_heads {heads}"),
+            ));
         }
         let head_dim = dim / heads;
-        let kv = kv_heads * head_dim;
-        let mut sizes: Vec<(String, Vec<usize>)> = Vec::new();
-        let per_layer = |sizes: &mut Vec<(String, Vec<usize>)>, name: &str, shape: Vec<usize>| {
-            for l in 0..layers {
-                sizes.push((format!("model.layers.{l}.{name}"), shape.clone()));
-            }
-        };
-        sizes.push(("model.embed_tokens.weight".into(), vec![vocab, dim]));
-        per_layer(&mut sizes, "input_layernorm.weight", vec![dim]);
-        per_layer(&mut sizes, "self_attn.q_proj.weight", vec![dim, dim]);
-        per_layer(&mut sizes, "self_attn.k_proj.weight", vec![kv, dim]);
-        per_layer(&mut sizes, "self_attn.v_proj.weight", vec![kv, dim]);
-        per_layer(&mut sizes, "self_attn.o_proj.weight", vec![dim, dim]);
-        per_layer(&mut sizes, "post_attention_layernorm.weight", vec![dim]);
-        per_layer(&mut sizes, "mlp.gate_proj.weight", vec![hidden, dim]);
-        per_layer(&mut sizes, "mlp.down_proj.weight", vec![dim, hidden]);
-        per_layer(&mut sizes, "mlp.up_proj.weight", vec![hidden, dim]);
-        sizes.push(("model.norm.weight".into(), vec![dim]));
-        sizes.push(("<rope tables>".into(), vec![2, seq_len, head_dim / 2]));
-        if !shared {
-            sizes.push(("lm_head.weight".into(), vec![vocab, dim]));
-        }
-        let floats: usize = sizes.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
-        if bytes.len() != 28 + 4 * floats {
-            return Err(bad(format!(
-                "file has {} bytes but header {header:?} implies {}",
-                bytes.len(),
-                28 + 4 * floats
-            )));
-        }
-        let mut offset = 28;
-        let mut tensors = BTreeMap::new();
-        for (name, shape) in sizes {
-            let n: usize = shape.iter().product();
-            let mut values: Vec<f32> = bytes[offset..offset + 4 * n]
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
-                .collect();
-            offset += 4 * n;
-            if name.starts_with('<') {
-                continue;
-            }
-            if name.ends_with("q_proj.weight") {
-                values = unpermute_rope_rows(&values, heads, dim);
-            } else if name.ends_with("k_proj.weight") {
-                values = unpermute_rope_rows(&values, kv_heads, dim);
-            }
-            tensors.insert(name, HostTensor::new(shape, values));
-        }
         let config = LlamaConfig {
             vocab_size: vocab,
             hidden_size: dim,
@@ -132,11 +124,58 @@ impl Llama2cWeights {
             dtype: "float32".into(),
         };
         config.validate(path)?;
+        // The layout in file order; sizes are summed in u128 so that no header (even with
+        // raised limits) can overflow the comparison with the real file size.
+        let kv = kv_heads * head_dim;
+        let mut layout: Vec<(String, Vec<usize>)> = Vec::new();
+        let mut per_layer = |name: &str, shape: Vec<usize>| {
+            for l in 0..layers {
+                layout.push((format!("model.layers.{l}.{name}"), shape.clone()));
+            }
+        };
+        per_layer("input_layernorm.weight", vec![dim]);
+        per_layer("self_attn.q_proj.weight", vec![dim, dim]);
+        per_layer("self_attn.k_proj.weight", vec![kv, dim]);
+        per_layer("self_attn.v_proj.weight", vec![kv, dim]);
+        per_layer("self_attn.o_proj.weight", vec![dim, dim]);
+        per_layer("post_attention_layernorm.weight", vec![dim]);
+        per_layer("mlp.gate_proj.weight", vec![hidden, dim]);
+        per_layer("mlp.down_proj.weight", vec![dim, hidden]);
+        per_layer("mlp.up_proj.weight", vec![hidden, dim]);
+        layout.insert(0, ("model.embed_tokens.weight".into(), vec![vocab, dim]));
+        layout.push(("model.norm.weight".into(), vec![dim]));
+        layout.push(("<rope tables>".into(), vec![2, seq_len, head_dim / 2]));
+        if !shared {
+            layout.push(("lm_head.weight".into(), vec![vocab, dim]));
+        }
+        let floats: u128 = layout
+            .iter()
+            .map(|(_, s)| s.iter().map(|&d| d as u128).product::<u128>())
+            .sum();
+        let expected = HEADER_BYTES as u128 + 4 * floats;
+        if file_len as u128 != expected {
+            return Err(bad(
+                "size",
+                format!("file has {file_len} bytes but header {header:?} implies {expected}"),
+            ));
+        }
+        let mut offset = HEADER_BYTES;
+        let mut slots = BTreeMap::new();
+        for (name, shape) in layout {
+            let n: u64 = shape.iter().map(|&d| d as u64).product();
+            if !name.starts_with('<') {
+                slots.insert(name, (offset, shape));
+            }
+            offset += 4 * n;
+        }
         Ok((
             config,
             Self {
                 path: path.to_path_buf(),
-                tensors,
+                file,
+                slots,
+                heads,
+                kv_heads,
             },
         ))
     }
@@ -148,11 +187,32 @@ impl WeightSource for Llama2cWeights {
     }
 
     fn take(&mut self, name: &str) -> Result<Option<HostTensor>> {
-        Ok(self.tensors.remove(name))
+        let Some((offset, shape)) = self.slots.remove(name) else {
+            return Ok(None);
+        };
+        let n: usize = shape.iter().product();
+        let mut bytes = vec![0u8; 4 * n];
+        let io = |e| ModelError::io(&self.path, e);
+        let mut file = &self.file;
+        file.seek(SeekFrom::Start(offset)).map_err(io)?;
+        file.read_exact(&mut bytes).map_err(io)?;
+        let mut values: Vec<f32> = bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+            .collect();
+        drop(bytes);
+        // q/k rows are in Meta's interleaved RoPE layout; the model uses rotate-half.
+        let row = shape.last().copied().unwrap_or(1);
+        if name.ends_with("q_proj.weight") {
+            values = unpermute_rope_rows(&values, self.heads, row);
+        } else if name.ends_with("k_proj.weight") {
+            values = unpermute_rope_rows(&values, self.kv_heads, row);
+        }
+        Ok(Some(HostTensor::new(shape, values)))
     }
 
     fn remaining(&self) -> Vec<String> {
-        self.tensors.keys().cloned().collect()
+        self.slots.keys().cloned().collect()
     }
 }
 
@@ -197,5 +257,18 @@ mod tests {
         std::fs::write(&path, checkpoint([8, 12, 1, 3, 1, 16, 4], floats)).unwrap();
         let err = Llama2cWeights::open(&path).unwrap_err().to_string();
         assert!(err.contains("not divisible"), "{err}");
+        // Absurd counts are refused from the 28 header bytes alone, before any allocation.
+        for (header, field) in [
+            ([8, 12, i32::MAX, 2, 1, 16, 4], "n_layers"),
+            ([8, 12, 1, 2, 1, i32::MIN, 4], "vocab_size"),
+            ([8, -12, 1, 2, 1, 16, 4], "hidden_dim"),
+        ] {
+            std::fs::write(&path, checkpoint(header, 0)).unwrap();
+            let err = Llama2cWeights::open(&path).unwrap_err().to_string();
+            assert!(err.contains("tiny.bin") && err.contains(field), "{err}");
+        }
+        std::fs::write(&path, checkpoint([8, 12, 1000, 2, 1, 16, 4], floats)).unwrap();
+        let err = Llama2cWeights::open(&path).unwrap_err().to_string();
+        assert!(err.contains("implies"), "{err}");
     }
 }

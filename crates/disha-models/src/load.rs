@@ -123,8 +123,7 @@ pub fn load_model(path: &Path, device: &Device) -> Result<LoadedModel> {
             path: path.to_path_buf(),
         });
     }
-    let text =
-        std::fs::read_to_string(&config_path).map_err(|e| ModelError::io(&config_path, e))?;
+    let text = disha_core::limits::read_config_file(&config_path)?;
     let json: Value = serde_json::from_str(&text)
         .map_err(|e| ModelError::config(&config_path, "<json>", e.to_string()))?;
     let config = LlamaConfig::from_hf_json(&json, &config_path)?;

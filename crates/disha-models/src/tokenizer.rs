@@ -46,6 +46,194 @@ fn tokenizer_error(source_name: &str, e: impl std::fmt::Display) -> ModelError {
     }
 }
 
+/// The deepest nesting `tokenizer.json` may have: the `tokenizers` crate re-parses parts of
+/// the file through buffered values, where deep nesting reaches serde_json's recursion limit
+/// and panics (0.22) instead of failing.
+const MAX_TOKENIZER_JSON_DEPTH: usize = 32;
+
+/// Builds a `tokenizers` tokenizer from `tokenizer.json` bytes after the checks that keep the
+/// crate from panicking or running away on hostile input: valid JSON throughout (strings
+/// included), added tokens bounded, merges consistent with the subword prefix, and nesting at
+/// most [`MAX_TOKENIZER_JSON_DEPTH`].
+fn tokenizer_from_json(bytes: &[u8], source_name: &str) -> Result<tokenizers::Tokenizer> {
+    // The JSON is checked first, strings included: the `tokenizers` crate (0.22) panics
+    // instead of returning an error on some invalid JSON inside its `decoder` section.
+    serde_json::from_slice::<ValidJson>(bytes)
+        .map_err(|e| tokenizer_error(source_name, format!("invalid JSON: {e}")))?;
+    check_added_tokens(bytes).map_err(|m| tokenizer_error(source_name, m))?;
+    if json_depth(bytes) > MAX_TOKENIZER_JSON_DEPTH {
+        return Err(tokenizer_error(
+            source_name,
+            format!(
+                "JSON nested more than {MAX_TOKENIZER_JSON_DEPTH} levels deep (real tokenizer \
+                 files nest under 10)"
+            ),
+        ));
+    }
+    tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| tokenizer_error(source_name, e))
+}
+
+/// Longest added (special) token accepted, and the most bytes of them all together: the
+/// `tokenizers` crate compiles every added token into one matcher whose time and memory grow
+/// faster than their length (a 16 MB token took minutes and gigabytes); real added tokens are
+/// a few dozen bytes, a few hundred KB together at most.
+const MAX_ADDED_TOKEN_BYTES: usize = 1024;
+const MAX_ADDED_TOKENS_TOTAL_BYTES: usize = 4 << 20;
+
+/// Checks what the `tokenizers` crate (0.22) would otherwise panic on or spend unbounded
+/// time in, without building the rest of the file: the `added_tokens` against
+/// [`MAX_ADDED_TOKEN_BYTES`] and [`MAX_ADDED_TOKENS_TOTAL_BYTES`], and, for a BPE model with a
+/// `continuing_subword_prefix`, that the second part of every merge starts with it (the crate
+/// slices it off unchecked).
+fn check_added_tokens(bytes: &[u8]) -> std::result::Result<(), String> {
+    #[derive(serde::Deserialize)]
+    struct File {
+        #[serde(default)]
+        added_tokens: Option<Vec<Added>>,
+        #[serde(default)]
+        model: Option<Model>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Added {
+        content: String,
+    }
+    #[derive(serde::Deserialize)]
+    struct Model {
+        #[serde(default)]
+        continuing_subword_prefix: Option<String>,
+        #[serde(default)]
+        merges: Option<Vec<Merge>>,
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Merge {
+        Text(String),
+        Pair(#[allow(dead_code)] String, String),
+    }
+    let file: File = serde_json::from_slice(bytes).map_err(|e| format!("invalid JSON: {e}"))?;
+    if let Some(Model {
+        continuing_subword_prefix: Some(prefix),
+        merges: Some(merges),
+    }) = &file.model
+    {
+        for (i, merge) in merges.iter().enumerate() {
+            let second = match merge {
+                Merge::Text(text) => text.split_once(' ').map_or("", |(_, b)| b),
+                Merge::Pair(_, b) => b.as_str(),
+            };
+            if !second.starts_with(prefix.as_str()) {
+                return Err(format!(
+                    "model.merges[{i}]: the second part `{second}` does not start with the \
+                     continuing_subword_prefix `{prefix}`"
+                ));
+            }
+        }
+    }
+    let mut total = 0;
+    for (i, token) in file.added_tokens.iter().flatten().enumerate() {
+        let n = token.content.len();
+        if n > MAX_ADDED_TOKEN_BYTES {
+            return Err(format!(
+                "added_tokens[{i}] is {n} bytes long; added tokens are at most \
+                 {MAX_ADDED_TOKEN_BYTES} bytes"
+            ));
+        }
+        total += n;
+        if total > MAX_ADDED_TOKENS_TOTAL_BYTES {
+            return Err(format!(
+                "added_tokens hold more than {MAX_ADDED_TOKENS_TOTAL_BYTES} bytes of text"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Any JSON value, parsed completely (every string decoded, escapes included) but nothing
+/// kept: validation in constant memory.
+struct ValidJson;
+
+impl<'de> serde::Deserialize<'de> for ValidJson {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        d.deserialize_any(ValidJsonVisitor)
+    }
+}
+
+struct ValidJsonVisitor;
+
+impl<'de> serde::de::Visitor<'de> for ValidJsonVisitor {
+    type Value = ValidJson;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> std::result::Result<ValidJson, E> {
+        Ok(ValidJson)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> std::result::Result<ValidJson, E> {
+        Ok(ValidJson)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> std::result::Result<ValidJson, E> {
+        Ok(ValidJson)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> std::result::Result<ValidJson, E> {
+        Ok(ValidJson)
+    }
+
+    fn visit_str<E>(self, _: &str) -> std::result::Result<ValidJson, E> {
+        Ok(ValidJson)
+    }
+
+    fn visit_unit<E>(self) -> std::result::Result<ValidJson, E> {
+        Ok(ValidJson)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+        self,
+        mut seq: A,
+    ) -> std::result::Result<ValidJson, A::Error> {
+        while seq.next_element::<ValidJson>()?.is_some() {}
+        Ok(ValidJson)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> std::result::Result<ValidJson, A::Error> {
+        while map.next_entry::<ValidJson, ValidJson>()?.is_some() {}
+        Ok(ValidJson)
+    }
+}
+
+/// The nesting depth of syntactically valid JSON (brackets outside strings).
+fn json_depth(bytes: &[u8]) -> usize {
+    let (mut depth, mut max, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for &b in bytes {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
+
 /// `bos_token` / `eos_token` in `tokenizer_config.json` are strings or `{"content": …}` objects.
 fn token_string(v: Option<&Value>) -> Option<String> {
     match v? {
@@ -63,8 +251,9 @@ impl TextTokenizer {
     /// The file cannot be read or parsed, or the chat template does not compile.
     pub fn from_file(path: &Path) -> Result<Self> {
         let source_name = path.display().to_string();
-        let inner =
-            tokenizers::Tokenizer::from_file(path).map_err(|e| tokenizer_error(&source_name, e))?;
+        let limit = disha_core::limits::limits().max_text_file_bytes;
+        let bytes = disha_core::limits::read_bounded(path, limit, "max_text_file_bytes")?;
+        let inner = tokenizer_from_json(&bytes, &source_name)?;
         let mut out = Self {
             inner,
             source_name,
@@ -77,8 +266,7 @@ impl TextTokenizer {
         let config_path = dir.join("tokenizer_config.json");
         let mut template = None;
         if config_path.is_file() {
-            let text = std::fs::read_to_string(&config_path)
-                .map_err(|e| ModelError::io(&config_path, e))?;
+            let text = disha_core::limits::read_config_file(&config_path)?;
             let config: Value = serde_json::from_str(&text)
                 .map_err(|e| ModelError::config(&config_path, "<json>", e.to_string()))?;
             out.bos_token = token_string(config.get("bos_token"));
@@ -90,7 +278,7 @@ impl TextTokenizer {
         }
         let jinja = dir.join("chat_template.jinja");
         if jinja.is_file() {
-            let t = std::fs::read_to_string(&jinja).map_err(|e| ModelError::io(&jinja, e))?;
+            let t = disha_core::limits::read_config_file(&jinja)?;
             template = Some((t, jinja.display().to_string()));
         }
         if let Some((t, name)) = template {
@@ -174,17 +362,20 @@ impl TextTokenizer {
                     id_of("tokenizer.ggml.unknown_token_id"),
                     add_space_prefix,
                 )
+                .map_err(|m| ModelError::config(file.path(), "tokenizer.ggml.tokens", m))?
             }
             other => {
                 return Err(ModelError::config(
                     file.path(),
                     "tokenizer.ggml.model",
-                    format!("`{other}` is not supported (gpt2, llama)"),
+                    format!(
+                        "`{}` is not supported (gpt2, llama)",
+                        disha_core::limits::excerpt(other)
+                    ),
                 ));
             }
         };
-        let inner = tokenizers::Tokenizer::from_bytes(json.to_string())
-            .map_err(|e| tokenizer_error(&source_name, e))?;
+        let inner = tokenizer_from_json(json.to_string().as_bytes(), &source_name)?;
         let add_bos = file
             .get("tokenizer.ggml.add_bos_token")
             .and_then(GgufValue::as_bool)
@@ -297,6 +488,36 @@ impl TextTokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// The largest id the tokenizer can produce (its vocabulary and added tokens), with the
+    /// token; `None` for an empty vocabulary.
+    pub fn max_token_id(&self) -> Option<(u32, String)> {
+        self.inner
+            .get_vocab(true)
+            .into_iter()
+            .max_by_key(|(token, id)| (*id, std::cmp::Reverse(token.clone())))
+            .map(|(token, id)| (id, token))
+    }
+
+    /// Checks that every id this tokenizer can produce indexes a model vocabulary of
+    /// `vocab_size` tokens: a model fed an id past its embedding table fails inside the
+    /// backend, so the pairing is refused before any text is encoded.
+    ///
+    /// # Errors
+    /// [`ModelError::TokenizerVocabulary`] naming the tokenizer, the id and its token.
+    pub fn check_fits(&self, vocab_size: usize) -> Result<()> {
+        match self.max_token_id() {
+            Some((id, token)) if id as usize >= vocab_size => {
+                Err(ModelError::TokenizerVocabulary {
+                    source_name: self.source_name.clone(),
+                    id,
+                    token,
+                    vocab_size,
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// The id of a token string.
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
@@ -399,8 +620,9 @@ fn byte_level_bpe_json(
         ]}),
         other => {
             return Err(format!(
-                "pre-tokenizer `{other}` is not supported (default, gpt2, smollm, llama-bpe); \
-                 load the model's tokenizer.json instead"
+                "pre-tokenizer `{}` is not supported (default, gpt2, smollm, llama-bpe); \
+                 load the model's tokenizer.json instead",
+                disha_core::limits::excerpt(other)
             ));
         }
     };
@@ -417,6 +639,9 @@ fn byte_level_bpe_json(
     }))
 }
 
+/// The longest SentencePiece piece whose merges are derived (real vocabularies stay under 64).
+const MAX_PIECE_BYTES: usize = 1024;
+
 /// SentencePiece BPE (Llama 1/2, Mistral v0.1): merges are every split `a + b` of a vocabulary
 /// piece into two pieces, ordered by the score of the merged piece (highest first) — the
 /// ordering transformers' `SentencePieceExtractor` produces.
@@ -426,7 +651,7 @@ fn sentencepiece_bpe_json(
     scores: &[f64],
     unk: Option<String>,
     add_space_prefix: bool,
-) -> Value {
+) -> std::result::Result<Value, String> {
     let ids: std::collections::HashMap<&str, usize> = tokens
         .iter()
         .enumerate()
@@ -436,6 +661,13 @@ fn sentencepiece_bpe_json(
     for (id, piece) in tokens.iter().enumerate() {
         if types.get(id).copied().unwrap_or(1) != 1 {
             continue;
+        }
+        if piece.len() > MAX_PIECE_BYTES {
+            return Err(format!(
+                "token {id} is {} bytes long; SentencePiece pieces are at most \
+                 {MAX_PIECE_BYTES} bytes (deriving its merges costs the square of its length)",
+                piece.len()
+            ));
         }
         for (split, _) in piece.char_indices().skip(1) {
             let (a, b) = piece.split_at(split);
@@ -469,7 +701,7 @@ fn sentencepiece_bpe_json(
     if add_space_prefix {
         decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
     }
-    json!({
+    Ok(json!({
         "version": "1.0",
         "added_tokens": added_tokens(tokens, types),
         "normalizer": {"type": "Sequence", "normalizers": normalizers},
@@ -480,7 +712,7 @@ fn sentencepiece_bpe_json(
                   "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true,
                   "ignore_merges": false, "vocab": vocab,
                   "merges": merges.into_iter().map(|m| m.3).collect::<Vec<_>>()},
-    })
+    }))
 }
 
 #[cfg(test)]
@@ -501,5 +733,65 @@ mod tests {
         assert_eq!(t.vocab_size(), 259);
         // Special tokens in text are matched whole.
         assert_eq!(t.encode("x<|eos|>", false).unwrap(), vec![120, 257]);
+    }
+}
+
+#[cfg(test)]
+mod hostile_input_tests {
+    use super::*;
+
+    /// A minimal BPE `tokenizer.json` with `extra` merged into its top level.
+    fn tokenizer_json(extra: Value) -> Vec<u8> {
+        let mut json = json!({
+            "version": "1.0", "added_tokens": [], "normalizer": null, "pre_tokenizer": null,
+            "post_processor": null, "decoder": null,
+            "model": {"type": "BPE", "dropout": null, "unk_token": null,
+                      "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                      "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                      "vocab": {"a": 0, "b": 1, "ab": 2, "##b": 3, "a##b": 4}, "merges": ["a b"]}
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            json[k] = v.clone();
+        }
+        json.to_string().into_bytes()
+    }
+
+    fn error(bytes: &[u8]) -> String {
+        tokenizer_from_json(bytes, "t.json")
+            .unwrap_err()
+            .to_string()
+    }
+
+    /// Each input below made the `tokenizers` crate panic, or spend minutes and gigabytes,
+    /// before these checks (found by the fuzzing harness).
+    #[test]
+    fn inputs_that_break_the_tokenizers_crate_are_errors() {
+        assert!(tokenizer_from_json(&tokenizer_json(json!({})), "t.json").is_ok());
+        // A lone surrogate escape inside the decoder section.
+        let bad = br#"{"decoder": {"type": "\ud800"}}"#;
+        assert!(error(bad).contains("invalid JSON"), "{}", error(bad));
+        // Nesting the crate's buffered re-parse cannot take.
+        let deep = format!("{{\"decoder\": {}1{}}}", "[".repeat(100), "]".repeat(100));
+        assert!(error(deep.as_bytes()).contains("nested more than"));
+        // An added token of 16 MB.
+        let huge = tokenizer_json(
+            json!({"added_tokens": [{"id": 5, "content": "x".repeat(1 << 24),
+            "single_word": false, "lstrip": false, "rstrip": false, "normalized": false,
+            "special": true}]}),
+        );
+        assert!(error(&huge).contains("added_tokens[0] is 16777216 bytes"));
+        // A subword prefix longer than a merge's second part (sliced unchecked).
+        let mut prefixed = serde_json::from_slice::<Value>(&tokenizer_json(json!({}))).unwrap();
+        prefixed["model"]["continuing_subword_prefix"] = json!("##");
+        let e = error(prefixed.to_string().as_bytes());
+        assert!(e.contains("merges[0]") && e.contains("`b`"), "{e}");
+        prefixed["model"]["merges"] = json!(["a ##b"]);
+        assert!(tokenizer_from_json(prefixed.to_string().as_bytes(), "t.json").is_ok());
+    }
+
+    #[test]
+    fn json_depth_ignores_brackets_in_strings() {
+        assert_eq!(json_depth(br#"{"a": [1, {"b": "[[[\"]]"}]}"#), 3);
+        assert_eq!(json_depth(b"1"), 0);
     }
 }

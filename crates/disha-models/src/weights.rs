@@ -5,7 +5,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use disha_core::{HostTensor, read_safetensors};
+use disha_core::limits::read_config_file;
+use disha_core::{HostTensor, SafetensorsFile};
 use serde_json::Value;
 
 use crate::error::{ModelError, Result};
@@ -31,29 +32,30 @@ pub trait WeightSource {
 }
 
 /// HF safetensors weights: `model.safetensors`, or the shards listed in
-/// `model.safetensors.index.json`. Shards are read when first needed and dropped when emptied,
-/// so peak host memory is about one shard (as f32) when tensors are taken in file order.
+/// `model.safetensors.index.json`. Each shard's header is read when the shard is first needed
+/// and each tensor when it is taken, so peak host memory is one tensor (as f32), never a whole
+/// shard.
 #[derive(Debug)]
 pub struct SafetensorsWeights {
     dir: PathBuf,
     /// Tensor name → shard file.
     shard_of: BTreeMap<String, PathBuf>,
-    /// Shards read and not yet emptied.
-    loaded: BTreeMap<PathBuf, BTreeMap<String, HostTensor>>,
+    /// Shards opened and not yet emptied.
+    open: BTreeMap<PathBuf, SafetensorsFile>,
 }
 
 impl SafetensorsWeights {
     /// Indexes the weights of HF model directory `dir`.
     ///
     /// # Errors
-    /// Neither `model.safetensors` nor a valid `model.safetensors.index.json` exists, or a
-    /// listed shard is missing.
+    /// Neither `model.safetensors` nor a valid `model.safetensors.index.json` exists, a listed
+    /// shard is missing or not a plain file name inside `dir`, or a header is malformed.
     pub fn open(dir: &Path) -> Result<Self> {
         let index = dir.join("model.safetensors.index.json");
         let single = dir.join("model.safetensors");
         let mut shard_of = BTreeMap::new();
         if index.is_file() {
-            let text = std::fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
+            let text = read_config_file(&index)?;
             let json: Value = serde_json::from_str(&text)
                 .map_err(|e| ModelError::config(&index, "<json>", e.to_string()))?;
             let map = json
@@ -63,9 +65,20 @@ impl SafetensorsWeights {
                     ModelError::config(&index, "weight_map", "missing or not an object")
                 })?;
             for (name, file) in map {
-                let file = file.as_str().ok_or_else(|| {
-                    ModelError::config(&index, format!("weight_map.{name}"), "expected a file name")
-                })?;
+                let field = || format!("weight_map.{name}");
+                let file = file
+                    .as_str()
+                    .ok_or_else(|| ModelError::config(&index, field(), "expected a file name"))?;
+                let plain = Path::new(file)
+                    .components()
+                    .all(|c| matches!(c, std::path::Component::Normal(_)));
+                if !plain || file.is_empty() {
+                    return Err(ModelError::config(
+                        &index,
+                        field(),
+                        format!("`{file}` is not a file name inside the model directory"),
+                    ));
+                }
                 let shard = dir.join(file);
                 if !shard.is_file() {
                     return Err(ModelError::io(
@@ -78,26 +91,26 @@ impl SafetensorsWeights {
                 }
                 shard_of.insert(name.clone(), shard);
             }
-        } else if single.is_file() {
-            let tensors = read_safetensors(&single)?;
-            for name in tensors.keys() {
-                shard_of.insert(name.clone(), single.clone());
-            }
-            return Ok(Self {
+            Ok(Self {
                 dir: dir.to_path_buf(),
                 shard_of,
-                loaded: BTreeMap::from([(single, tensors)]),
-            });
+                open: BTreeMap::new(),
+            })
+        } else if single.is_file() {
+            let file = SafetensorsFile::open(&single)?;
+            for name in file.tensors().keys() {
+                shard_of.insert(name.clone(), single.clone());
+            }
+            Ok(Self {
+                dir: dir.to_path_buf(),
+                shard_of,
+                open: BTreeMap::from([(single, file)]),
+            })
         } else {
-            return Err(ModelError::NotAModel {
+            Err(ModelError::NotAModel {
                 path: dir.to_path_buf(),
-            });
+            })
         }
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            shard_of,
-            loaded: BTreeMap::new(),
-        })
     }
 }
 
@@ -110,14 +123,18 @@ impl WeightSource for SafetensorsWeights {
         let Some(shard) = self.shard_of.remove(name) else {
             return Ok(None);
         };
-        if !self.loaded.contains_key(&shard) {
-            let tensors = read_safetensors(&shard)?;
-            self.loaded.insert(shard.clone(), tensors);
+        if !self.open.contains_key(&shard) {
+            let file = SafetensorsFile::open(&shard)?;
+            self.open.insert(shard.clone(), file);
         }
-        let tensors = self.loaded.get_mut(&shard).expect("inserted above");
-        let tensor = tensors.remove(name);
+        let file = &self.open[&shard];
+        let tensor = if file.tensors().contains_key(name) {
+            Some(file.read_f32(name)?)
+        } else {
+            None
+        };
         if !self.shard_of.values().any(|s| s == &shard) {
-            self.loaded.remove(&shard);
+            self.open.remove(&shard);
         }
         tensor.map(Some).ok_or_else(|| ModelError::MissingTensor {
             path: shard,

@@ -6,6 +6,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
+use disha_core::limits::excerpt;
+
 use crate::error::{ModelError, Result};
 
 /// How RoPE frequencies are rescaled for long contexts (`rope_scaling` / `rope_parameters`).
@@ -79,7 +81,7 @@ impl LlamaConfig {
     /// I/O, invalid JSON, a missing or malformed field (named), or an unsupported architecture
     /// feature (a non-SiLU activation, an unknown `rope_type`).
     pub fn from_hf_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+        let text = disha_core::limits::read_config_file(path)?;
         let value: Value = serde_json::from_str(&text)
             .map_err(|e| ModelError::config(path, "<json>", e.to_string()))?;
         Self::from_hf_json(&value, path)
@@ -128,7 +130,7 @@ impl LlamaConfig {
                         ),
                     ));
                 }
-                hidden_size / num_attention_heads
+                hidden_size.checked_div(num_attention_heads).unwrap_or(0)
             }
             Some(_) => field.usize("head_dim")?,
         };
@@ -163,19 +165,28 @@ impl LlamaConfig {
             Some((p, name)) => parse_rope_scaling(p, name, path)?,
             None => RopeScaling::Default,
         };
+        let token_id = |field: &str, v: &Value| {
+            v.as_u64()
+                .and_then(|x| u32::try_from(x).ok())
+                .ok_or_else(|| {
+                    ModelError::config(
+                        path,
+                        field,
+                        format!("expected a token id, got {}", excerpt(v)),
+                    )
+                })
+        };
         let eos_token_ids = match obj.get("eos_token_id") {
             None | Some(Value::Null) => Vec::new(),
             Some(Value::Array(ids)) => ids
                 .iter()
-                .map(|v| {
-                    v.as_u64().map(|x| x as u32).ok_or_else(|| {
-                        ModelError::config(path, "eos_token_id", "expected integers")
-                    })
-                })
+                .map(|v| token_id("eos_token_id", v))
                 .collect::<Result<_>>()?,
-            Some(v) => vec![v.as_u64().ok_or_else(|| {
-                ModelError::config(path, "eos_token_id", "expected an integer or a list")
-            })? as u32],
+            Some(v) => vec![token_id("eos_token_id", v)?],
+        };
+        let bos_token_id = match obj.get("bos_token_id") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(token_id("bos_token_id", v)?),
         };
         let config = Self {
             vocab_size: field.usize("vocab_size")?,
@@ -192,10 +203,7 @@ impl LlamaConfig {
             tie_word_embeddings: field.bool_or("tie_word_embeddings", false)?,
             attention_bias: field.bool_or("attention_bias", false)?,
             mlp_bias: field.bool_or("mlp_bias", false)?,
-            bos_token_id: obj
-                .get("bos_token_id")
-                .and_then(Value::as_u64)
-                .map(|x| x as u32),
+            bos_token_id,
             eos_token_ids,
             dtype: obj
                 .get("dtype")
@@ -208,42 +216,115 @@ impl LlamaConfig {
         Ok(config)
     }
 
-    /// Checks the head arithmetic.
+    /// Checks every field's domain, in one place for every source (HF `config.json`, GGUF
+    /// metadata, a llama2.c header), before anything is sized from the config.
     ///
     /// # Errors
-    /// Zero sizes, or query heads not a multiple of key/value heads.
+    /// A [`ModelError::Config`] naming `path` and the field: sizes that are zero or above
+    /// [`disha_core::limits::Limits`] (`max_layers`, `max_dim`), query heads not a multiple of
+    /// key/value heads, an odd `head_dim` (RoPE rotates pairs), `rms_norm_eps` or `rope_theta`
+    /// that is not a finite number > 0, or RoPE scaling factors outside their domain.
     pub fn validate(&self, path: &Path) -> Result<()> {
+        let limits = disha_core::limits::limits();
+        let bad = |field: &str, message: String| Err(ModelError::config(path, field, message));
         for (name, v) in [
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),
             ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
             ("num_attention_heads", self.num_attention_heads),
             ("num_key_value_heads", self.num_key_value_heads),
             ("head_dim", self.head_dim),
+            ("max_position_embeddings", self.max_position_embeddings),
         ] {
             if v == 0 {
-                return Err(ModelError::config(path, name, "must be > 0"));
+                return bad(name, "must be > 0".into());
+            }
+            let (limit_name, limit) = if name == "num_hidden_layers" {
+                ("max_layers", limits.max_layers)
+            } else {
+                ("max_dim", limits.max_dim)
+            };
+            if v > limit {
+                return bad(name, disha_core::limits::exceeds(v, limit_name, limit));
+            }
+        }
+        for (name, v) in [("q_dim", self.q_dim()), ("kv_dim", self.kv_dim())] {
+            if v > limits.max_dim {
+                return bad(
+                    "head_dim",
+                    format!(
+                        "{name} = heads × head_dim {}",
+                        disha_core::limits::exceeds(v, "max_dim", limits.max_dim)
+                    ),
+                );
             }
         }
         if !self
             .num_attention_heads
             .is_multiple_of(self.num_key_value_heads)
         {
-            return Err(ModelError::config(
-                path,
+            return bad(
                 "num_key_value_heads",
                 format!(
                     "{} query heads are not a multiple of {} key/value heads",
                     self.num_attention_heads, self.num_key_value_heads
                 ),
-            ));
+            );
         }
         if !self.head_dim.is_multiple_of(2) {
-            return Err(ModelError::config(
-                path,
+            return bad(
                 "head_dim",
                 format!("{} is odd; RoPE rotates pairs", self.head_dim),
-            ));
+            );
+        }
+        if !["float32", "float16", "bfloat16"].contains(&self.dtype.as_str()) {
+            return bad(
+                "dtype",
+                format!(
+                    "`{}` is not supported (float32, float16, bfloat16)",
+                    self.dtype
+                ),
+            );
+        }
+        // Finite and > 0 — in f32 too, where the model computes with them.
+        let positive = |name: &str, v: f64| {
+            if !(v.is_finite() && v > 0.0) {
+                bad(name, format!("{v} must be a finite number > 0"))
+            } else if v > f32::MAX as f64 {
+                bad(name, format!("{v} does not fit in f32"))
+            } else {
+                Ok(())
+            }
+        };
+        positive("rms_norm_eps", self.rms_norm_eps)?;
+        positive("rope_theta", self.rope_theta)?;
+        match self.rope_scaling {
+            RopeScaling::Default => {}
+            RopeScaling::Linear { factor } => positive("rope_scaling.factor", factor)?,
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                positive("rope_scaling.factor", factor)?;
+                positive("rope_scaling.low_freq_factor", low_freq_factor)?;
+                positive("rope_scaling.high_freq_factor", high_freq_factor)?;
+                positive(
+                    "rope_scaling.original_max_position_embeddings",
+                    original_max_position_embeddings,
+                )?;
+                if high_freq_factor <= low_freq_factor {
+                    return bad(
+                        "rope_scaling.high_freq_factor",
+                        format!(
+                            "{high_freq_factor} must be greater than low_freq_factor \
+                             {low_freq_factor} (the smoothing divides by their difference)"
+                        ),
+                    );
+                }
+            }
         }
         Ok(())
     }
@@ -346,7 +427,10 @@ fn parse_rope_scaling(p: &Map<String, Value>, name: &str, path: &Path) -> Result
         other => Err(ModelError::config(
             path,
             format!("{name}.rope_type"),
-            format!("`{other}` is not supported (default, linear, llama3)"),
+            format!(
+                "`{}` is not supported (default, linear, llama3)",
+                excerpt(other)
+            ),
         )),
     }
 }
@@ -364,7 +448,7 @@ impl HfFields<'_> {
                 ModelError::config(
                     self.path,
                     key,
-                    format!("expected a non-negative integer, got {v}"),
+                    format!("expected a non-negative integer, got {}", excerpt(v)),
                 )
             }),
             None => Err(ModelError::config(self.path, key, "missing")),
@@ -382,7 +466,11 @@ impl HfFields<'_> {
         match self.obj.get(key) {
             None | Some(Value::Null) => Ok(default),
             Some(v) => v.as_f64().ok_or_else(|| {
-                ModelError::config(self.path, key, format!("expected a number, got {v}"))
+                ModelError::config(
+                    self.path,
+                    key,
+                    format!("expected a number, got {}", excerpt(v)),
+                )
             }),
         }
     }
@@ -391,7 +479,11 @@ impl HfFields<'_> {
         match self.obj.get(key) {
             None | Some(Value::Null) => Ok(default),
             Some(v) => v.as_bool().ok_or_else(|| {
-                ModelError::config(self.path, key, format!("expected true or false, got {v}"))
+                ModelError::config(
+                    self.path,
+                    key,
+                    format!("expected true or false, got {}", excerpt(v)),
+                )
             }),
         }
     }
@@ -455,6 +547,62 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("rope_scaling.rope_type")
+        );
+    }
+
+    /// Every field is checked for its domain before anything is sized from it; each error names
+    /// the file and the field (hardening regressions: a non-positive epsilon once panicked
+    /// inside Burn, an absurd layer count allocated until the process aborted).
+    #[test]
+    fn out_of_domain_values_are_named() {
+        let cases: Vec<(&str, Value, &str)> = vec![
+            ("rms_norm_eps", json!(0.0), "finite number > 0"),
+            ("rms_norm_eps", json!(-1e-5), "finite number > 0"),
+            ("rms_norm_eps", json!(1e300), "does not fit in f32"),
+            ("rope_theta", json!(0), "finite number > 0"),
+            ("num_hidden_layers", json!(1_000_000_000u64), "max_layers"),
+            (
+                "num_hidden_layers",
+                json!(9_223_372_036_854_775_808u64),
+                "max_layers",
+            ),
+            ("num_hidden_layers", json!(1e9), "non-negative integer"),
+            ("num_hidden_layers", json!(0), "must be > 0"),
+            ("hidden_size", json!(1u64 << 40), "max_dim"),
+            ("vocab_size", json!(-1), "non-negative integer"),
+            ("max_position_embeddings", json!(0), "must be > 0"),
+            ("eos_token_id", json!(4_294_967_298u64), "token id"),
+            ("bos_token_id", json!("<s>"), "token id"),
+            ("dtype", json!("float64"), "not supported"),
+            ("head_dim", json!(7), "odd"),
+        ];
+        for (field, value, expected) in cases {
+            let mut v = base();
+            v[field] = value.clone();
+            let e = parse(v).unwrap_err().to_string();
+            assert!(
+                e.contains("config.json")
+                    && e.contains(&format!("`{field}`"))
+                    && e.contains(expected),
+                "{field} = {value}: {e}"
+            );
+        }
+        let mut v = base();
+        v["num_attention_heads"] = json!(0);
+        v["hidden_size"] = json!(0);
+        assert!(parse(v).unwrap_err().to_string().contains("must be > 0"));
+        let mut v = base();
+        v["rope_scaling"] = json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
+        let e = parse(v).unwrap_err().to_string();
+        assert!(e.contains("rope_scaling.high_freq_factor"), "{e}");
+        let mut v = base();
+        v["rope_scaling"] = json!({"rope_type": "linear", "factor": 0.0});
+        assert!(
+            parse(v)
+                .unwrap_err()
+                .to_string()
+                .contains("rope_scaling.factor")
         );
     }
 

@@ -136,6 +136,8 @@ fn take(source: &mut dyn WeightSource, name: &str, shape: &[usize]) -> Result<Ho
             actual: tensor.shape,
         });
     }
+    // A NaN or infinity in a weight is never meaningful: a corrupt file or a wrong read.
+    tensor.check_finite(source.path(), &source.display_name(name))?;
     Ok(tensor)
 }
 
