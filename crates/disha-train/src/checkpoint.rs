@@ -7,12 +7,14 @@
 
 use std::path::{Path, PathBuf};
 
-use disha_core::{PeftConfig, PeftModelExt, write_atomic};
+use disha_core::{PeftConfig, PeftModelExt, freeze_all_but_active_adapters, write_atomic};
+use disha_models::llama::Llama;
 use serde::{Deserialize, Serialize};
 
 use crate::TrainError;
-use crate::data::DataPosition;
+use crate::data::{DataLoader, DataPosition};
 use crate::learner::{Learner, trainable_param_ids};
+use crate::settings::RunSettings;
 
 /// The adapter name training uses.
 pub const ADAPTER_NAME: &str = "default";
@@ -37,8 +39,6 @@ pub struct Checkpoint {
     pub dir: PathBuf,
     /// Step, data position, parameter ids.
     pub state: CheckpointState,
-    /// The optimizer state bytes.
-    pub optimizer: Vec<u8>,
 }
 
 impl Checkpoint {
@@ -46,7 +46,15 @@ impl Checkpoint {
     pub fn adapter_dir(&self) -> PathBuf {
         self.dir.join("adapter")
     }
+
+    /// The optimizer state file (read and checked by [`Learner::resume`]).
+    pub fn optimizer_path(&self) -> PathBuf {
+        self.dir.join(OPTIMIZER_FILE)
+    }
 }
+
+/// The optimizer state inside a checkpoint (Burn's burnpack format).
+const OPTIMIZER_FILE: &str = "optimizer.bpk";
 
 fn checkpoints_root(out: &Path) -> PathBuf {
     out.join("checkpoints")
@@ -73,7 +81,7 @@ pub fn save(
     let model = learner.model();
     model.save_adapter(ADAPTER_NAME, peft, &staging.path().join("adapter"))?;
     write_atomic(
-        &staging.path().join("optimizer.bpk"),
+        &staging.path().join(OPTIMIZER_FILE),
         &learner.optimizer_state()?,
     )?;
     let state = CheckpointState {
@@ -132,26 +140,132 @@ fn prune(root: &Path, keep: usize) -> Result<(), TrainError> {
 /// Reads the newest checkpoint of run directory `out`.
 ///
 /// # Errors
-/// No checkpoint, or an unreadable `state.json` / optimizer state (naming the file).
+/// No checkpoint (the message says why a run can have none), or an unreadable `state.json`
+/// (naming the file). What the state says is checked against the run by
+/// [`Checkpoint::validate`]; the optimizer state by [`Learner::resume`].
 pub fn load_latest(out: &Path) -> Result<Checkpoint, TrainError> {
-    let dir = list(out).pop().ok_or_else(|| TrainError::Data {
+    let dir = list(out).pop().ok_or_else(|| TrainError::File {
         path: checkpoints_root(out),
-        line: 0,
-        message: "no checkpoint to resume from (train with --save-every N)".into(),
+        message: "no checkpoint to resume from: the run stopped before writing one (checkpoints \
+                  are written every --save-every N steps and at the end); start it again with \
+                  a new --out, or delete this directory"
+            .into(),
     })?;
     let state_path = dir.join("state.json");
-    let text = std::fs::read_to_string(&state_path).map_err(|e| TrainError::io(&state_path, e))?;
-    let state = serde_json::from_str(&text).map_err(|e| TrainError::Data {
+    let text = disha_core::limits::read_config_file(&state_path)?;
+    let state = serde_json::from_str(&text).map_err(|e| TrainError::File {
         path: state_path.clone(),
-        line: e.line(),
-        message: e.to_string(),
+        message: format!("invalid checkpoint state: {e}"),
     })?;
-    let optimizer_path = dir.join("optimizer.bpk");
-    let optimizer =
-        std::fs::read(&optimizer_path).map_err(|e| TrainError::io(&optimizer_path, e))?;
-    Ok(Checkpoint {
-        dir,
-        state,
-        optimizer,
-    })
+    Ok(Checkpoint { dir, state })
+}
+
+impl Checkpoint {
+    /// Checks that the checkpoint belongs to `settings`' run over `train_examples` examples:
+    /// the step matches the directory's name and lies in `1..=max_steps`; the data position
+    /// lies inside the data and is reachable in that many steps (each micro-batch consumes at
+    /// least one example and at most `batch_size` — packed: `batch_size · max_len`); the
+    /// parameter ids are distinct.
+    ///
+    /// # Errors
+    /// [`TrainError::File`] naming `state.json` and what disagrees.
+    pub fn validate(
+        &self,
+        settings: &RunSettings,
+        train_examples: usize,
+    ) -> Result<(), TrainError> {
+        let path = self.dir.join("state.json");
+        let bad = |message: String| {
+            Err(TrainError::File {
+                path: path.clone(),
+                message: format!("{message}; the checkpoint does not belong to this run"),
+            })
+        };
+        let step = self.state.step;
+        let named = self
+            .dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix(PREFIX))
+            .and_then(|n| n.parse::<usize>().ok());
+        if named != Some(step) {
+            return bad(format!(
+                "step {step} disagrees with the directory name {}",
+                self.dir.display()
+            ));
+        }
+        let max_steps = settings.learner.max_steps;
+        if step == 0 || step > max_steps {
+            return bad(format!(
+                "step {step} is outside 1..={max_steps} (max_steps)"
+            ));
+        }
+        let DataPosition { epoch, cursor } = self.state.position;
+        if cursor > train_examples {
+            return bad(format!(
+                "data position {cursor} is past the {train_examples} training examples"
+            ));
+        }
+        let consumed = epoch as u128 * train_examples as u128 + cursor as u128;
+        let micro_batches = step as u128 * settings.learner.grad_accum as u128;
+        let per_batch = settings.batch_size as u128
+            * if settings.packing {
+                settings.max_len as u128
+            } else {
+                1
+            };
+        if consumed < micro_batches || consumed > micro_batches * per_batch {
+            return bad(format!(
+                "{consumed} examples consumed (epoch {epoch}, position {cursor}) cannot happen \
+                 in {step} steps of {} micro-batches of at most {per_batch} examples",
+                settings.learner.grad_accum
+            ));
+        }
+        let mut ids = self.state.param_ids.clone();
+        ids.sort_unstable();
+        if ids.windows(2).any(|w| w[0] == w[1]) {
+            return bad("parameter ids repeat".into());
+        }
+        Ok(())
+    }
+}
+
+/// Continues the run in `out` from its newest checkpoint, checking everything read before it
+/// is used: the checkpoint against `settings` and `data` ([`Checkpoint::validate`]), its
+/// adapter against `model` (loaded with PEFT's shape checks), its optimizer state against the
+/// adapter ([`Learner::resume`]). `model` is the base model on an autodiff device, without
+/// adapters; `data` is the run's training data, moved to the saved position.
+///
+/// # Errors
+/// No checkpoint, or any part of it that does not belong to this run, named by file.
+pub fn resume(
+    out: &Path,
+    settings: &RunSettings,
+    mut model: Llama,
+    data: &mut DataLoader,
+) -> Result<(Learner, Checkpoint), TrainError> {
+    let ckpt = load_latest(out)?;
+    ckpt.validate(settings, data.len())?;
+    model.load_adapter(&ckpt.adapter_dir(), ADAPTER_NAME)?;
+    let model = freeze_all_but_active_adapters(model);
+    let trainable = trainable_param_ids(&model).len();
+    if trainable != ckpt.state.param_ids.len() {
+        return Err(TrainError::File {
+            path: ckpt.dir.join("state.json"),
+            message: format!(
+                "lists {} trainable tensors, the checkpoint's adapter has {trainable}; the \
+                 checkpoint does not belong to this run",
+                ckpt.state.param_ids.len()
+            ),
+        });
+    }
+    let learner = Learner::resume(
+        model,
+        settings.learner.clone(),
+        ckpt.state.step,
+        &ckpt.state.param_ids,
+        &ckpt.optimizer_path(),
+    )?;
+    data.seek(ckpt.state.position);
+    Ok((learner, ckpt))
 }

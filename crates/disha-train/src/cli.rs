@@ -107,6 +107,9 @@ pub struct EvalArgs {
     /// Skip malformed JSONL lines.
     #[arg(long)]
     pub skip_bad_lines: bool,
+    /// Longest JSONL line accepted, in bytes; longer lines are bad lines [default: 1048576].
+    #[arg(long)]
+    pub max_line_bytes: Option<usize>,
 }
 
 /// `disha train`.

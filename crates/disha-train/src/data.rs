@@ -93,65 +93,154 @@ fn field(obj: &serde_json::Map<String, Value>, name: &str) -> Result<Option<Stri
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
         Some(Value::Number(n)) => Ok(Some(n.to_string())),
-        Some(other) => Err(format!("field `{name}` must be a string, got {other}")),
+        Some(other) => Err(format!(
+            "field `{name}` must be a string, got {}",
+            disha_core::limits::excerpt(other)
+        )),
     }
 }
 
-/// Reads a JSONL file. Blank lines are ignored. A malformed line or a missing field is an error
-/// naming the file and line, unless `skip_bad_lines` (then it is skipped and counted).
+/// How a JSONL file is read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JsonlOptions {
+    /// Skip (and count) unusable lines instead of stopping at the first.
+    pub skip_bad_lines: bool,
+    /// Longest line accepted, in bytes; a longer line is a bad line. Bounds memory: a line is
+    /// never held (or tokenized) beyond this.
+    pub max_line_bytes: usize,
+}
+
+impl Default for JsonlOptions {
+    fn default() -> Self {
+        Self {
+            skip_bad_lines: false,
+            max_line_bytes: disha_core::limits::limits().max_line_bytes,
+        }
+    }
+}
+
+/// One line of a file, read without ever holding more than `max` bytes of it.
+enum Line {
+    /// The line's bytes (without the newline and a trailing `\r`).
+    Bytes,
+    /// The line was longer than `max`; its length in bytes.
+    TooLong(u64),
+}
+
+/// Reads the next line into `buf` (cleared first). `None` at the end of the input.
+fn read_line(
+    reader: &mut impl std::io::BufRead,
+    max: usize,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<Option<Line>> {
+    buf.clear();
+    let mut length: u64 = 0;
+    let mut any = false;
+    loop {
+        let available = reader.fill_buf()?;
+        if available.is_empty() {
+            break;
+        }
+        any = true;
+        let newline = available.iter().position(|&b| b == b'\n');
+        let part = &available[..newline.unwrap_or(available.len())];
+        length += part.len() as u64;
+        if length <= max as u64 + 1 {
+            // One byte of slack for a `\r` before the newline.
+            buf.extend_from_slice(part);
+        }
+        let used = part.len() + usize::from(newline.is_some());
+        reader.consume(used);
+        if newline.is_some() {
+            break;
+        }
+    }
+    if !any {
+        return Ok(None);
+    }
+    if buf.last() == Some(&b'\r') && length <= max as u64 + 1 {
+        buf.pop();
+        length -= 1;
+    }
+    if length > max as u64 {
+        buf.clear();
+        return Ok(Some(Line::TooLong(length)));
+    }
+    Ok(Some(Line::Bytes))
+}
+
+/// Parses one line into a record.
+fn parse_record(line: &[u8], number: usize, fields: &FieldMap) -> Result<Record, String> {
+    let text = std::str::from_utf8(line).map_err(|e| {
+        format!(
+            "not valid UTF-8 (invalid byte sequence at byte {} of the line)",
+            e.valid_up_to()
+        )
+    })?;
+    let obj = match serde_json::from_str::<Value>(text) {
+        Ok(Value::Object(obj)) => obj,
+        Ok(_) => return Err("expected a JSON object".to_string()),
+        Err(e) => return Err(format!("invalid JSON: {e}")),
+    };
+    let required = |name: &str| field(&obj, name)?.ok_or_else(|| format!("missing field `{name}`"));
+    Ok(Record {
+        line: number,
+        instruction: required(&fields.instruction)?,
+        input: match &fields.input {
+            Some(name) => field(&obj, name)?.filter(|s| !s.is_empty()),
+            None => None,
+        },
+        output: required(&fields.output)?,
+    })
+}
+
+/// Reads a JSONL file line by line. Blank lines are ignored. A line that is too long, not
+/// UTF-8, not a JSON object, or missing a field is an error naming the file and line, unless
+/// `options.skip_bad_lines` (then it is skipped and counted).
 ///
 /// # Errors
 /// I/O, a bad line (without `skip_bad_lines`), or no usable record at all.
 pub fn read_jsonl(
     path: &Path,
     fields: &FieldMap,
-    skip_bad_lines: bool,
+    options: JsonlOptions,
 ) -> Result<(Vec<Record>, usize), TrainError> {
-    let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
+    let file = std::fs::File::open(path).map_err(|e| TrainError::io(path, e))?;
+    let mut reader = std::io::BufReader::new(file);
+    let mut buf = Vec::new();
     let mut records = Vec::new();
     let mut skipped = 0;
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let parsed = serde_json::from_str::<Value>(line)
-            .map_err(|e| format!("invalid JSON: {e}"))
-            .and_then(|v| match v {
-                Value::Object(obj) => Ok(obj),
-                _ => Err("expected a JSON object".to_string()),
-            })
-            .and_then(|obj| {
-                let required = |name: &str| {
-                    field(&obj, name)?.ok_or_else(|| format!("missing field `{name}`"))
-                };
-                Ok(Record {
-                    line: i + 1,
-                    instruction: required(&fields.instruction)?,
-                    input: match &fields.input {
-                        Some(name) => field(&obj, name)?.filter(|s| !s.is_empty()),
-                        None => None,
-                    },
-                    output: required(&fields.output)?,
-                })
-            });
+    let mut number = 0;
+    while let Some(line) = read_line(&mut reader, options.max_line_bytes, &mut buf)
+        .map_err(|e| TrainError::io(path, e))?
+    {
+        number += 1;
+        let parsed = match line {
+            Line::TooLong(length) => Err(format!(
+                "line is {length} bytes, longer than the maximum of {} (--max-line-bytes)",
+                options.max_line_bytes
+            )),
+            Line::Bytes if buf.iter().all(u8::is_ascii_whitespace) => continue,
+            Line::Bytes => parse_record(&buf, number, fields),
+        };
         match parsed {
             Ok(record) => records.push(record),
-            Err(_) if skip_bad_lines => skipped += 1,
+            Err(_) if options.skip_bad_lines => skipped += 1,
             Err(message) => {
                 return Err(TrainError::Data {
                     path: path.to_path_buf(),
-                    line: i + 1,
+                    line: number,
                     message: format!("{message} (use --skip-bad-lines to skip such lines)"),
                 });
             }
         }
     }
     if records.is_empty() {
-        return Err(TrainError::Data {
+        return Err(TrainError::File {
             path: path.to_path_buf(),
-            line: 0,
             message: format!(
-                "no usable record ({skipped} skipped); expected JSON objects with fields `{}`{} and `{}`",
+                "no usable record in {number} lines ({skipped} skipped as bad); expected JSON \
+                 objects with fields `{}`{} and `{}`",
                 fields.instruction,
                 fields
                     .input
@@ -267,10 +356,12 @@ pub fn encode_all(
         }
     }
     if examples.is_empty() {
-        return Err(TrainError::Data {
+        return Err(TrainError::File {
             path: path.to_path_buf(),
-            line: 0,
-            message: format!("every prompt is longer than max_len {max_len}; no example left"),
+            message: format!(
+                "every prompt of its {} records is longer than max_len {max_len}; no example left",
+                records.len()
+            ),
         });
     }
     Ok((examples, dropped))
@@ -524,18 +615,85 @@ mod tests {
             r#"{"question": 3, "answer": 4}"#,
         ]);
         let gsm = FieldMap::preset("gsm8k").unwrap();
-        let err = read_jsonl(f.path(), &gsm, false).unwrap_err().to_string();
+        let err = read_jsonl(f.path(), &gsm, strict())
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains(":3:") && err.contains("missing field `answer`"),
             "{err}"
         );
-        let (records, skipped) = read_jsonl(f.path(), &gsm, true).unwrap();
+        let (records, skipped) = read_jsonl(f.path(), &gsm, skipping()).unwrap();
         assert_eq!(skipped, 2);
         assert_eq!(records.len(), 2);
         assert_eq!((records[1].line, records[1].instruction.as_str()), (5, "3"));
         let alpaca = FieldMap::preset("alpaca").unwrap();
-        let err = read_jsonl(f.path(), &alpaca, true).unwrap_err().to_string();
-        assert!(err.contains("no usable record"), "{err}");
+        let err = read_jsonl(f.path(), &alpaca, skipping())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no usable record in 5 lines"), "{err}");
+        assert!(
+            !err.contains(":0:"),
+            "whole-file errors name no line: {err}"
+        );
+    }
+
+    fn strict() -> JsonlOptions {
+        JsonlOptions {
+            skip_bad_lines: false,
+            max_line_bytes: 1 << 20,
+        }
+    }
+
+    fn skipping() -> JsonlOptions {
+        JsonlOptions {
+            skip_bad_lines: true,
+            ..strict()
+        }
+    }
+
+    #[test]
+    fn long_and_non_utf8_lines_are_bad_lines_with_their_number() {
+        let good = br#"{"question": "1+1?", "answer": "2"}"#;
+        let mut bytes = good.to_vec();
+        bytes.extend(b"\r\n");
+        // Line 2: a 3 MB line, never held whole.
+        bytes.extend(br#"{"question": ""#);
+        bytes.extend(std::iter::repeat_n(b'x', 3 << 20));
+        bytes.extend(b"\", \"answer\": \"1\"}\n");
+        // Line 3: invalid UTF-8 inside a string.
+        bytes.extend(b"{\"question\": \"\xff\xfe\", \"answer\": \"1\"}\n");
+        bytes.extend(good);
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), &bytes).unwrap();
+        let gsm = FieldMap::preset("gsm8k").unwrap();
+        let err = read_jsonl(f.path(), &gsm, strict())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(":2:") && err.contains("longer than the maximum"),
+            "{err}"
+        );
+        let options = JsonlOptions {
+            max_line_bytes: 4 << 20,
+            ..strict()
+        };
+        let err = read_jsonl(f.path(), &gsm, options).unwrap_err().to_string();
+        assert!(err.contains(":3:") && err.contains("UTF-8"), "{err}");
+        let (records, skipped) = read_jsonl(f.path(), &gsm, skipping()).unwrap();
+        assert_eq!(skipped, 2);
+        assert_eq!(records.iter().map(|r| r.line).collect::<Vec<_>>(), [1, 4]);
+        // A line exactly at the limit is accepted, one byte more is not (CRLF not counted).
+        let limit = JsonlOptions {
+            max_line_bytes: good.len(),
+            ..strict()
+        };
+        let f2 = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f2.path(), [good.as_slice(), b"\r\n", good, b" "].concat()).unwrap();
+        let err = read_jsonl(f2.path(), &gsm, limit).unwrap_err().to_string();
+        assert!(
+            err.contains(":2:") && err.contains(&format!("{} bytes", good.len() + 1)),
+            "{err}"
+        );
     }
 
     #[test]

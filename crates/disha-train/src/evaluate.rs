@@ -12,17 +12,28 @@ use disha_models::llama::{Llama, LlamaConfig, causal_lm_loss_sum};
 use disha_models::{GenerationConfig, ModelError, TextTokenizer, generate};
 use serde::{Deserialize, Serialize};
 
+use crate::TrainError;
 use crate::data::{Example, PromptTemplate, Record, collate, render_prompt};
+use crate::learner::check_batch;
 
 /// Mean cross-entropy over the target tokens of `examples` (prompt masked, as in training),
 /// in batches of `batch_size`, without gradients.
-pub fn mean_loss(model: &Llama, examples: &[Example], batch_size: usize, pad: u32) -> f64 {
+///
+/// # Errors
+/// An id or label outside the model's vocabulary (checked per batch before the forward).
+pub fn mean_loss(
+    model: &Llama,
+    examples: &[Example],
+    batch_size: usize,
+    pad: u32,
+) -> Result<f64, TrainError> {
     let device = model.device();
     let mut total = 0.0;
     let mut targets = 0;
     for chunk in examples.chunks(batch_size.max(1)) {
         let refs: Vec<&Example> = chunk.iter().collect();
         let batch = collate(&refs, pad);
+        check_batch(model, &batch)?;
         let ids =
             Tensor::<2, Int>::from_data(TensorData::new(batch.input_ids, batch.shape), &device);
         let labels =
@@ -30,7 +41,7 @@ pub fn mean_loss(model: &Llama, examples: &[Example], batch_size: usize, pad: u3
         total += causal_lm_loss_sum(model.forward(ids), labels).into_scalar::<f64>();
         targets += batch.targets;
     }
-    total / targets.max(1) as f64
+    Ok(total / targets.max(1) as f64)
 }
 
 /// The tokens that end a generated answer: the model config's EOS ids, the tokenizer's EOS,

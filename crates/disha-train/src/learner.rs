@@ -2,18 +2,21 @@
 //! normalized over every target token of the effective batch, global gradient-norm clipping,
 //! warmup + decay schedules, NaN / Inf guards and per-step metrics.
 
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::Path;
 use std::time::Instant;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::{
     AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer, OptimizerRecord,
 };
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{Bytes, Int, Tensor, TensorData};
 use disha_models::llama::{Llama, causal_lm_loss_sum};
 use serde::{Deserialize, Serialize};
 
 use crate::TrainError;
-use crate::data::{DataLoader, HostBatch};
+use crate::data::{DataLoader, HostBatch, IGNORE_INDEX};
 use crate::schedule::LrSchedule;
 
 /// Optimizer and loop settings.
@@ -42,7 +45,7 @@ impl LearnerConfig {
     ///
     /// # Errors
     /// A zero step / accumulation count, a non-positive learning rate, betas outside `[0, 1)`,
-    /// a non-positive clipping norm.
+    /// a non-positive clipping norm, a non-positive ε, a negative weight decay.
     pub fn validate(&self) -> Result<(), TrainError> {
         if self.max_steps == 0 {
             return Err(TrainError::config("max_steps", 0, "must be >= 1"));
@@ -62,6 +65,20 @@ impl LearnerConfig {
             && (n.is_nan() || n <= 0.0)
         {
             return Err(TrainError::config("max_grad_norm", n, "must be > 0"));
+        }
+        if !(self.eps > 0.0 && self.eps.is_finite()) {
+            return Err(TrainError::config(
+                "eps",
+                self.eps,
+                "must be a finite number > 0",
+            ));
+        }
+        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
+            return Err(TrainError::config(
+                "weight_decay",
+                self.weight_decay,
+                "must be a finite number >= 0",
+            ));
         }
         Ok(())
     }
@@ -181,6 +198,120 @@ pub fn trainable_param_ids<M: Module>(model: &M) -> Vec<u64> {
     ids.0
 }
 
+/// Collects the shapes of the parameters that require gradients, in visiting order.
+struct TrainableShapes(Vec<Vec<usize>>);
+
+impl ModuleVisitor for TrainableShapes {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let value = param.val();
+        if value.is_require_grad() {
+            self.0.push(value.dims().to_vec());
+        }
+    }
+}
+
+/// The shapes of `model`'s trainable parameters, in the order of [`trainable_param_ids`].
+pub fn trainable_param_shapes<M: Module>(model: &M) -> Vec<Vec<usize>> {
+    let mut shapes = TrainableShapes(Vec::new());
+    model.visit(&mut shapes);
+    shapes.0
+}
+
+/// The AdamW state tensors of one parameter, as Burn's optimizer record names them
+/// (`{param_id}.{field}`).
+const ADAMW_MOMENTS: [&str; 2] = ["momentum.moment_1", "momentum.moment_2"];
+
+/// Checks a burnpack optimizer record against the parameters it must restore: `expected` maps
+/// each parameter id to its shape; every id needs both AdamW moments (f32, that shape), its
+/// rank scalar and an AdamW step count equal to `step`, and nothing else may be present.
+/// Burn's own loader would panic on a missing id or rank, and fail mid-step on a wrong shape.
+fn check_optimizer_state(
+    bytes: &[u8],
+    expected: &BTreeMap<u64, &[usize]>,
+    step: usize,
+) -> Result<(), String> {
+    let reader = burn_pack::Reader::from_bytes(Bytes::from_bytes_vec(bytes.to_vec()))
+        .map_err(|e| format!("unreadable optimizer state: {e}"))?;
+    let scalars = reader.scalars().clone();
+    let tensors = reader
+        .into_tensors()
+        .map_err(|e| format!("unreadable optimizer state: {e}"))?;
+    let mut found: BTreeMap<(u64, &str), ()> = BTreeMap::new();
+    for tensor in &tensors {
+        let name = &tensor.name;
+        let id = tensor
+            .param_id
+            .ok_or_else(|| format!("state tensor `{name}` has no parameter id"))?;
+        let shape = expected.get(&id).ok_or_else(|| {
+            format!("state tensor `{name}` is for parameter {id}, not one of this adapter's")
+        })?;
+        let field = name
+            .strip_prefix(&format!("{id}."))
+            .and_then(|f| ADAMW_MOMENTS.iter().find(|m| **m == f))
+            .ok_or_else(|| {
+                format!("unexpected state tensor `{name}` (AdamW keeps {ADAMW_MOMENTS:?})")
+            })?;
+        if tensor.dtype != burn_pack::DType::F32 || tensor.shape.as_slice() != *shape {
+            return Err(format!(
+                "state tensor `{name}` is {:?} {:?}; the parameter is F32 {shape:?}",
+                tensor.dtype,
+                tensor.shape.as_slice()
+            ));
+        }
+        found.insert((id, field), ());
+    }
+    let scalar = |key: &str| scalars.get(key).and_then(|v| u64::try_from(*v).ok());
+    for (&id, shape) in expected {
+        for moment in ADAMW_MOMENTS {
+            if !found.contains_key(&(id, moment)) {
+                return Err(format!("no `{id}.{moment}` for parameter {id}"));
+            }
+        }
+        if scalar(&format!("{id}.__rank")) != Some(shape.len() as u64) {
+            return Err(format!(
+                "parameter {id}: rank is not recorded as {}",
+                shape.len()
+            ));
+        }
+        let time = scalar(&format!("{id}.momentum.time"));
+        if time != Some(step as u64) {
+            return Err(format!(
+                "parameter {id}: AdamW has taken {time:?} steps, the checkpoint says {step}"
+            ));
+        }
+    }
+    if let Some(key) = scalars.keys().find(|k| {
+        k.split_once('.')
+            .and_then(|(id, _)| id.parse::<u64>().ok())
+            .is_none_or(|id| !expected.contains_key(&id))
+    }) {
+        return Err(format!("unexpected state entry `{key}`"));
+    }
+    Ok(())
+}
+
+/// Checks a host batch's ids and labels against the model's vocabulary (labels may also be
+/// [`IGNORE_INDEX`]): an id past the embedding table would fail inside the backend.
+///
+/// # Errors
+/// [`disha_models::ModelError::TokenOutOfRange`] for the first bad id or label.
+pub fn check_batch(model: &Llama, batch: &HostBatch) -> Result<(), TrainError> {
+    model.check_ids(&batch.input_ids)?;
+    if let Some(position) = batch
+        .labels
+        .iter()
+        .position(|&l| l != IGNORE_INDEX && (l < 0 || l as usize >= model.config().vocab_size))
+    {
+        return Err(disha_models::ModelError::TokenOutOfRange {
+            id: batch.labels[position],
+            position,
+            vocab_size: model.config().vocab_size,
+        }
+        .into());
+    }
+    Ok(())
+}
+
 /// A model, its optimizer and the step counter.
 pub struct Learner {
     model: Option<Llama>,
@@ -220,41 +351,68 @@ impl Learner {
         })
     }
 
-    /// Continues a run: `model` with the checkpoint's adapter, the optimizer state saved by
-    /// [`Self::optimizer_state`], the step count, and the trainable-parameter ids of the saved
-    /// run ([`trainable_param_ids`]), which the optimizer state is keyed by.
+    /// Continues a run: `model` with the checkpoint's adapter, the optimizer state file saved
+    /// from [`Self::optimizer_state`], the step count, and the trainable-parameter ids of the
+    /// saved run ([`trainable_param_ids`]), which the optimizer state is keyed by.
+    ///
+    /// The optimizer file is bounded by the size this adapter's state can have and checked
+    /// before Burn sees it: one AdamW state per trainable tensor, each moment f32 with the
+    /// parameter's shape, the rank recorded, and the AdamW step count equal to `step`.
     ///
     /// # Errors
-    /// An invalid config, an unreadable optimizer state, or a model whose trainable parameters
-    /// do not match the saved ones in number.
+    /// An invalid config; a model whose trainable parameters do not match the saved ones in
+    /// number; an optimizer state that is too large, unreadable or does not belong to this
+    /// adapter and step ([`TrainError::File`] naming the file and the first disagreement).
     pub fn resume(
         model: Llama,
         config: LearnerConfig,
         step: usize,
         param_ids: &[u64],
-        optimizer_state: Vec<u8>,
+        optimizer_state: &Path,
     ) -> Result<Self, TrainError> {
-        let current = trainable_param_ids(&model).len();
-        if current != param_ids.len() {
+        let shapes = trainable_param_shapes(&model);
+        if shapes.len() != param_ids.len() {
             return Err(TrainError::config(
                 "resume",
-                format!("{current} trainable tensors"),
+                format!("{} trainable tensors", shapes.len()),
                 format!("the checkpoint was saved with {}", param_ids.len()),
             ));
         }
+        let bad = |message: String| TrainError::File {
+            path: optimizer_state.to_path_buf(),
+            message,
+        };
+        // Two f32 moments per element, plus per-tensor names, alignment and a small header.
+        let elements: u64 = shapes
+            .iter()
+            .map(|s| s.iter().product::<usize>() as u64)
+            .sum();
+        let bound = 8 * elements + 1024 * shapes.len() as u64 + (1 << 20);
+        let size = std::fs::metadata(optimizer_state)
+            .map_err(|e| TrainError::io(optimizer_state, e))?
+            .len();
+        if size > bound {
+            return Err(bad(format!(
+                "{size} bytes, more than the {bound} bytes the optimizer state of this adapter \
+                 can take"
+            )));
+        }
+        let mut bytes = Vec::with_capacity(size as usize);
+        std::fs::File::open(optimizer_state)
+            .and_then(|f| std::io::Read::take(f, bound).read_to_end(&mut bytes))
+            .map_err(|e| TrainError::io(optimizer_state, e))?;
+        let expected: BTreeMap<u64, &[usize]> = param_ids
+            .iter()
+            .copied()
+            .zip(shapes.iter().map(Vec::as_slice))
+            .collect();
+        check_optimizer_state(&bytes, &expected, step).map_err(bad)?;
         let model = model.map(&mut AssignIds {
             ids: param_ids,
             next: 0,
         });
-        let record =
-            OptimizerRecord::from_bytes(burn::tensor::Bytes::from_bytes_vec(optimizer_state))
-                .map_err(|e| {
-                    TrainError::config(
-                        "optimizer state",
-                        "<checkpoint>",
-                        format!("unreadable: {e:?}"),
-                    )
-                })?;
+        let record = OptimizerRecord::from_bytes(Bytes::from_bytes_vec(bytes))
+            .map_err(|e| bad(format!("unreadable optimizer state: {e:?}")))?;
         let mut learner = Self::new(model, config)?;
         learner.optim = learner.optim.load_record(record);
         learner.step = step;
@@ -291,8 +449,9 @@ impl Learner {
     /// Runs one optimizer step over `grad_accum` micro-batches from `data`.
     ///
     /// # Errors
-    /// [`TrainError::NonFinite`] when the loss or the gradient norm is NaN / Inf; the model and
-    /// optimizer are left as they were before the step.
+    /// A batch with an id or label outside the model's vocabulary; [`TrainError::NonFinite`]
+    /// when the loss or the gradient norm is NaN / Inf. The model and optimizer are left as they
+    /// were before the step.
     pub fn train_step(&mut self, data: &mut DataLoader) -> Result<StepMetrics, TrainError> {
         let start = Instant::now();
         let batches: Vec<HostBatch> = (0..self.config.grad_accum)
@@ -302,6 +461,9 @@ impl Learner {
         // gradient of the mean loss over all its tokens (not a mean of micro-batch means).
         let targets: usize = batches.iter().map(|b| b.targets).sum::<usize>().max(1);
         let tokens: usize = batches.iter().map(|b| b.tokens).sum();
+        for batch in &batches {
+            check_batch(self.model(), batch)?;
+        }
         let model = self.model.take().expect("the model is always put back");
         let device = model.device();
         let mut accumulator = GradientsAccumulator::<Llama>::new();

@@ -20,12 +20,46 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    // Raised input limits (DISHA_LIMITS) apply to the whole process; a malformed override is
+    // refused rather than ignored.
+    match disha_core::limits::Limits::from_env() {
+        Ok(limits) => disha_core::limits::set_limits(limits),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     match commands::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // One line, naming what is wrong; details with DISHA_LOG=debug.
-            eprintln!("error: {e}");
+            // One line, naming what is wrong; details with DISHA_LOG=debug. Messages quote
+            // input (names, values), which a hostile file can make megabytes long.
+            let message = e.to_string();
+            eprintln!("error: {}", shorten(&message));
             ExitCode::FAILURE
         }
     }
+}
+
+/// `message`, with its middle cut out when it is longer than 4 KiB.
+fn shorten(message: &str) -> std::borrow::Cow<'_, str> {
+    const MAX: usize = 4096;
+    if message.len() <= MAX {
+        return message.into();
+    }
+    let boundary = |mut i: usize| {
+        while !message.is_char_boundary(i) {
+            i -= 1;
+        }
+        i
+    };
+    let head = boundary(MAX / 2);
+    let tail = boundary(message.len() - MAX / 2);
+    format!(
+        "{} … [{} bytes omitted] … {}",
+        &message[..head],
+        tail - head,
+        &message[tail..]
+    )
+    .into()
 }

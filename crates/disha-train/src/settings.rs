@@ -12,7 +12,9 @@ use disha_models::llama::projection_names;
 use crate::TrainError;
 use disha_models::TextTokenizer;
 
-use crate::data::{Example, FieldMap, PromptTemplate, Record, encode_all, read_jsonl};
+use crate::data::{
+    Example, FieldMap, JsonlOptions, PromptTemplate, Record, encode_all, read_jsonl,
+};
 use crate::learner::LearnerConfig;
 use crate::schedule::{LrSchedule, ScheduleKind};
 
@@ -140,6 +142,9 @@ pub struct TrainSettings {
     /// Skip malformed JSONL lines instead of stopping.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub skip_bad_lines: Option<bool>,
+    /// Longest JSONL line accepted, in bytes; longer lines are bad lines [default: 1048576].
+    #[arg(long)]
+    pub max_line_bytes: Option<usize>,
     /// Pack several examples into each row of --max-len tokens (attention stays within each
     /// example; positions restart) instead of one padded example per row.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
@@ -199,6 +204,9 @@ pub struct RunSettings {
     pub validation: usize,
     /// Skip malformed lines.
     pub skip_bad_lines: bool,
+    /// Longest JSONL line accepted.
+    #[serde(default = "default_max_line_bytes")]
+    pub max_line_bytes: usize,
     /// Pack examples into rows of `max_len` tokens.
     #[serde(default)]
     pub packing: bool,
@@ -223,13 +231,18 @@ fn default_eval_max_new_tokens() -> usize {
     256
 }
 
+fn default_max_line_bytes() -> usize {
+    disha_core::limits::limits().max_line_bytes
+}
+
 impl TrainSettings {
-    /// Reads a run config (`.toml`, or `.json`).
+    /// Reads a run config (`.toml`, or `.json`) and checks its values' ranges.
     ///
     /// # Errors
-    /// I/O, a parse error, or an unknown key (named by the parser).
+    /// I/O, a parse error, an unknown key (named by the parser), or a value out of range —
+    /// all naming the file.
     pub fn from_file(path: &Path) -> Result<Self, TrainError> {
-        let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
+        let text = disha_core::limits::read_config_file(path)?;
         let is_json = path
             .extension()
             .is_some_and(|e| e.eq_ignore_ascii_case("json"));
@@ -238,11 +251,23 @@ impl TrainSettings {
         } else {
             toml::from_str(&text).map_err(|e| e.to_string())
         };
-        parsed.map_err(|message| TrainError::Data {
+        let settings: Self = parsed.map_err(|message| TrainError::File {
             path: path.to_path_buf(),
-            line: 0,
             message: format!("invalid run config: {message}"),
-        })
+        })?;
+        // The file's values on their own (defaults for the rest): a bad value is the file's,
+        // and the error says so.
+        Self {
+            data: Some(settings.data.clone().unwrap_or_else(|| "data.jsonl".into())),
+            out: Some(settings.out.clone().unwrap_or_else(|| "out".into())),
+            ..settings.clone()
+        }
+        .resolve()
+        .map_err(|e| TrainError::File {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        Ok(settings)
     }
 
     /// `self` where set, else `file`.
@@ -278,6 +303,7 @@ impl TrainSettings {
             seed,
             validation,
             skip_bad_lines,
+            max_line_bytes,
             packing,
             gradient_checkpointing,
             save_every,
@@ -303,16 +329,16 @@ impl TrainSettings {
             TrainError::config("fields", &preset, "one of alpaca, metamath, gsm8k")
         })?;
         let r = self.r.unwrap_or(16);
-        let positive = |name: &str, v: usize| {
-            if v == 0 {
-                Err(TrainError::config(name, 0, "must be >= 1"))
-            } else {
-                Ok(v)
-            }
-        };
-        let max_steps = positive("max_steps", self.max_steps.unwrap_or(100))?;
+        let max_steps = self.max_steps.unwrap_or(100);
         let max_grad_norm = self.max_grad_norm.unwrap_or(1.0);
-        Ok(RunSettings {
+        if max_grad_norm.is_nan() || max_grad_norm < 0.0 {
+            return Err(TrainError::config(
+                "max_grad_norm",
+                max_grad_norm,
+                "must be >= 0 (0 disables clipping)",
+            ));
+        }
+        let settings = RunSettings {
             data,
             instruction_field: self.instruction_field.unwrap_or(fields.instruction),
             input_field: match self.input_field {
@@ -323,31 +349,30 @@ impl TrainSettings {
             output_field: self.output_field.unwrap_or(fields.output),
             template: self.template.unwrap_or(Template::Alpaca),
             method: self.method.unwrap_or(Method::Bone),
-            r: positive("r", r)?,
-            mini_r: positive("mini_r", self.mini_r.unwrap_or(r))?,
+            r,
+            mini_r: self.mini_r.unwrap_or(r),
             lora_alpha: self.lora_alpha.unwrap_or(2.0 * r as f64),
             targets: self
                 .targets
                 .unwrap_or_else(|| projection_names().map(String::from).to_vec()),
             out,
-            batch_size: positive("batch_size", self.batch_size.unwrap_or(4))?,
-            max_len: positive("max_len", self.max_len.unwrap_or(512))?,
+            batch_size: self.batch_size.unwrap_or(4),
+            max_len: self.max_len.unwrap_or(512),
             seed: self.seed.unwrap_or(0),
             validation: self.validation.unwrap_or(0),
             skip_bad_lines: self.skip_bad_lines.unwrap_or(false),
+            max_line_bytes: self.max_line_bytes.unwrap_or_else(default_max_line_bytes),
             packing: self.packing.unwrap_or(false),
             gradient_checkpointing: self.gradient_checkpointing.unwrap_or(false),
             save_every: self.save_every.unwrap_or(0),
-            keep_checkpoints: positive("keep_checkpoints", self.keep_checkpoints.unwrap_or(2))?,
+            keep_checkpoints: self.keep_checkpoints.unwrap_or(2),
             eval_data: self.eval_data,
-            eval_max_new_tokens: positive(
-                "eval_max_new_tokens",
-                self.eval_max_new_tokens
-                    .unwrap_or_else(default_eval_max_new_tokens),
-            )?,
+            eval_max_new_tokens: self
+                .eval_max_new_tokens
+                .unwrap_or_else(default_eval_max_new_tokens),
             learner: LearnerConfig {
                 max_steps,
-                grad_accum: positive("grad_accum", self.grad_accum.unwrap_or(1))?,
+                grad_accum: self.grad_accum.unwrap_or(1),
                 schedule: LrSchedule {
                     peak: self.lr.unwrap_or(1e-4),
                     warmup_steps: self.warmup_steps.unwrap_or(0),
@@ -360,11 +385,96 @@ impl TrainSettings {
                 weight_decay: self.weight_decay.unwrap_or(0.0),
                 max_grad_norm: (max_grad_norm > 0.0).then_some(max_grad_norm),
             },
-        })
+        };
+        settings.validate()?;
+        Ok(settings)
     }
 }
 
+/// The largest value each count-like setting accepts: far above any real run, low enough that
+/// nothing sized from it can exhaust memory before the run starts.
+pub const SETTING_BOUNDS: &[(&str, usize)] = &[
+    ("r", 1 << 24),
+    ("mini_r", 1 << 24),
+    ("batch_size", 1 << 16),
+    ("grad_accum", 1 << 12),
+    ("max_len", 1 << 24),
+    ("max_steps", 1 << 40),
+    ("keep_checkpoints", 1 << 16),
+    ("eval_max_new_tokens", 1 << 24),
+    ("max_line_bytes", 1 << 30),
+];
+
 impl RunSettings {
+    /// Reads a run's `run.json` (as `disha train` writes it) and checks it like the flags it
+    /// came from.
+    ///
+    /// # Errors
+    /// I/O, a file over the text-file limit, invalid JSON, or a setting out of range — all
+    /// naming the file.
+    pub fn read(path: &Path) -> Result<Self, TrainError> {
+        let text = disha_core::limits::read_config_file(path)?;
+        let settings: Self = serde_json::from_str(&text).map_err(|e| TrainError::File {
+            path: path.to_path_buf(),
+            message: format!("invalid run settings: {e}"),
+        })?;
+        settings.validate().map_err(|e| TrainError::File {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        Ok(settings)
+    }
+
+    /// Checks every range, for settings resolved from flags and for a `run.json` read back on
+    /// `--resume` alike.
+    ///
+    /// # Errors
+    /// A count that is 0 or above [`SETTING_BOUNDS`], or an optimizer setting outside its
+    /// domain (see [`LearnerConfig::validate`]), naming the setting.
+    pub fn validate(&self) -> Result<(), TrainError> {
+        for (name, value) in [
+            ("r", self.r),
+            ("mini_r", self.mini_r),
+            ("batch_size", self.batch_size),
+            ("grad_accum", self.learner.grad_accum),
+            ("max_len", self.max_len),
+            ("max_steps", self.learner.max_steps),
+            ("keep_checkpoints", self.keep_checkpoints),
+            ("eval_max_new_tokens", self.eval_max_new_tokens),
+            ("max_line_bytes", self.max_line_bytes),
+        ] {
+            let bound = SETTING_BOUNDS
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map_or(usize::MAX, |(_, b)| *b);
+            if value == 0 {
+                return Err(TrainError::config(name, 0, "must be >= 1"));
+            }
+            if value > bound {
+                return Err(TrainError::config(
+                    name,
+                    value,
+                    format!("must be <= {bound}"),
+                ));
+            }
+        }
+        if !self.lora_alpha.is_finite() {
+            return Err(TrainError::config(
+                "lora_alpha",
+                self.lora_alpha,
+                "must be finite",
+            ));
+        }
+        if self.learner.schedule.total_steps != self.learner.max_steps {
+            return Err(TrainError::config(
+                "schedule.total_steps",
+                self.learner.schedule.total_steps,
+                format!("must equal max_steps {}", self.learner.max_steps),
+            ));
+        }
+        self.learner.validate()
+    }
+
     /// The field layout.
     pub fn field_map(&self) -> FieldMap {
         FieldMap {
@@ -389,7 +499,11 @@ impl RunSettings {
     /// # Errors
     /// As [`read_jsonl`].
     pub fn read_records(&self, path: &Path) -> Result<(Vec<Record>, usize), TrainError> {
-        read_jsonl(path, &self.field_map(), self.skip_bad_lines)
+        let options = JsonlOptions {
+            skip_bad_lines: self.skip_bad_lines,
+            max_line_bytes: self.max_line_bytes,
+        };
+        read_jsonl(path, &self.field_map(), options)
     }
 
     /// Tokenizes records of the training data with this run's template and `max_len`; returns

@@ -19,13 +19,22 @@ pub enum TrainError {
         /// The underlying error.
         source: std::io::Error,
     },
-    /// A dataset line is unusable (line 0: the file as a whole).
+    /// A dataset line is unusable.
     #[error("{path}:{line}: {message}")]
     Data {
         /// The dataset file.
         path: PathBuf,
         /// 1-based line number.
         line: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// A file as a whole is unusable: a dataset with no usable record, a run config that does
+    /// not parse, a checkpoint that does not belong to its run.
+    #[error("{path}: {message}")]
+    File {
+        /// The file (or directory).
+        path: PathBuf,
         /// What is wrong.
         message: String,
     },

@@ -5,34 +5,9 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
-fn disha(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_disha"))
-        .args(args)
-        .output()
-        .expect("the disha binary runs")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = disha(args);
-    assert!(
-        out.status.success(),
-        "disha {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// Runs a command that must fail; returns its stderr, checked to be one `error:` line.
-fn fails(args: &[&str]) -> String {
-    let out = disha(args);
-    assert!(!out.status.success(), "disha {args:?} should fail");
-    let err = String::from_utf8(out.stderr).unwrap();
-    assert!(err.starts_with("error: "), "{err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
-    err
-}
+use common::{disha, fails, losses, ok, s, tiny_run_inputs, tiny_train_args};
 
 fn fixtures() -> Option<PathBuf> {
     let root = std::env::var_os("DISHA_FIXTURES")
@@ -75,10 +50,6 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .zip(b)
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 #[test]
@@ -423,7 +394,10 @@ fn train_bone_on_gsm8k_with_smollm2() {
         "--out",
         s(&out),
     ]);
-    assert!(err.contains("metrics.jsonl"), "{err}");
+    assert!(
+        err.contains("holds an earlier run") && err.contains("continue it with --resume"),
+        "{err}"
+    );
     // `disha eval` exact match: SmolLM2 answers easy sums in chat format ("2 + 3 = 5").
     let easy = tmp.path().join("easy.jsonl");
     std::fs::write(
@@ -476,82 +450,6 @@ fn train_bone_on_gsm8k_with_smollm2() {
         s(&tmp.path().join("x")),
     ]);
     assert!(err.contains(":1:") && err.contains("answer"), "{err}");
-}
-
-/// A small random byte-level Llama as an HF directory, and an arithmetic JSONL dataset.
-fn tiny_run_inputs(dir: &Path) -> (PathBuf, PathBuf) {
-    use disha_models::llama::Llama;
-    let config = common::tiny_byte_level_config();
-    let device = burn::tensor::Device::default();
-    let model = Llama::from_source(
-        &config,
-        &mut disha_models::RandomWeights::new(&config, 0.2, 1),
-        &device,
-    )
-    .unwrap();
-    let model_dir = dir.join("tiny-model");
-    disha_models::export_merged(&model, &config.to_hf_json(), &[], &model_dir).unwrap();
-    let data = dir.join("sums.jsonl");
-    let lines: Vec<String> = (0..48)
-        .map(|i| {
-            format!(
-                r#"{{"question": "{}+{}=", "answer": "{}"}}"#,
-                i % 7,
-                i % 5,
-                i % 7 + i % 5
-            )
-        })
-        .collect();
-    std::fs::write(&data, lines.join("\n")).unwrap();
-    (model_dir, data)
-}
-
-fn losses(out: &Path) -> Vec<String> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            format!("{}:{}", v["step"], v["loss"])
-        })
-        .collect()
-}
-
-fn tiny_train_args<'a>(
-    model: &'a Path,
-    data: &'a Path,
-    out: &'a Path,
-    steps: &'a str,
-) -> Vec<&'a str> {
-    vec![
-        "train",
-        "--model",
-        s(model),
-        "--tokenizer",
-        "byte-level",
-        "--data",
-        s(data),
-        "--fields",
-        "gsm8k",
-        "--template",
-        "raw",
-        "--out",
-        s(out),
-        "--max-steps",
-        steps,
-        "--batch-size",
-        "4",
-        "--lr",
-        "1e-2",
-        "--warmup-steps",
-        "2",
-        "--seed",
-        "3",
-        "--save-every",
-        "4",
-        "--device",
-        "flex",
-    ]
 }
 
 /// 20 steps straight = 10 steps, stop, `--resume`, 10 more: the same loss trace, bit for bit.

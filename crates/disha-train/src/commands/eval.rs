@@ -18,6 +18,7 @@ pub fn run(args: EvalArgs) -> CliResult {
         template: args.template,
         max_len: Some(args.max_len),
         skip_bad_lines: Some(args.skip_bad_lines),
+        max_line_bytes: args.max_line_bytes,
         ..Default::default()
     }
     .resolve()?;
@@ -27,6 +28,7 @@ pub fn run(args: EvalArgs) -> CliResult {
     }
     let (loaded, _, _) = load_model_args(&args.model)?;
     let tokenizer = tokenizer_arg(args.tokenizer.as_deref(), &loaded)?;
+    tokenizer.check_fits(loaded.config().vocab_size)?;
     let model = &loaded.model;
     let mut report = String::new();
     let _ = writeln!(
@@ -40,7 +42,7 @@ pub fn run(args: EvalArgs) -> CliResult {
     if matches!(args.metric, EvalMetric::Loss | EvalMetric::All) {
         let pad = tokenizer.eos_id().unwrap_or(0);
         let (examples, dropped) = settings.encode(&records, &tokenizer)?;
-        let loss = mean_loss(model, &examples, args.batch_size, pad);
+        let loss = mean_loss(model, &examples, args.batch_size, pad)?;
         let _ = writeln!(
             report,
             "loss {loss:.4}  perplexity {:.3}  ({} examples, {} too long)",

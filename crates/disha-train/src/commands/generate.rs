@@ -11,7 +11,7 @@ use disha_models::{
 
 use super::{load_model_args, tokenizer_arg};
 use crate::cli::GenerateArgs;
-use crate::error::{CliError, CliResult};
+use crate::error::CliResult;
 
 /// Tokens that end an assistant turn in common chat formats.
 const END_OF_TURN: [&str; 4] = ["<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "</s>"];
@@ -21,10 +21,7 @@ fn tokenizer_for(args: &GenerateArgs, loaded: &LoadedModel) -> CliResult<TextTok
     if let Some(name) = &args.chat_template {
         let path = Path::new(name);
         if path.is_file() {
-            let text = std::fs::read_to_string(path).map_err(|e| CliError::File {
-                path: path.to_path_buf(),
-                message: e.to_string(),
-            })?;
+            let text = disha_core::limits::read_config_file(path)?;
             tokenizer.set_chat_template(&text, path.display().to_string())?;
         } else {
             // Validate the name early; the tokenizer's special tokens fill the template.

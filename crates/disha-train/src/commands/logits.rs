@@ -13,39 +13,18 @@ use crate::error::{CliError, CliResult};
 
 /// Reads the I64 (or I32) `input_ids` [batch, seq] tensor of a safetensors file.
 fn read_input_ids(path: &Path) -> CliResult<(Vec<i64>, [usize; 2])> {
-    let file_error = |message: String| CliError::File {
+    let file = disha_core::SafetensorsFile::open(path)?;
+    if !file.tensors().contains_key("input_ids") {
+        return Err(CliError::File {
+            path: path.to_path_buf(),
+            message: "no `input_ids` tensor".into(),
+        });
+    }
+    let (shape, ids) = file.read_i64("input_ids")?;
+    let shape: [usize; 2] = shape.as_slice().try_into().map_err(|_| CliError::File {
         path: path.to_path_buf(),
-        message,
-    };
-    let bytes = std::fs::read(path).map_err(|e| file_error(e.to_string()))?;
-    let file =
-        safetensors::SafeTensors::deserialize(&bytes).map_err(|e| file_error(e.to_string()))?;
-    let view = file
-        .tensor("input_ids")
-        .map_err(|_| file_error("no `input_ids` tensor".into()))?;
-    let shape: [usize; 2] = view.shape().try_into().map_err(|_| {
-        file_error(format!(
-            "`input_ids` has shape {:?}, expected [batch, seq]",
-            view.shape()
-        ))
+        message: format!("`input_ids` has shape {shape:?}, expected [batch, seq]"),
     })?;
-    let ids = match view.dtype() {
-        Dtype::I64 => view
-            .data()
-            .chunks_exact(8)
-            .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")))
-            .collect(),
-        Dtype::I32 => view
-            .data()
-            .chunks_exact(4)
-            .map(|b| i32::from_le_bytes(b.try_into().expect("4 bytes")) as i64)
-            .collect(),
-        other => {
-            return Err(file_error(format!(
-                "`input_ids` is {other:?}, expected I64 or I32"
-            )));
-        }
-    };
     Ok((ids, shape))
 }
 
@@ -97,7 +76,16 @@ pub fn run(args: LogitsArgs) -> CliResult {
         return Err(CliError::Usage("no token ids given".into()));
     }
     let (loaded, _, device) = load_model_args(&args.model)?;
-    loaded.model.check_ids(&ids)?;
+    loaded
+        .model
+        .check_ids(&ids)
+        .map_err(|e| match &args.tokens_file {
+            Some(path) => CliError::File {
+                path: path.clone(),
+                message: e.to_string(),
+            },
+            None => e.into(),
+        })?;
     let input = Tensor::<2, Int>::from_data(TensorData::new(ids.clone(), shape), &device);
     let logits = loaded.model.forward(input);
     let dims = logits.dims();

@@ -35,7 +35,16 @@ pub fn run(args: MergeArgs) -> CliResult {
     } else {
         Vec::new()
     };
-    export_merged(&loaded.model, &loaded.export_config(), &extra, &args.out)?;
+    export_merged(&loaded.model, &loaded.export_config(), &extra, &args.out).map_err(|e| {
+        match e {
+            // Weights out of range once merged: the adapter is what to look at.
+            disha_models::ModelError::NonFiniteExport { .. } => CliError::File {
+                path: args.adapter.clone(),
+                message: e.to_string(),
+            },
+            e => e.into(),
+        }
+    })?;
     println!(
         "merged {} into {} -> {} (model.safetensors, config.json{})",
         args.adapter.display(),

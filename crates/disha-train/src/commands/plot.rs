@@ -13,10 +13,7 @@ use crate::error::{CliError, CliResult};
 /// malformed one.
 pub fn read_losses(run: &Path) -> CliResult<Vec<(usize, f64)>> {
     let path = run.join("metrics.jsonl");
-    let text = std::fs::read_to_string(&path).map_err(|e| CliError::File {
-        path: path.clone(),
-        message: e.to_string(),
-    })?;
+    let text = disha_core::limits::read_text_file(&path)?;
     text.lines()
         .enumerate()
         .filter(|(_, line)| !line.trim().is_empty())
@@ -33,7 +30,7 @@ pub fn read_losses(run: &Path) -> CliResult<Vec<(usize, f64)>> {
 
 /// "Bone r16", from the run's `run.json`; the directory name where there is none.
 fn label(run: &Path) -> String {
-    std::fs::read_to_string(run.join("run.json"))
+    disha_core::limits::read_config_file(&run.join("run.json"))
         .ok()
         .and_then(|text| serde_json::from_str::<RunSettings>(&text).ok())
         .map(|s| format!("{} r{}", s.method.name(), s.r))

@@ -54,11 +54,71 @@ fn check_reload(
     Ok(diff)
 }
 
-/// What a run trains: its settings, the base model and the tokenizer spec.
+/// What a run trains: its settings, the base model and the tokenizer spec; for a new run, the
+/// guard that removes what the run created if it fails before its first step.
 struct RunInputs {
     settings: RunSettings,
     model: PathBuf,
     tokenizer: Option<String>,
+    guard: Option<RunDirGuard>,
+}
+
+/// Removes what a new run created in its directory — the directory itself when the run created
+/// it, else only the entries that were not there before — unless [`Self::disarm`]ed. Armed
+/// until the first step completes, so a run that fails (or panics) before that leaves nothing
+/// half-written behind; after it, the directory holds the metrics of what ran, and
+/// `--resume` continues from its newest checkpoint (or says why there is none).
+struct RunDirGuard {
+    dir: PathBuf,
+    /// The entries of `dir` before the run, `None` when it did not exist.
+    before: Option<std::collections::BTreeSet<std::ffi::OsString>>,
+    armed: bool,
+}
+
+impl RunDirGuard {
+    fn new(dir: &Path) -> Self {
+        // Anything already at `dir` (even a file) is never removed: only what the run adds.
+        let before = dir.exists().then(|| {
+            std::fs::read_dir(dir)
+                .map(|entries| entries.flatten().map(|e| e.file_name()).collect())
+                .unwrap_or_default()
+        });
+        Self {
+            dir: dir.to_path_buf(),
+            before,
+            armed: true,
+        }
+    }
+
+    fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for RunDirGuard {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        // Best effort: an error here must not hide the one that stopped the run.
+        match &self.before {
+            None => {
+                let _ = std::fs::remove_dir_all(&self.dir);
+            }
+            Some(before) => {
+                for entry in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+                    if !before.contains(&entry.file_name()) {
+                        let path = entry.path();
+                        let _ = if path.is_dir() {
+                            std::fs::remove_dir_all(&path)
+                        } else {
+                            std::fs::remove_file(&path)
+                        };
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// The inputs of a new run (flags over `--config` over defaults — the embedded demo's when no
@@ -76,13 +136,7 @@ fn inputs_for(args: &TrainArgs) -> CliResult<RunInputs> {
             .out
             .as_ref()
             .expect("clap requires --out with --resume");
-        let path = out.join("run.json");
-        let text = std::fs::read_to_string(&path).map_err(|e| file_error(&path, e))?;
-        let mut settings: RunSettings =
-            serde_json::from_str(&text).map_err(|e| CliError::File {
-                path: path.clone(),
-                message: e.to_string(),
-            })?;
+        let mut settings = RunSettings::read(&out.join("run.json"))?;
         settings.out = out.clone();
         let model = match &args.model {
             Some(model) => model.clone(),
@@ -102,6 +156,7 @@ fn inputs_for(args: &TrainArgs) -> CliResult<RunInputs> {
             settings,
             model,
             tokenizer,
+            guard: None,
         });
     }
     let file = match &args.config {
@@ -109,6 +164,7 @@ fn inputs_for(args: &TrainArgs) -> CliResult<RunInputs> {
         None => TrainSettings::default(),
     };
     let mut merged = args.settings.clone().or(file);
+    let mut guard = None;
     let model = match &args.model {
         Some(model) => model.clone(),
         None => {
@@ -123,6 +179,7 @@ fn inputs_for(args: &TrainArgs) -> CliResult<RunInputs> {
                 .clone()
                 .unwrap_or_else(embedded_demo::fresh_out_dir);
             refuse_earlier_run(&out)?;
+            guard = Some(RunDirGuard::new(&out));
             let paths = embedded_demo::write_out(&out)?;
             merged = merged.or(embedded_demo::defaults(&paths));
             merged.out = Some(out);
@@ -136,21 +193,35 @@ fn inputs_for(args: &TrainArgs) -> CliResult<RunInputs> {
         }
     };
     let settings = merged.resolve()?;
-    refuse_earlier_run(&settings.out)?;
+    if guard.is_none() {
+        refuse_earlier_run(&settings.out)?;
+        guard = Some(RunDirGuard::new(&settings.out));
+    }
     Ok(RunInputs {
         settings,
         model,
         tokenizer,
+        guard,
     })
 }
 
-/// A directory with a `metrics.jsonl` holds a run that only `--resume` may continue.
+/// A directory with a `run.json` or `metrics.jsonl` holds an earlier run: only `--resume` may
+/// continue it, and only from a checkpoint.
 fn refuse_earlier_run(out: &Path) -> CliResult {
-    let metrics_path = out.join("metrics.jsonl");
-    if metrics_path.exists() {
+    let marker = ["run.json", "metrics.jsonl"]
+        .map(|name| out.join(name))
+        .into_iter()
+        .find(|p| p.exists());
+    if let Some(marker) = marker {
+        let next = if checkpoint::list(out).is_empty() {
+            "it stopped before its first checkpoint, so there is nothing to resume; delete it or \
+             choose a new --out"
+        } else {
+            "continue it with --resume or choose a new --out"
+        };
         return Err(CliError::Usage(format!(
-            "{} exists: {} holds an earlier run; continue it with --resume or choose a new --out",
-            metrics_path.display(),
+            "{} exists: {} holds an earlier run; {next}",
+            marker.display(),
             out.display()
         )));
     }
@@ -160,7 +231,10 @@ fn refuse_earlier_run(out: &Path) -> CliResult {
 /// Keeps the metrics lines of steps `<= step` (a resumed run replays the steps after its
 /// checkpoint), rewriting the file atomically.
 fn truncate_metrics(path: &std::path::Path, step: usize) -> CliResult {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
+    if !path.exists() {
+        return Ok(());
+    }
+    let text = disha_core::limits::read_text_file(path)?;
     let kept: String = text
         .lines()
         .filter(|line| {
@@ -180,6 +254,7 @@ pub fn run(args: TrainArgs) -> CliResult {
         settings,
         model: model_path,
         tokenizer: tokenizer_spec,
+        mut guard,
     } = inputs_for(&args)?;
     let metrics_path = settings.out.join("metrics.jsonl");
     // Data errors (named by line) come before the model is loaded.
@@ -194,6 +269,9 @@ pub fn run(args: TrainArgs) -> CliResult {
     }
     let (loaded, _) = load_with_adapter(&model_path, None, &device)?;
     let tokenizer = tokenizer_arg(tokenizer_spec.as_deref(), &loaded)?;
+    // Every id the tokenizer can produce must index the model's embedding: checked once here,
+    // before any example is encoded (and again per batch by the learner).
+    tokenizer.check_fits(loaded.config().vocab_size)?;
     let pad = tokenizer
         .token_to_id("<|pad|>")
         .or(tokenizer.eos_id())
@@ -220,28 +298,27 @@ pub fn run(args: TrainArgs) -> CliResult {
     let peft = settings.peft_config();
     let mut val_before = None;
     let mut learner = if args.resume {
-        let ckpt = checkpoint::load_latest(&settings.out)?;
-        model.load_adapter(&ckpt.adapter_dir(), ADAPTER_NAME)?;
-        let model = freeze_all_but_active_adapters(model);
-        data.seek(ckpt.state.position);
+        let (learner, ckpt) = checkpoint::resume(&settings.out, &settings, model, &mut data)?;
         truncate_metrics(&metrics_path, ckpt.state.step)?;
         eprintln!(
             "resuming from {} (step {})",
             ckpt.dir.display(),
             ckpt.state.step
         );
-        Learner::resume(
-            model,
-            settings.learner.clone(),
-            ckpt.state.step,
-            &ckpt.state.param_ids,
-            ckpt.optimizer,
-        )?
+        learner
     } else {
         model.add_adapter(ADAPTER_NAME, &peft)?;
         let model = freeze_all_but_active_adapters(model);
-        val_before = (!validation.is_empty())
-            .then(|| mean_loss(&model.valid(), &validation, settings.batch_size, pad));
+        val_before = if validation.is_empty() {
+            None
+        } else {
+            Some(mean_loss(
+                &model.valid(),
+                &validation,
+                settings.batch_size,
+                pad,
+            )?)
+        };
         std::fs::create_dir_all(&settings.out).map_err(|e| file_error(&settings.out, e))?;
         if let Some(records) = &eval_records {
             eprintln!("exact match before training ({} questions):", records.len());
@@ -272,7 +349,7 @@ pub fn run(args: TrainArgs) -> CliResult {
         .open(&metrics_path)
         .map_err(|e| file_error(&metrics_path, e))?;
     let start = Instant::now();
-    let mut history: Vec<StepMetrics> = Vec::with_capacity(steps);
+    let mut history: Vec<StepMetrics> = Vec::new();
     while learner.step() < steps {
         let metrics = learner.train_step(&mut data)?;
         let line = serde_json::to_string(&metrics).expect("metrics serialize");
@@ -285,6 +362,10 @@ pub fn run(args: TrainArgs) -> CliResult {
         ));
         bar.inc(1);
         history.push(metrics);
+        // From the first completed step on, the directory records a run (see RunDirGuard).
+        if let Some(guard) = guard.as_mut() {
+            guard.disarm();
+        }
         let step = learner.step();
         let stopping = args.stop_after_steps == Some(history.len());
         if step == steps
@@ -316,8 +397,11 @@ pub fn run(args: TrainArgs) -> CliResult {
     model.save_adapter(ADAPTER_NAME, &peft, &adapter_dir)?;
     let trained = model.valid();
     let reload_diff = check_reload(&base, &trained, &adapter_dir, &data)?;
-    let val_loss = (!validation.is_empty())
-        .then(|| mean_loss(&trained, &validation, settings.batch_size, pad));
+    let val_loss = if validation.is_empty() {
+        None
+    } else {
+        Some(mean_loss(&trained, &validation, settings.batch_size, pad)?)
+    };
     let eval_after = match &eval_records {
         Some(records) => {
             eprintln!("exact match after training ({} questions):", records.len());
