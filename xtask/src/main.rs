@@ -6,6 +6,7 @@
 //! - `cargo xtask bench` — the benchmarks, with their summary tables.
 //! - `cargo xtask converge` — Bone vs LoRA vs BAT fine-tuning convergence on SmolLM2 + GSM8K.
 //! - `cargo xtask make-demo` — rebuild the embedded demo model and data under `assets/demo/`.
+//! - `cargo xtask fuzz` — a long fuzzing campaign over every reader (`crates/disha-fuzz`).
 
 mod converge;
 
@@ -50,6 +51,19 @@ enum Task {
         /// The shared assets directory.
         #[arg(long)]
         assets: Option<PathBuf>,
+    },
+    /// Fuzz every reader (release build of `disha-fuzz`): seeded mutations of model, adapter,
+    /// tokenizer, data and checkpoint files; report in target/fuzz/.
+    Fuzz {
+        /// Cases to run.
+        #[arg(long, default_value_t = 100_000)]
+        cases: u64,
+        /// Seed of the run (a case is reproducible from seed and index).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Only these targets (comma-separated; `cargo run -p disha-fuzz -- --list`).
+        #[arg(long)]
+        targets: Option<String>,
     },
     /// Pre-train the embedded demo model (tiny byte-level Llama, a+b and a-b) and write it with
     /// the fine-tuning data under assets/demo/ (release build; about 5 minutes on 2 cores).
@@ -211,6 +225,40 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Task::Fuzz {
+        cases,
+        seed,
+        targets,
+    } = &cli.command
+    {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+        let out = root.join("target/fuzz");
+        if let Err(e) = std::fs::create_dir_all(&out) {
+            eprintln!("xtask fuzz: {}: {e}", out.display());
+            return ExitCode::FAILURE;
+        }
+        let report = out.join(format!("report-seed{seed}.json"));
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut command = Command::new(cargo);
+        command
+            .args(["run", "--release", "-p", "disha-fuzz", "--"])
+            .args(["--cases", &cases.to_string(), "--seed", &seed.to_string()])
+            .args(["--json", &report.to_string_lossy()])
+            .current_dir(&root);
+        if let Some(targets) = targets {
+            command.args(["--targets", targets]);
+        }
+        return match command.status() {
+            Ok(s) if s.success() => {
+                println!("report: {}", report.display());
+                ExitCode::SUCCESS
+            }
+            _ => {
+                eprintln!("xtask fuzz: failures (report: {})", report.display());
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Task::MakeDemo { steps } = &cli.command {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -243,7 +291,9 @@ fn main() -> ExitCode {
             .iter()
             .chain(GPU_CHECK_STEPS.iter().filter(|_| !skip_gpu_check))
             .collect(),
-        Task::Converge { .. } | Task::MakeDemo { .. } => unreachable!("handled above"),
+        Task::Converge { .. } | Task::MakeDemo { .. } | Task::Fuzz { .. } => {
+            unreachable!("handled above")
+        }
         Task::Bench { which } => match which.as_str() {
             "adapters" => vec![&Step {
                 label: "bench: adapted linear, every method",
