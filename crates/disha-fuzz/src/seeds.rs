@@ -10,6 +10,7 @@ use burn::tensor::Device;
 use disha_core::{
     MissInit, PeftConfig, PeftModelExt, TargetModules, freeze_all_but_active_adapters,
 };
+use disha_models::CausalLm;
 use disha_models::llama::{Llama, LlamaConfig, RopeScaling};
 use disha_models::{RandomWeights, gguf_name};
 use disha_train::data::{DataLoader, Example};
@@ -118,10 +119,11 @@ fn files_under(dir: &Path) -> Files {
 }
 
 /// The tiny model with seeded random weights.
-pub fn tiny_model(device: &Device) -> Llama {
+pub fn tiny_model(device: &Device) -> CausalLm {
     let config = tiny_config();
     Llama::from_source(&config, &mut RandomWeights::new(&config, 0.2, 42), device)
         .expect("the tiny config is valid")
+        .into()
 }
 
 impl Seeds {
@@ -137,12 +139,13 @@ impl Seeds {
         disha_models::export_merged(&model, &config.to_hf_json(), &[], &f32_dir).expect("export");
         let mut bf16_config = config.clone();
         bf16_config.dtype = "bfloat16".into();
-        let bf16_model = Llama::from_source(
+        let bf16_model: CausalLm = Llama::from_source(
             &bf16_config,
             &mut RandomWeights::new(&bf16_config, 0.2, 42),
             &device,
         )
-        .expect("valid config");
+        .expect("valid config")
+        .into();
         let bf16_dir = dir.join("bf16");
         disha_models::export_merged(&bf16_model, &bf16_config.to_hf_json(), &[], &bf16_dir)
             .expect("export");
@@ -501,7 +504,7 @@ fn llama2c(config: &LlamaConfig) -> Vec<u8> {
 }
 
 /// A PEFT adapter directory for each method, on the projections and the untied head.
-fn adapters(model: &Llama, dir: &Path) -> Vec<Files> {
+fn adapters(model: &CausalLm, dir: &Path) -> Vec<Files> {
     let targets = || {
         TargetModules::Names(
             ["q_proj", "v_proj", "down_proj", "lm_head"]

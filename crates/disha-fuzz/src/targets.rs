@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use disha_core::{PeftModelExt, SafetensorsFile};
-use disha_models::llama::Llama;
+use disha_models::CausalLm;
 use disha_models::{ChatMessage, TextTokenizer, load_model};
 use disha_train::data::{
     DataLoader, FieldMap, JsonlOptions, PromptTemplate, encode_all, read_jsonl,
@@ -63,9 +63,9 @@ pub struct Context {
     /// Every seed.
     pub seeds: Seeds,
     /// The tiny model (Flex).
-    pub base: Llama,
+    pub base: CausalLm,
     /// The tiny model on an autodiff device, for checkpoint resumes.
-    pub base_autodiff: Llama,
+    pub base_autodiff: CausalLm,
 }
 
 impl Context {
@@ -155,7 +155,7 @@ pub const TARGETS: &[Target] = &[
             let loaded = load_model(&dir.join("model.gguf"), &Device::default()).map_err(text)?;
             let tokenizer = loaded.tokenizer().map_err(text)?;
             tokenizer
-                .check_fits(loaded.config().vocab_size)
+                .check_fits(loaded.model.vocab_size())
                 .map_err(text)?;
             let ids = tokenizer.encode("hello Hello he", true).map_err(text)?;
             if tokenizer.chat_template().is_some() {
@@ -416,7 +416,7 @@ fn write_files(dir: &Path, files: &Files) {
 }
 
 /// A forward pass over `ids` (skipped above [`MAX_FORWARD_TOKENS`] or when empty).
-fn forward(model: &Llama, ids: &[i64], shape: [usize; 2]) -> Result<(), String> {
+fn forward(model: &CausalLm, ids: &[i64], shape: [usize; 2]) -> Result<(), String> {
     if ids.is_empty() || ids.len() > MAX_FORWARD_TOKENS {
         return Ok(());
     }
@@ -429,7 +429,7 @@ fn forward(model: &Llama, ids: &[i64], shape: [usize; 2]) -> Result<(), String> 
 
 fn load_and_forward(path: &Path) -> Result<(), String> {
     let loaded = load_model(path, &Device::default()).map_err(text)?;
-    let vocab = loaded.config().vocab_size as i64;
+    let vocab = loaded.model.vocab_size() as i64;
     let ids: Vec<i64> = (0..6).map(|i| (i * 5) % vocab).collect();
     forward(&loaded.model, &ids, [1, 6])
 }

@@ -16,7 +16,9 @@ use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use criterion::Criterion;
 use disha_core::{PeftConfig, PeftModelExt, TargetModules, freeze_all_but_active_adapters};
-use disha_models::llama::{Llama, LlamaCache, causal_lm_loss, projection_names};
+use disha_models::causal_lm_loss;
+use disha_models::CausalLm;
+use disha_models::llama::projection_names;
 use disha_models::load_model;
 
 const GROUP: &str = "smollm2_135m_f32";
@@ -54,7 +56,7 @@ fn ids(device: &Device) -> Tensor<2, Int> {
     Tensor::from_data(TensorData::new(ids, [1, TOKENS]), device)
 }
 
-fn train_case(c: &mut Criterion, name: &str, base: &Llama, config: PeftConfig) {
+fn train_case(c: &mut Criterion, name: &str, base: &CausalLm, config: PeftConfig) {
     let device = base.device();
     let mut model = base.clone();
     model
@@ -123,7 +125,7 @@ fn main() {
         .bench_function(CASES[0].0, |b| {
             b.iter(|| black_box(inference.forward(input.clone()).into_data()))
         });
-    let mut prefilled = LlamaCache::new();
+    let mut prefilled = inference.new_decode_state();
     inference.forward_last(input.clone(), &mut prefilled);
     let next = Tensor::<2, Int>::from_data(TensorData::new(vec![42i64], [1, 1]), &device);
     c.benchmark_group(GROUP)

@@ -8,6 +8,7 @@ use half::{bf16, f16};
 use safetensors::{Dtype, tensor::TensorView};
 use serde_json::Value;
 
+use crate::causal_lm::CausalLm;
 use crate::error::{ModelError, Result};
 use crate::llama::Llama;
 use disha_core::AdaptableModel;
@@ -62,7 +63,7 @@ fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
 /// once merged ([`ModelError::NonFiniteExport`]: nothing is written); or I/O errors (naming the
 /// path).
 pub fn export_merged(
-    model: &Llama,
+    model: &CausalLm,
     config_json: &Value,
     extra_files: &[std::path::PathBuf],
     out: &Path,
@@ -83,10 +84,12 @@ pub fn export_merged(
             ));
         }
     }
-    let dtype = match model.config().dtype.as_str() {
-        "bfloat16" => Dtype::BF16,
-        "float16" => Dtype::F16,
-        _ => Dtype::F32,
+    let dtype = match model {
+        CausalLm::Llama(llama) => match llama.config().dtype.as_str() {
+            "bfloat16" => Dtype::BF16,
+            "float16" => Dtype::F16,
+            _ => Dtype::F32,
+        },
     };
     let mut tensors = Vec::new();
     // The first weight that is not finite once merged and converted to the export dtype: an
@@ -101,36 +104,9 @@ pub fn export_merged(
         }
         tensors.push(Encoded { name, shape, bytes })
     };
-    let embed = model.embed_tokens.weight.val();
-    push(
-        "model.embed_tokens.weight".into(),
-        embed.dims().to_vec(),
-        host(embed),
-    );
-    for (i, layer) in model.layers.iter().enumerate() {
-        for (norm, module) in [
-            ("input_layernorm", &layer.input_layernorm),
-            ("post_attention_layernorm", &layer.post_attention_layernorm),
-        ] {
-            let g = module.gamma.val();
-            push(
-                format!("model.layers.{i}.{norm}.weight"),
-                g.dims().to_vec(),
-                host(g),
-            );
-        }
+    match model {
+        CausalLm::Llama(llama) => llama_merged_tensors(llama, &mut push),
     }
-    let g = model.norm.gamma.val();
-    push("model.norm.weight".into(), g.dims().to_vec(), host(g));
-    model.visit_linears(&mut |site, linear| {
-        // Burn stores [in, out]; HF wants [out, in].
-        let w = linear.merged_weight().transpose();
-        push(format!("{}.weight", site.name), w.dims().to_vec(), host(w));
-        if let Some(b) = &linear.bias {
-            let b = b.val();
-            push(format!("{}.bias", site.name), b.dims().to_vec(), host(b));
-        }
-    });
     if let Some((name, index, value)) = broken {
         return Err(ModelError::NonFiniteExport {
             name,
@@ -193,4 +169,38 @@ pub fn export_merged(
         let _ = std::fs::remove_dir_all(&staged);
         ModelError::io(out, e)
     })
+}
+
+/// Every tensor of the merged Llama under its HF name, in PyTorch `[out, in]` layout.
+fn llama_merged_tensors(model: &Llama, push: &mut dyn FnMut(String, Vec<usize>, Vec<f32>)) {
+    let embed = model.embed_tokens.weight.val();
+    push(
+        "model.embed_tokens.weight".into(),
+        embed.dims().to_vec(),
+        host(embed),
+    );
+    for (i, layer) in model.layers.iter().enumerate() {
+        for (norm, module) in [
+            ("input_layernorm", &layer.input_layernorm),
+            ("post_attention_layernorm", &layer.post_attention_layernorm),
+        ] {
+            let g = module.gamma.val();
+            push(
+                format!("model.layers.{i}.{norm}.weight"),
+                g.dims().to_vec(),
+                host(g),
+            );
+        }
+    }
+    let g = model.norm.gamma.val();
+    push("model.norm.weight".into(), g.dims().to_vec(), host(g));
+    model.visit_linears(&mut |site, linear| {
+        // Burn stores [in, out]; HF wants [out, in].
+        let w = linear.merged_weight().transpose();
+        push(format!("{}.weight", site.name), w.dims().to_vec(), host(w));
+        if let Some(b) = &linear.bias {
+            let b = b.val();
+            push(format!("{}.bias", site.name), b.dims().to_vec(), host(b));
+        }
+    });
 }

@@ -1,13 +1,41 @@
-//! Autoregressive generation with a KV cache: greedy, temperature, top-k and top-p sampling
-//! (seeded), stop tokens and a streaming callback.
+//! Autoregressive generation with the model's decoding state (a KV cache for attention
+//! models): greedy, temperature, top-k and top-p sampling (seeded), stop tokens and a
+//! streaming callback.
 
 use std::ops::ControlFlow;
 
 use burn::tensor::{Int, Tensor, TensorData};
 
+use crate::causal_lm::CausalLm;
 use crate::error::{ModelError, Result};
-use crate::llama::{Llama, LlamaCache};
 use crate::rng::SplitMix64;
+use crate::tokenizer::TextTokenizer;
+
+/// End-of-turn / end-of-text markers of the common chat templates (ChatML, Llama 3, Llama 2).
+pub const END_OF_TURN_TOKENS: [&str; 4] = ["<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "</s>"];
+
+/// The ids that end a generated answer — one rule for `disha generate`, `disha eval` and the
+/// trainer's samples: the model configuration's EOS ids, the tokenizer's EOS, and those of
+/// [`END_OF_TURN_TOKENS`] the tokenizer knows, each once, in that order.
+pub fn stop_tokens(model: &CausalLm, tokenizer: &TextTokenizer) -> Vec<u32> {
+    let mut stop: Vec<u32> = Vec::new();
+    let candidates = model
+        .eos_token_ids()
+        .iter()
+        .copied()
+        .chain(tokenizer.eos_id())
+        .chain(
+            END_OF_TURN_TOKENS
+                .iter()
+                .filter_map(|t| tokenizer.token_to_id(t)),
+        );
+    for id in candidates {
+        if !stop.contains(&id) {
+            stop.push(id);
+        }
+    }
+    stop
+}
 
 /// How to pick each next token.
 #[derive(Clone, Debug, PartialEq)]
@@ -119,7 +147,7 @@ fn sample(logits: &[f32], config: &GenerationConfig, rng: &mut SplitMix64) -> u3
 /// # Errors
 /// An empty prompt, an id outside the vocabulary, or an invalid config.
 pub fn generate(
-    model: &Llama,
+    model: &CausalLm,
     prompt: &[u32],
     config: &GenerationConfig,
     on_token: &mut dyn FnMut(u32) -> ControlFlow<()>,
@@ -136,12 +164,12 @@ pub fn generate(
     model.check_ids(&ids)?;
     let device = model.device();
     let mut rng = SplitMix64::new(config.seed);
-    let mut cache = LlamaCache::new();
+    let mut state = model.new_decode_state();
     let mut input = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, prompt.len()]), &device);
     let mut out = Vec::new();
     for _ in 0..config.max_new_tokens {
         let logits = model
-            .forward_last(input, &mut cache)
+            .forward_last(input, &mut state)
             .into_data()
             .try_to_vec_as::<f32>()
             .expect("float logits");

@@ -1,10 +1,14 @@
 //! # disha-models
 //!
-//! Llama-family models for [disha](https://github.com/disha-rs/disha), written with Burn 0.22
-//! modules, every projection an [`disha_core::AdaptedLinear`] so PEFT adapters (MiSS / Bone,
-//! BAT, MiSS-mini, LoRA) load onto them by HF module name and reproduce transformers + PEFT.
+//! Causal language models for [disha](https://github.com/disha-rs/disha), written with Burn
+//! 0.22 modules, every projection an [`disha_core::AdaptedLinear`] so PEFT adapters (MiSS /
+//! Bone, BAT, MiSS-mini, LoRA) load onto them by module name and reproduce transformers + PEFT.
 //!
-//! - [`llama::Llama`]: the model (rotate-half RoPE, GQA, KV cache, tied or untied head).
+//! - [`CausalLm`]: the family-agnostic model everything after loading works on (forward,
+//!   packed forward, incremental decoding with a [`DecodeState`], vocabulary and stop ids,
+//!   merged export), a `#[derive(Module)]` enum over the families.
+//! - [`llama::Llama`]: the Llama family (rotate-half RoPE, GQA, KV cache, tied or untied head).
+//! - [`causal_lm_loss`]: the loss every family trains with, labels [`IGNORE_INDEX`] skipped.
 //! - Loading: [`load_model`] takes an HF directory (single or sharded safetensors, f32 / f16 /
 //!   bf16), a GGUF v3 file (F32, F16, BF16, Q8_0, Q4_0, Q4_1 dequantized into the frozen base),
 //!   or a llama2.c `.bin` checkpoint.
@@ -13,12 +17,13 @@
 //! - [`generate`]: greedy / temperature / top-k / top-p sampling, seeded, with stop tokens and a
 //!   streaming callback.
 //! - [`export_merged`]: a plain HF directory of the merged model that transformers can load.
-//! - Feature `burn-train`: `TrainStep` / `InferenceStep` for [`llama::Llama`] on
+//! - Feature `burn-train`: `TrainStep` / `InferenceStep` for [`CausalLm`] on
 //!   `CausalLmBatch`, so Burn's own training drivers can train it.
 #![warn(missing_docs)]
 
 #[cfg(feature = "burn-train")]
 mod burn_train;
+mod causal_lm;
 mod chat;
 mod error;
 mod export;
@@ -28,12 +33,14 @@ mod gguf_llama;
 pub mod llama;
 mod llama2c;
 mod load;
+mod loss;
 mod rng;
 mod tokenizer;
 mod weights;
 
 #[cfg(feature = "burn-train")]
 pub use burn_train::CausalLmBatch;
+pub use causal_lm::{CausalLm, DecodeState, ModelFamily};
 pub use chat::{ChatMessage, ChatTemplate};
 
 /// The built-in chat templates' Jinja sources.
@@ -42,10 +49,11 @@ pub mod chat_templates {
 }
 pub use error::{ModelError, Result};
 pub use export::export_merged;
-pub use generate::{GenerationConfig, generate};
+pub use generate::{END_OF_TURN_TOKENS, GenerationConfig, generate, stop_tokens};
 pub use gguf_llama::{GgufWeights, config_from_gguf, gguf_name, unpermute_rope_rows};
 pub use llama2c::Llama2cWeights;
 pub use load::{LoadedModel, ModelFormat, load_model, load_tokenizer};
+pub use loss::{IGNORE_INDEX, causal_lm_loss, causal_lm_loss_sum};
 pub use rng::SplitMix64;
 pub use tokenizer::TextTokenizer;
 pub use weights::{RandomWeights, SafetensorsWeights, WeightSource};

@@ -1,4 +1,5 @@
-//! One entry point for `--model PATH`: an HF directory or a GGUF file.
+//! One entry point for `--model PATH`: it dispatches on what it is given (an HF directory's
+//! `config.json`, a GGUF file, a llama2.c `.bin`) and returns a family-agnostic [`CausalLm`].
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -6,6 +7,7 @@ use std::path::{Path, PathBuf};
 use burn::tensor::Device;
 use serde_json::Value;
 
+use crate::causal_lm::CausalLm;
 use crate::error::{ModelError, Result};
 use crate::gguf::{GgufFile, GgufValue};
 use crate::gguf_llama::{GgufWeights, config_from_gguf};
@@ -29,7 +31,7 @@ pub enum ModelFormat {
 #[derive(Debug)]
 pub struct LoadedModel {
     /// The model (base weights frozen, no adapters yet).
-    pub model: Llama,
+    pub model: CausalLm,
     /// What was read.
     pub format: ModelFormat,
     /// The path given.
@@ -42,11 +44,6 @@ pub struct LoadedModel {
 }
 
 impl LoadedModel {
-    /// The architecture.
-    pub fn config(&self) -> &LlamaConfig {
-        self.model.config()
-    }
-
     /// The model's own tokenizer: the one embedded in a GGUF (from the metadata already read),
     /// else [`load_tokenizer`] on the model path.
     ///
@@ -62,9 +59,10 @@ impl LoadedModel {
     /// The `config.json` a merged export should carry: the original one for HF sources, one
     /// generated from the metadata for GGUF.
     pub fn export_config(&self) -> Value {
-        self.hf_config
-            .clone()
-            .unwrap_or_else(|| self.config().to_hf_json())
+        match (&self.hf_config, &self.model) {
+            (Some(json), _) => json.clone(),
+            (None, CausalLm::Llama(model)) => model.config().to_hf_json(),
+        }
     }
 }
 
@@ -93,7 +91,7 @@ pub fn load_model(path: &Path, device: &Device) -> Result<LoadedModel> {
         let config = config_from_gguf(&file)?;
         let gguf_metadata = Some(file.metadata.clone());
         let mut weights = GgufWeights::new(file, &config);
-        let model = Llama::from_source(&config, &mut weights, device)?;
+        let model = Llama::from_source(&config, &mut weights, device)?.into();
         return Ok(LoadedModel {
             model,
             format: ModelFormat::Gguf,
@@ -108,7 +106,7 @@ pub fn load_model(path: &Path, device: &Device) -> Result<LoadedModel> {
             .is_some_and(|e| e.eq_ignore_ascii_case("bin"))
     {
         let (config, mut weights) = Llama2cWeights::open(path)?;
-        let model = Llama::from_source(&config, &mut weights, device)?;
+        let model = Llama::from_source(&config, &mut weights, device)?.into();
         return Ok(LoadedModel {
             model,
             format: ModelFormat::Llama2c,
@@ -128,7 +126,7 @@ pub fn load_model(path: &Path, device: &Device) -> Result<LoadedModel> {
         .map_err(|e| ModelError::config(&config_path, "<json>", e.to_string()))?;
     let config = LlamaConfig::from_hf_json(&json, &config_path)?;
     let mut weights = SafetensorsWeights::open(path)?;
-    let model = Llama::from_source(&config, &mut weights, device)?;
+    let model = Llama::from_source(&config, &mut weights, device)?.into();
     Ok(LoadedModel {
         model,
         format: ModelFormat::HfSafetensors,

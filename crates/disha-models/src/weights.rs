@@ -5,6 +5,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use burn::tensor::{Device, Tensor, TensorData};
+use disha_core::AdaptedLinear;
 use disha_core::limits::read_config_file;
 use disha_core::{HostTensor, SafetensorsFile};
 use serde_json::Value;
@@ -29,6 +31,68 @@ pub trait WeightSource {
     fn display_name(&self, name: &str) -> String {
         name.to_string()
     }
+}
+
+// Builder helpers shared by every family: tensors taken by name with their shape and
+// finiteness checked, moved to the device, linears transposed into Burn's layout.
+
+/// Takes `name` from `source`, checking its shape.
+pub(crate) fn take(
+    source: &mut dyn WeightSource,
+    name: &str,
+    shape: &[usize],
+) -> Result<HostTensor> {
+    let tensor = source
+        .take(name)?
+        .ok_or_else(|| ModelError::MissingTensor {
+            path: source.path().to_path_buf(),
+            name: source.display_name(name),
+            needed_for: name.trim_end_matches(".weight").to_string(),
+        })?;
+    if tensor.shape != shape {
+        return Err(ModelError::TensorShape {
+            path: source.path().to_path_buf(),
+            name: source.display_name(name),
+            expected: shape.to_vec(),
+            actual: tensor.shape,
+        });
+    }
+    // A NaN or infinity in a weight is never meaningful: a corrupt file or a wrong read.
+    tensor.check_finite(source.path(), &source.display_name(name))?;
+    Ok(tensor)
+}
+
+pub(crate) fn device_tensor<const D: usize>(t: HostTensor, device: &Device) -> Tensor<D> {
+    let shape: [usize; D] = t.shape.try_into().expect("rank checked by `take`");
+    Tensor::from_data(TensorData::new(t.values, shape), device)
+}
+
+/// A frozen adaptable linear from a PyTorch `[out, in]` weight (transposed on the host into Burn's
+/// `[in, out]`).
+pub(crate) fn linear(
+    source: &mut dyn WeightSource,
+    name: &str,
+    [out, inp]: [usize; 2],
+    bias: bool,
+    device: &Device,
+) -> Result<AdaptedLinear> {
+    let w = take(source, &format!("{name}.weight"), &[out, inp])?;
+    let mut t = vec![0.0f32; out * inp];
+    for o in 0..out {
+        for i in 0..inp {
+            t[i * out + o] = w.values[o * inp + i];
+        }
+    }
+    let weight = Tensor::from_data(TensorData::new(t, [inp, out]), device);
+    let bias = if bias {
+        Some(device_tensor::<1>(
+            take(source, &format!("{name}.bias"), &[out])?,
+            device,
+        ))
+    } else {
+        None
+    };
+    Ok(AdaptedLinear::from_weights(weight, bias).with_label(name))
 }
 
 /// HF safetensors weights: `model.safetensors`, or the shards listed in

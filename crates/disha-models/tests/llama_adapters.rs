@@ -10,8 +10,7 @@ use burn::optim::{GradientsParams, SgdConfig};
 use burn::tensor::Device;
 use common::*;
 use disha_core::{PeftModelExt, freeze_all_but_active_adapters};
-use disha_models::llama::{Llama, causal_lm_loss};
-use disha_models::{export_merged, load_model};
+use disha_models::{CausalLm, causal_lm_loss, export_merged, load_model};
 
 /// The fixtures' suggested logit tolerance (see `llama_base.rs` for the reasoning).
 const LOGITS_TOL: f32 = 1e-4;
@@ -35,7 +34,7 @@ fn base_dir(variant: &Path) -> PathBuf {
     variant.parent().unwrap().join("base")
 }
 
-fn logits(model: &Llama, ids: &burn::tensor::Tensor<2, burn::tensor::Int>) -> Vec<f32> {
+fn logits(model: &CausalLm, ids: &burn::tensor::Tensor<2, burn::tensor::Int>) -> Vec<f32> {
     host(model.forward(ids.clone()))
 }
 

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use burn::tensor::Device;
 use common::*;
-use disha_models::llama::causal_lm_loss;
+use disha_models::causal_lm_loss;
 use disha_models::{ModelFormat, load_model};
 
 /// Logits reach |x| ≈ 4 here; f32 summation-order differences between PyTorch's and Burn's
@@ -29,8 +29,9 @@ fn check_base(model_dir: &Path, golden_path: &Path) {
         LOGITS_TOL,
     );
     eprintln!("{}: logits max |diff| {d:e}", model_dir.display());
-    let states = loaded.model.hidden_states(ids.clone());
-    assert_eq!(states.len(), loaded.config().num_hidden_layers + 1);
+    let llama = loaded.model.as_llama().expect("a Llama");
+    let states = llama.hidden_states(ids.clone());
+    assert_eq!(states.len(), llama.config().num_hidden_layers + 1);
     for (i, s) in states.into_iter().enumerate() {
         assert_close(
             &format!("hidden_states.{i}"),
@@ -65,13 +66,10 @@ fn incremental_decoding_equals_the_full_forward() {
     let golden = read_golden(&bundled_tiny().join("base_golden.safetensors"));
     let ids = ids_tensor(&golden["input_ids"], &device);
     let full = host(loaded.model.forward(ids.clone()));
+    let llama = loaded.model.as_llama().expect("a Llama");
     let mut cache = disha_models::llama::LlamaCache::new();
-    let first = loaded
-        .model
-        .forward_cached(ids.clone().narrow(1, 0, 5), &mut cache);
-    let rest = loaded
-        .model
-        .forward_cached(ids.clone().narrow(1, 5, 7), &mut cache);
+    let first = llama.forward_cached(ids.clone().narrow(1, 0, 5), &mut cache);
+    let rest = llama.forward_cached(ids.clone().narrow(1, 5, 7), &mut cache);
     assert_eq!(cache.len(), 12);
     let joined = host(burn::tensor::Tensor::cat(vec![first, rest], 1));
     // Same math in a different grouping: only rounding differs.

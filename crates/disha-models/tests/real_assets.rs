@@ -31,7 +31,7 @@ fn smollm2_gguf_greedy_decoding_matches_transformers() {
     let device = Device::default();
     let loaded = load_model(&gguf, &device).unwrap();
     assert_eq!(loaded.format, ModelFormat::Gguf);
-    let c = loaded.config();
+    let c = loaded.model.as_llama().expect("a Llama").config();
     assert_eq!(
         (
             c.hidden_size,
@@ -57,8 +57,8 @@ fn smollm2_gguf_greedy_decoding_matches_transformers() {
         ),
         &device,
     );
-    let mut cache = disha_models::llama::LlamaCache::new();
-    let last = host(loaded.model.forward_last(input, &mut cache));
+    let mut state = loaded.model.new_decode_state();
+    let last = host(loaded.model.forward_last(input, &mut state));
     let mut order: Vec<usize> = (0..last.len()).collect();
     order.sort_by(|&a, &b| last[b].total_cmp(&last[a]));
     let top5: Vec<u32> = order[..5].iter().map(|&i| i as u32).collect();
@@ -143,12 +143,12 @@ fn stories260k_loads_with_tied_embeddings_and_odd_mlp() {
     let Some(assets) = assets_root() else { return };
     let device = Device::default();
     let loaded = load_model(&assets.join("stories260K/hf"), &device).unwrap();
-    let c = loaded.config();
+    let c = loaded.model.as_llama().expect("a Llama").config();
     assert_eq!(
         (c.hidden_size, c.intermediate_size, c.vocab_size),
         (64, 172, 512)
     );
-    assert!(c.tie_word_embeddings && loaded.model.lm_head.is_none());
+    assert!(c.tie_word_embeddings && loaded.model.as_llama().expect("a Llama").lm_head.is_none());
     // Greedy continuation of BOS is deterministic and stays in the vocabulary; TinyStories
     // models emit a non-degenerate sequence (not one token repeated).
     let out = generate(
@@ -306,7 +306,14 @@ fn stories260k_llama2c_bin_and_hf_conversion_agree() {
     let bin = load_model(&assets.join("stories260K/stories260K.bin"), &device).unwrap();
     let hf = load_model(&assets.join("stories260K/hf"), &device).unwrap();
     assert_eq!(bin.format, ModelFormat::Llama2c);
-    assert_eq!(bin.config().num_key_value_heads, 4);
+    assert_eq!(
+        bin.model
+            .as_llama()
+            .expect("a Llama")
+            .config()
+            .num_key_value_heads,
+        4
+    );
     let ids: Vec<i64> = (0..40).map(|i| (i * 97 + 1) % 512).collect();
     let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [2, 20]), &device);
     let a = host(bin.model.forward(ids.clone()));

@@ -11,11 +11,10 @@ use std::time::Instant;
 use burn::tensor::Device;
 use clap::Parser;
 use disha_core::write_atomic;
-use disha_models::llama::Llama;
-use disha_models::{TextTokenizer, export_merged};
+use disha_models::{CausalLm, TextTokenizer, export_merged, stop_tokens};
 use disha_train::data::{PromptTemplate, Record, shuffle};
 use disha_train::demo::{Operation, PretrainConfig, demo_config, finetune_split, pretrain};
-use disha_train::evaluate::{exact_match, stop_tokens};
+use disha_train::evaluate::exact_match;
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -40,9 +39,9 @@ struct Args {
 }
 
 /// Exact match of `model` on `records`.
-fn accuracy(model: &Llama, records: &[Record]) -> f64 {
+fn accuracy(model: &CausalLm, records: &[Record]) -> f64 {
     let tokenizer = TextTokenizer::byte_level();
-    let stop = stop_tokens(&demo_config(), &tokenizer);
+    let stop = stop_tokens(model, &tokenizer);
     let correct = records
         .iter()
         .filter(|r| {

@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use disha_core::{PeftConfig, PeftModelExt, freeze_all_but_active_adapters, write_atomic};
-use disha_models::llama::Llama;
+use disha_models::CausalLm;
 use serde::{Deserialize, Serialize};
 
 use crate::TrainError;
@@ -241,7 +241,7 @@ impl Checkpoint {
 pub fn resume(
     out: &Path,
     settings: &RunSettings,
-    mut model: Llama,
+    mut model: CausalLm,
     data: &mut DataLoader,
 ) -> Result<(Learner, Checkpoint), TrainError> {
     let ckpt = load_latest(out)?;

@@ -85,7 +85,7 @@ pub struct EvalArgs {
     pub fields: Option<String>,
     /// Prompt template [default: alpaca].
     #[arg(long, value_enum)]
-    pub template: Option<disha_train::settings::Template>,
+    pub template: Option<disha_train::data::PromptTemplate>,
     /// What to measure.
     #[arg(long, value_enum, default_value_t = EvalMetric::All)]
     pub metric: EvalMetric,

@@ -13,7 +13,7 @@ use serde_json::Value;
 use crate::TrainError;
 
 /// The label of positions that do not count in the loss (PEFT / transformers convention).
-pub const IGNORE_INDEX: i64 = disha_models::llama::IGNORE_INDEX;
+pub const IGNORE_INDEX: i64 = disha_models::IGNORE_INDEX;
 
 /// Which JSON fields hold the instruction, the optional extra input, and the response.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,8 +44,11 @@ impl FieldMap {
     }
 }
 
-/// How a record becomes the prompt text.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How a record becomes the prompt text (`--template`, `template` in run settings).
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum PromptTemplate {
     /// Stanford Alpaca's prompt (with or without the `### Input:` block).
     Alpaca,
@@ -402,7 +405,7 @@ pub struct HostBatch {
     /// Real (non-padding) tokens.
     pub tokens: usize,
     /// Packed batches: the lengths of the sequences in each row, in order (the model attends
-    /// within each one only; see `Llama::forward_packed`). `None`: one sequence per row.
+    /// within each one only; see `CausalLm::forward_packed`). `None`: one sequence per row.
     pub segments: Option<Vec<Vec<usize>>>,
 }
 
@@ -437,7 +440,7 @@ pub fn collate(examples: &[&Example], pad_id: u32) -> HostBatch {
 /// `[rows, row_len']` batch, `row_len'` the longest row: sequences follow each other, padding
 /// fills the end. The first label of every sequence is [`IGNORE_INDEX`] (nothing predicts it,
 /// as in an unpacked row), so no loss term crosses a sequence boundary, and with the
-/// block-diagonal attention of `Llama::forward_packed` the loss and its gradient equal those
+/// block-diagonal attention of `CausalLm::forward_packed` the loss and its gradient equal those
 /// of the same examples unpacked.
 pub fn collate_packed(rows: &[Vec<&Example>], pad_id: u32) -> HostBatch {
     let len = |row: &Vec<&Example>| row.iter().map(|e| e.input_ids.len()).sum::<usize>();

@@ -9,6 +9,7 @@ use std::path::Path;
 
 use burn::module::{Module, ParamGroup};
 use burn::tensor::Device;
+use disha_models::CausalLm;
 use disha_models::RandomWeights;
 use disha_models::TextTokenizer;
 use disha_models::llama::{Llama, LlamaConfig, RopeScaling};
@@ -140,11 +141,13 @@ pub fn pretrain(
     config: &PretrainConfig,
     device: &Device,
     on_step: &mut dyn FnMut(&StepMetrics),
-) -> Result<Llama, TrainError> {
+) -> Result<CausalLm, TrainError> {
     let model_config = demo_config();
     let mut weights = RandomWeights::new(&model_config, 0.02, config.seed);
-    let model = Llama::from_source(&model_config, &mut weights, &device.clone().autodiff())
-        .map_err(|e| TrainError::config("demo model", "<random init>", e.to_string()))?;
+    let model: CausalLm =
+        Llama::from_source(&model_config, &mut weights, &device.clone().autodiff())
+            .map_err(|e| TrainError::config("demo model", "<random init>", e.to_string()))?
+            .into();
     // The base layers are built frozen (they are what adapters adapt); pre-training trains all.
     let all = ParamGroup::ids_from_module(model.clone());
     let model = model.set_require_grad_group(all, true);

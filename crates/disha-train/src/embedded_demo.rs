@@ -6,7 +6,8 @@
 use std::path::{Path, PathBuf};
 
 use disha_core::write_atomic;
-use disha_train::settings::{Method, Template, TrainSettings};
+use disha_train::data::PromptTemplate;
+use disha_train::settings::{Method, TrainSettings};
 
 use crate::error::{CliError, CliResult};
 
@@ -89,7 +90,7 @@ pub fn defaults(paths: &DemoPaths) -> TrainSettings {
         data: Some(paths.train.clone()),
         eval_data: Some(paths.eval.clone()),
         eval_max_new_tokens: Some(6),
-        template: Some(Template::Raw),
+        template: Some(PromptTemplate::Raw),
         method: Some(Method::Bone),
         r: Some(16),
         max_steps: Some(DEMO_STEPS),

@@ -8,8 +8,9 @@
 use std::ops::ControlFlow;
 
 use burn::tensor::{Int, Tensor, TensorData};
-use disha_models::llama::{Llama, LlamaConfig, causal_lm_loss_sum};
-use disha_models::{GenerationConfig, ModelError, TextTokenizer, generate};
+use disha_models::{
+    CausalLm, GenerationConfig, ModelError, TextTokenizer, causal_lm_loss_sum, generate,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::TrainError;
@@ -22,7 +23,7 @@ use crate::learner::check_batch;
 /// # Errors
 /// An id or label outside the model's vocabulary (checked per batch before the forward).
 pub fn mean_loss(
-    model: &Llama,
+    model: &CausalLm,
     examples: &[Example],
     batch_size: usize,
     pad: u32,
@@ -42,19 +43,6 @@ pub fn mean_loss(
         targets += batch.targets;
     }
     Ok(total / targets.max(1) as f64)
-}
-
-/// The tokens that end a generated answer: the model config's EOS ids, the tokenizer's EOS,
-/// and the end-of-turn tokens of the common chat templates the tokenizer knows.
-pub fn stop_tokens(config: &LlamaConfig, tokenizer: &TextTokenizer) -> Vec<u32> {
-    let mut stop = config.eos_token_ids.clone();
-    stop.extend(tokenizer.eos_id());
-    stop.extend(
-        ["<|im_end|>", "<|eot_id|>", "<|end_of_text|>"]
-            .iter()
-            .filter_map(|t| tokenizer.token_to_id(t)),
-    );
-    stop
 }
 
 /// One exact-match outcome (also a line of `disha eval --out`).
@@ -80,7 +68,7 @@ pub struct ExactMatch {
 /// # Errors
 /// Prompt rendering, tokenizer or generation failures.
 pub fn exact_match(
-    model: &Llama,
+    model: &CausalLm,
     tokenizer: &TextTokenizer,
     record: &Record,
     template: PromptTemplate,

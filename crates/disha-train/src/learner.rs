@@ -12,7 +12,7 @@ use burn::optim::{
     AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer, OptimizerRecord,
 };
 use burn::tensor::{Bytes, Int, Tensor, TensorData};
-use disha_models::llama::{Llama, causal_lm_loss_sum};
+use disha_models::{CausalLm, causal_lm_loss_sum};
 use serde::{Deserialize, Serialize};
 
 use crate::TrainError;
@@ -295,17 +295,17 @@ fn check_optimizer_state(
 ///
 /// # Errors
 /// [`disha_models::ModelError::TokenOutOfRange`] for the first bad id or label.
-pub fn check_batch(model: &Llama, batch: &HostBatch) -> Result<(), TrainError> {
+pub fn check_batch(model: &CausalLm, batch: &HostBatch) -> Result<(), TrainError> {
     model.check_ids(&batch.input_ids)?;
     if let Some(position) = batch
         .labels
         .iter()
-        .position(|&l| l != IGNORE_INDEX && (l < 0 || l as usize >= model.config().vocab_size))
+        .position(|&l| l != IGNORE_INDEX && (l < 0 || l as usize >= model.vocab_size()))
     {
         return Err(disha_models::ModelError::TokenOutOfRange {
             id: batch.labels[position],
             position,
-            vocab_size: model.config().vocab_size,
+            vocab_size: model.vocab_size(),
         }
         .into());
     }
@@ -314,7 +314,7 @@ pub fn check_batch(model: &Llama, batch: &HostBatch) -> Result<(), TrainError> {
 
 /// A model, its optimizer and the step counter.
 pub struct Learner {
-    model: Option<Llama>,
+    model: Option<CausalLm>,
     optim: ModuleOptimizer,
     config: LearnerConfig,
     step: usize,
@@ -335,7 +335,7 @@ impl Learner {
     ///
     /// # Errors
     /// An invalid config.
-    pub fn new(model: Llama, config: LearnerConfig) -> Result<Self, TrainError> {
+    pub fn new(model: CausalLm, config: LearnerConfig) -> Result<Self, TrainError> {
         config.validate()?;
         let optim = AdamWConfig::new()
             .with_beta_1(config.beta1)
@@ -364,7 +364,7 @@ impl Learner {
     /// number; an optimizer state that is too large, unreadable or does not belong to this
     /// adapter and step ([`TrainError::File`] naming the file and the first disagreement).
     pub fn resume(
-        model: Llama,
+        model: CausalLm,
         config: LearnerConfig,
         step: usize,
         param_ids: &[u64],
@@ -437,12 +437,12 @@ impl Learner {
     }
 
     /// The model being trained.
-    pub fn model(&self) -> &Llama {
+    pub fn model(&self) -> &CausalLm {
         self.model.as_ref().expect("the model is always put back")
     }
 
     /// Ends training, returning the model.
-    pub fn into_model(self) -> Llama {
+    pub fn into_model(self) -> CausalLm {
         self.model.expect("the model is always put back")
     }
 
@@ -466,7 +466,7 @@ impl Learner {
         }
         let model = self.model.take().expect("the model is always put back");
         let device = model.device();
-        let mut accumulator = GradientsAccumulator::<Llama>::new();
+        let mut accumulator = GradientsAccumulator::<CausalLm>::new();
         let mut loss_sum = 0.0;
         for batch in &batches {
             let ids = Tensor::<2, Int>::from_data(

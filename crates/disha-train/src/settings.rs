@@ -44,18 +44,6 @@ impl Method {
     }
 }
 
-/// How records become prompts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Template {
-    /// The Alpaca prompt of the DiSHA / MiSS papers.
-    Alpaca,
-    /// The tokenizer's chat template.
-    Chat,
-    /// The instruction text as is.
-    Raw,
-}
-
 /// Every `disha train` setting; unset ones come from `--config`, then the defaults.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, Args)]
 #[serde(default, deny_unknown_fields)]
@@ -78,7 +66,7 @@ pub struct TrainSettings {
     pub output_field: Option<String>,
     /// Prompt template [default: alpaca].
     #[arg(long, value_enum)]
-    pub template: Option<Template>,
+    pub template: Option<PromptTemplate>,
     /// Adapter family [default: bone].
     #[arg(long, value_enum)]
     pub method: Option<Method>,
@@ -181,7 +169,7 @@ pub struct RunSettings {
     /// Response field.
     pub output_field: String,
     /// Prompt template.
-    pub template: Template,
+    pub template: PromptTemplate,
     /// Adapter family.
     pub method: Method,
     /// Shard / block size or rank.
@@ -347,7 +335,7 @@ impl TrainSettings {
                 None => fields.input,
             },
             output_field: self.output_field.unwrap_or(fields.output),
-            template: self.template.unwrap_or(Template::Alpaca),
+            template: self.template.unwrap_or(PromptTemplate::Alpaca),
             method: self.method.unwrap_or(Method::Bone),
             r,
             mini_r: self.mini_r.unwrap_or(r),
@@ -486,11 +474,7 @@ impl RunSettings {
 
     /// The prompt template.
     pub fn prompt_template(&self) -> PromptTemplate {
-        match self.template {
-            Template::Alpaca => PromptTemplate::Alpaca,
-            Template::Chat => PromptTemplate::Chat,
-            Template::Raw => PromptTemplate::Raw,
-        }
+        self.template
     }
 
     /// Reads a JSONL file with this run's field layout and bad-line policy (the training data,

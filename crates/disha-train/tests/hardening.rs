@@ -27,7 +27,7 @@ fn model_dir(dir: &Path, name: &str, config: &LlamaConfig, final_norm: Option<f3
         model.norm.gamma = burn::module::Param::from_tensor(gamma).set_require_grad(false);
     }
     let out = dir.join(name);
-    disha_models::export_merged(&model, &config.to_hf_json(), &[], &out).unwrap();
+    disha_models::export_merged(&model.into(), &config.to_hf_json(), &[], &out).unwrap();
     out
 }
 

@@ -6,8 +6,8 @@ mod common;
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use disha_core::{PeftConfig, PeftModelExt, TargetModules, freeze_all_but_active_adapters};
-use disha_models::llama::{Llama, causal_lm_loss};
-use disha_models::{RandomWeights, TextTokenizer};
+use disha_models::llama::Llama;
+use disha_models::{CausalLm, RandomWeights, TextTokenizer, causal_lm_loss};
 use disha_train::data::{DataLoader, Example, PromptTemplate, Record, collate, encode_example};
 use disha_train::learner::{Learner, LearnerConfig, clip_grad_norm, global_grad_norm};
 use disha_train::schedule::{LrSchedule, ScheduleKind};
@@ -21,9 +21,11 @@ fn batch_of_one(e: &Example, device: &Device) -> (Tensor<2, Int>, Tensor<2, Int>
     )
 }
 
-fn model(device: &Device) -> Llama {
+fn model(device: &Device) -> CausalLm {
     let c = common::tiny_byte_level_config();
-    let mut m = Llama::from_source(&c, &mut RandomWeights::new(&c, 0.2, 7), device).unwrap();
+    let mut m: CausalLm = Llama::from_source(&c, &mut RandomWeights::new(&c, 0.2, 7), device)
+        .unwrap()
+        .into();
     m.add_adapter("default", &PeftConfig::miss(4, TargetModules::AllLinear))
         .unwrap();
     freeze_all_but_active_adapters(m)

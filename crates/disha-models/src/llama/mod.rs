@@ -7,12 +7,7 @@ mod model;
 mod rope;
 
 pub use attention::{LayerKv, LlamaAttention, PositionContext};
-#[cfg(all(test, feature = "burn-train"))]
-pub(crate) use config::tests_support;
 pub use config::{LlamaConfig, RopeScaling};
 pub use mlp::LlamaMlp;
-pub use model::{
-    IGNORE_INDEX, Llama, LlamaCache, LlamaDecoderLayer, causal_lm_loss, causal_lm_loss_sum,
-    hf_tensor_shapes, projection_names,
-};
+pub use model::{Llama, LlamaCache, LlamaDecoderLayer, hf_tensor_shapes, projection_names};
 pub use rope::{RotaryEmbedding, apply_rotary};

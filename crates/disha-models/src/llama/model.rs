@@ -2,19 +2,15 @@
 
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, RmsNorm, RmsNormConfig};
-use burn::tensor::activation::log_softmax;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
-use disha_core::{AdaptableModel, AdaptedLinear, HostTensor, LinearSite};
+use disha_core::{AdaptableModel, AdaptedLinear, LinearSite};
 
 use super::attention::{LayerKv, LlamaAttention, PositionContext};
 use super::config::LlamaConfig;
 use super::mlp::LlamaMlp;
 use super::rope::RotaryEmbedding;
 use crate::error::{ModelError, Result};
-use crate::weights::WeightSource;
-
-/// The label PEFT uses for positions excluded from the loss.
-pub const IGNORE_INDEX: i64 = -100;
+use crate::weights::{WeightSource, device_tensor, linear, take};
 
 /// One decoder layer: pre-norm attention and pre-norm MLP, each with a residual.
 #[derive(Module, Debug)]
@@ -117,61 +113,6 @@ pub(crate) fn layer_projections(config: &LlamaConfig, i: usize) -> [(String, [us
         k += 1;
         (name, shape, bias)
     })
-}
-
-/// Takes `name` from `source`, checking its shape.
-fn take(source: &mut dyn WeightSource, name: &str, shape: &[usize]) -> Result<HostTensor> {
-    let tensor = source
-        .take(name)?
-        .ok_or_else(|| ModelError::MissingTensor {
-            path: source.path().to_path_buf(),
-            name: source.display_name(name),
-            needed_for: name.trim_end_matches(".weight").to_string(),
-        })?;
-    if tensor.shape != shape {
-        return Err(ModelError::TensorShape {
-            path: source.path().to_path_buf(),
-            name: source.display_name(name),
-            expected: shape.to_vec(),
-            actual: tensor.shape,
-        });
-    }
-    // A NaN or infinity in a weight is never meaningful: a corrupt file or a wrong read.
-    tensor.check_finite(source.path(), &source.display_name(name))?;
-    Ok(tensor)
-}
-
-fn device_tensor<const D: usize>(t: HostTensor, device: &Device) -> Tensor<D> {
-    let shape: [usize; D] = t.shape.try_into().expect("rank checked by `take`");
-    Tensor::from_data(TensorData::new(t.values, shape), device)
-}
-
-/// A frozen adaptable linear from an HF `[out, in]` weight (transposed on the host into Burn's
-/// `[in, out]`).
-fn linear(
-    source: &mut dyn WeightSource,
-    name: &str,
-    [out, inp]: [usize; 2],
-    bias: bool,
-    device: &Device,
-) -> Result<AdaptedLinear> {
-    let w = take(source, &format!("{name}.weight"), &[out, inp])?;
-    let mut t = vec![0.0f32; out * inp];
-    for o in 0..out {
-        for i in 0..inp {
-            t[i * out + o] = w.values[o * inp + i];
-        }
-    }
-    let weight = Tensor::from_data(TensorData::new(t, [inp, out]), device);
-    let bias = if bias {
-        Some(device_tensor::<1>(
-            take(source, &format!("{name}.bias"), &[out])?,
-            device,
-        ))
-    } else {
-        None
-    };
-    Ok(AdaptedLinear::from_weights(weight, bias).with_label(name))
 }
 
 fn rms_norm(
@@ -428,50 +369,8 @@ impl Llama {
     /// # Errors
     /// [`ModelError::TokenOutOfRange`] naming the first bad id and its position.
     pub fn check_ids(&self, ids: &[i64]) -> Result<()> {
-        let vocab_size = self.config.vocab_size;
-        match ids
-            .iter()
-            .position(|&id| id < 0 || id as usize >= vocab_size)
-        {
-            Some(position) => Err(ModelError::TokenOutOfRange {
-                id: ids[position],
-                position,
-                vocab_size,
-            }),
-            None => Ok(()),
-        }
+        crate::causal_lm::check_ids(ids, self.config.vocab_size)
     }
-}
-
-/// transformers' causal-LM loss: logits at position `t` predict `labels[t + 1]`; positions
-/// labelled [`IGNORE_INDEX`] are skipped; the mean is over the remaining targets.
-///
-/// # Shapes
-/// - logits: `[batch, seq, vocab]`, labels: `[batch, seq]` → `[1]`
-pub fn causal_lm_loss(logits: Tensor<3>, labels: Tensor<2, Int>) -> Tensor<1> {
-    let s = logits.dims()[1];
-    let keep = labels
-        .clone()
-        .narrow(1, 1, s - 1)
-        .not_equal_elem(IGNORE_INDEX)
-        .float()
-        .sum()
-        .clamp_min(1.0);
-    causal_lm_loss_sum(logits, labels) / keep
-}
-
-/// The *sum* of the per-token cross-entropies of [`causal_lm_loss`] (for normalizing over a
-/// whole accumulated batch).
-///
-/// # Shapes
-/// - logits: `[batch, seq, vocab]`, labels: `[batch, seq]` → `[1]`
-pub fn causal_lm_loss_sum(logits: Tensor<3>, labels: Tensor<2, Int>) -> Tensor<1> {
-    let [b, s, v] = logits.dims();
-    let logits = logits.narrow(1, 0, s - 1).reshape([b * (s - 1), v]);
-    let targets = labels.narrow(1, 1, s - 1).reshape([b * (s - 1), 1]);
-    let keep = targets.clone().not_equal_elem(IGNORE_INDEX).float();
-    let picked = log_softmax(logits, 1).gather(1, targets.clamp_min(0));
-    (picked * keep).sum().neg()
 }
 
 impl AdaptableModel for Llama {

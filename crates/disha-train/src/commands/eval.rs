@@ -1,7 +1,8 @@
 //! `disha eval`: loss / perplexity on a dataset, and GSM8K-style exact match by greedy
 //! generation, with a per-example JSONL of outputs.
 
-use disha_train::evaluate::{mean_loss, stop_tokens};
+use disha_models::stop_tokens;
+use disha_train::evaluate::mean_loss;
 use disha_train::settings::TrainSettings;
 use std::fmt::Write as _;
 
@@ -28,7 +29,7 @@ pub fn run(args: EvalArgs) -> CliResult {
     }
     let (loaded, _, _) = load_model_args(&args.model)?;
     let tokenizer = tokenizer_arg(args.tokenizer.as_deref(), &loaded)?;
-    tokenizer.check_fits(loaded.config().vocab_size)?;
+    tokenizer.check_fits(loaded.model.vocab_size())?;
     let model = &loaded.model;
     let mut report = String::new();
     let _ = writeln!(
@@ -53,7 +54,7 @@ pub fn run(args: EvalArgs) -> CliResult {
     }
 
     if matches!(args.metric, EvalMetric::ExactMatch | EvalMetric::All) {
-        let stop = stop_tokens(loaded.config(), &tokenizer);
+        let stop = stop_tokens(&loaded.model, &tokenizer);
         let outcomes = exact_match_all(
             model,
             &tokenizer,

@@ -13,9 +13,6 @@ use super::{load_model_args, tokenizer_arg};
 use crate::cli::GenerateArgs;
 use crate::error::CliResult;
 
-/// Tokens that end an assistant turn in common chat formats.
-const END_OF_TURN: [&str; 4] = ["<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "</s>"];
-
 fn tokenizer_for(args: &GenerateArgs, loaded: &LoadedModel) -> CliResult<TextTokenizer> {
     let mut tokenizer = tokenizer_arg(args.tokenizer.as_deref(), loaded)?;
     if let Some(name) = &args.chat_template {
@@ -50,11 +47,7 @@ pub fn run(args: GenerateArgs) -> CliResult {
     } else {
         tokenizer.encode(&args.prompt, true)?
     };
-    let mut stop_tokens: Vec<u32> = loaded.config().eos_token_ids.clone();
-    stop_tokens.extend(tokenizer.eos_id());
-    if args.chat {
-        stop_tokens.extend(END_OF_TURN.iter().filter_map(|t| tokenizer.token_to_id(t)));
-    }
+    let stop_tokens = disha_models::stop_tokens(&loaded.model, &tokenizer);
     let config = GenerationConfig {
         max_new_tokens: args.max_new_tokens,
         temperature: args.temperature,

@@ -14,28 +14,16 @@ use crate::error::CliResult;
 pub fn run(args: InspectArgs) -> CliResult {
     let mut out = String::new();
     let (loaded, adapter, _) = load_model_args(&args.model)?;
-    let c = loaded.config();
     let format = match loaded.format {
         ModelFormat::HfSafetensors => "HF safetensors",
         ModelFormat::Gguf => "GGUF (dequantized to f32)",
         ModelFormat::Llama2c => "llama2.c checkpoint",
     };
     let _ = writeln!(out, "model        {} [{format}]", loaded.path.display());
-    let _ = writeln!(
-        out,
-        "architecture Llama: {} layers, hidden {}, MLP {}, heads {} (kv {}), head_dim {}",
-        c.num_hidden_layers,
-        c.hidden_size,
-        c.intermediate_size,
-        c.num_attention_heads,
-        c.num_key_value_heads,
-        c.head_dim
-    );
-    let _ = writeln!(
-        out,
-        "             vocab {}, rope_theta {}, rope scaling {:?}, rms eps {:e}, tied head {}, dtype {}",
-        c.vocab_size, c.rope_theta, c.rope_scaling, c.rms_norm_eps, c.tie_word_embeddings, c.dtype
-    );
+    for (i, line) in loaded.model.architecture().lines().enumerate() {
+        let label = if i == 0 { "architecture" } else { "" };
+        let _ = writeln!(out, "{label:<12} {line}");
+    }
     let _ = match loaded.tokenizer() {
         Ok(t) => writeln!(
             out,

@@ -14,8 +14,7 @@ use std::time::Instant;
 
 use burn::tensor::Device;
 use disha_core::{PeftConfig, PeftModelExt};
-use disha_models::llama::Llama;
-use disha_models::{LoadedModel, TextTokenizer, load_model};
+use disha_models::{CausalLm, LoadedModel, TextTokenizer, load_model};
 use disha_train::data::{PromptTemplate, Record};
 use disha_train::evaluate::{ExactMatch, exact_match};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -101,7 +100,7 @@ pub fn progress_bar(len: usize) -> ProgressBar {
 /// outcome is appended to `out` (one JSON object per line) as soon as it is known, so an
 /// interrupted evaluation keeps what it did.
 pub fn exact_match_all(
-    model: &Llama,
+    model: &CausalLm,
     tokenizer: &TextTokenizer,
     records: &[Record],
     template: PromptTemplate,

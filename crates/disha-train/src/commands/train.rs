@@ -7,10 +7,10 @@ use std::time::Instant;
 use burn::module::Module;
 use burn::tensor::{Int, Tensor, TensorData};
 use disha_core::{PeftModelExt, freeze_all_but_active_adapters, write_atomic};
-use disha_models::llama::Llama;
+use disha_models::{CausalLm, stop_tokens};
 use disha_train::checkpoint::{self, ADAPTER_NAME};
 use disha_train::data::{DataLoader, split_validation};
-use disha_train::evaluate::{ExactMatch, mean_loss, stop_tokens};
+use disha_train::evaluate::{ExactMatch, mean_loss};
 use disha_train::learner::{Learner, StepMetrics};
 use disha_train::plot::{Series, loss_chart};
 use disha_train::settings::{RunSettings, TrainSettings};
@@ -23,8 +23,8 @@ use crate::error::{CliError, CliResult};
 /// Loads the saved adapter onto a fresh copy of the base model and compares its logits with
 /// the trained model's on one training batch: the directory written must reproduce the run.
 fn check_reload(
-    base: &Llama,
-    trained: &Llama,
+    base: &CausalLm,
+    trained: &CausalLm,
     dir: &std::path::Path,
     data: &DataLoader,
 ) -> CliResult<f32> {
@@ -33,7 +33,7 @@ fn check_reload(
     let batch = data.clone().next_batch();
     let device = trained.device();
     let ids = Tensor::<2, Int>::from_data(TensorData::new(batch.input_ids, batch.shape), &device);
-    let host = |m: &Llama| {
+    let host = |m: &CausalLm| {
         m.forward(ids.clone())
             .into_data()
             .try_to_vec_as::<f32>()
@@ -271,7 +271,7 @@ pub fn run(args: TrainArgs) -> CliResult {
     let tokenizer = tokenizer_arg(tokenizer_spec.as_deref(), &loaded)?;
     // Every id the tokenizer can produce must index the model's embedding: checked once here,
     // before any example is encoded (and again per batch by the learner).
-    tokenizer.check_fits(loaded.config().vocab_size)?;
+    tokenizer.check_fits(loaded.model.vocab_size())?;
     let pad = tokenizer
         .token_to_id("<|pad|>")
         .or(tokenizer.eos_id())
@@ -291,7 +291,7 @@ pub fn run(args: TrainArgs) -> CliResult {
     }
 
     // Adapter and learner: fresh, or from the newest checkpoint.
-    let stop = stop_tokens(loaded.config(), &tokenizer);
+    let stop = stop_tokens(&loaded.model, &tokenizer);
     let base = loaded.model.valid();
     let mut model = loaded.model;
     device.seed(settings.seed);

@@ -79,7 +79,7 @@ pub fn tiny_run_inputs(dir: &Path) -> (PathBuf, PathBuf) {
     )
     .unwrap();
     let model_dir = dir.join("tiny-model");
-    disha_models::export_merged(&model, &config.to_hf_json(), &[], &model_dir).unwrap();
+    disha_models::export_merged(&model.into(), &config.to_hf_json(), &[], &model_dir).unwrap();
     let data = dir.join("sums.jsonl");
     let lines: Vec<String> = (0..48)
         .map(|i| {
