@@ -27,7 +27,8 @@ struct Cli {
 enum Task {
     /// Run every CI check, in CI's order, stopping at the first failure.
     Ci {
-        /// Skip the GPU-backend type-checks (they compile wgpu / CUDA crates: several minutes cold).
+        /// Skip the opt-in feature steps (burn-train, the WGPU kernel suite on lavapipe, the CUDA
+        /// type-check): they build the Burn stack with other features, tens of minutes cold.
         #[arg(long)]
         skip_gpu_check: bool,
     },
@@ -105,52 +106,28 @@ const CI_STEPS: &[Step] = &[
         args: &["test", "--workspace"],
         env: &[],
     },
-    // The opt-in burn-train integration: linted and tested on its own, since enabling it
-    // changes Flex's features (SIMD + threads) for the whole build.
-    Step {
-        label: "clippy, feature burn-train",
-        args: &[
-            "clippy",
-            "-p",
-            "disha-models",
-            "--features",
-            "burn-train",
-            "--all-targets",
-            "--",
-            "-D",
-            "warnings",
-        ],
-        env: &[],
-    },
-    Step {
-        label: "tests, feature burn-train",
-        args: &[
-            "test",
-            "-p",
-            "disha-models",
-            "--features",
-            "burn-train",
-            "--lib",
-            "burn_train",
-        ],
-        env: &[],
-    },
 ];
 
-/// The opt-in backends. The CubeCL kernels are linted, and run on the CPU through WGPU over
-/// Mesa's software Vulkan driver (lavapipe; `.ci/run` installs it): the kernel suite against the
-/// reference, and the Llama adapter goldens (logits, gradients, 3 SGD steps) with the kernels
-/// active. CUDA builds normally need `nvcc` or LLVM at build time; `DOCS_RS=1` with an explicit
-/// `CUDARC_CUDA_VERSION` type-checks without either.
+/// The opt-in features: burn-train's `TrainStep` / `InferenceStep`, and the backends. The
+/// CubeCL kernels run on the CPU through WGPU over Mesa's software Vulkan driver (lavapipe;
+/// `.ci/run` installs it): the kernel suite against the reference, the Llama adapter goldens
+/// (logits, gradients, 3 SGD steps) with the kernels active, and the burn-train step. Each
+/// group of features is built once: one clippy over every opt-in feature (a check build), one
+/// test build. CUDA builds normally need `nvcc` or LLVM at build time; `DOCS_RS=1` with an
+/// explicit `CUDARC_CUDA_VERSION` type-checks without either.
 const GPU_CHECK_STEPS: &[Step] = &[
     Step {
-        label: "clippy, CubeCL kernels (wgpu, fusion)",
+        label: "clippy, opt-in features (burn-train, wgpu, fusion)",
         args: &[
             "clippy",
             "-p",
             "disha-core",
+            "-p",
+            "disha-models",
+            "-p",
+            "disha-train",
             "--features",
-            "wgpu,fusion",
+            "disha-train/burn-train,disha-train/wgpu,disha-train/fusion",
             "--all-targets",
             "--",
             "-D",
@@ -158,9 +135,9 @@ const GPU_CHECK_STEPS: &[Step] = &[
         ],
         env: &[],
     },
-    // One invocation, so the WGPU build of the Burn stack is shared by both test targets.
+    // One invocation, so the WGPU build of the Burn stack is shared by the three test targets.
     Step {
-        label: "kernel suite + Llama adapter goldens on WGPU (lavapipe), kernels active",
+        label: "kernel suite + Llama adapter goldens + burn-train step on WGPU (lavapipe)",
         args: &[
             "test",
             "-p",
@@ -168,17 +145,14 @@ const GPU_CHECK_STEPS: &[Step] = &[
             "-p",
             "disha-models",
             "--features",
-            "disha-core/wgpu,disha-models/wgpu",
+            "disha-core/wgpu,disha-models/wgpu,disha-models/burn-train",
             "--test",
             "kernels",
             "--test",
             "llama_adapters",
+            "--test",
+            "burn_train",
         ],
-        env: &[],
-    },
-    Step {
-        label: "type-check wgpu backend",
-        args: &["check", "-p", "disha-train", "--features", "wgpu,fusion"],
         env: &[],
     },
     Step {
