@@ -16,8 +16,8 @@ use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use criterion::Criterion;
 use disha_core::{PeftConfig, PeftModelExt, TargetModules, freeze_all_but_active_adapters};
-use disha_models::causal_lm_loss;
 use disha_models::CausalLm;
+use disha_models::causal_lm_loss;
 use disha_models::llama::projection_names;
 use disha_models::load_model;
 

@@ -12,12 +12,15 @@ use disha_core::{AdaptableModel, AdaptedLinear, LinearSite};
 
 use crate::error::{ModelError, Result};
 use crate::llama::{Llama, LlamaCache};
+use crate::rwkv::{Rwkv7, RwkvState};
 
 /// The model families disha implements.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ModelFamily {
     /// Llama 2/3/3.1/3.2, TinyLlama, SmolLM2, Mistral-style GQA ([`crate::llama`]).
     Llama,
+    /// RWKV-7 "x070" ([`crate::rwkv`]).
+    Rwkv7,
 }
 
 impl ModelFamily {
@@ -25,6 +28,7 @@ impl ModelFamily {
     pub fn name(self) -> &'static str {
         match self {
             Self::Llama => "Llama",
+            Self::Rwkv7 => "RWKV-7",
         }
     }
 }
@@ -45,6 +49,8 @@ impl std::fmt::Display for ModelFamily {
 pub enum CausalLm {
     /// A Llama-family decoder.
     Llama(Llama),
+    /// An RWKV-7 model.
+    Rwkv7(Rwkv7),
 }
 
 impl From<Llama> for CausalLm {
@@ -53,12 +59,20 @@ impl From<Llama> for CausalLm {
     }
 }
 
+impl From<Rwkv7> for CausalLm {
+    fn from(model: Rwkv7) -> Self {
+        Self::Rwkv7(model)
+    }
+}
+
 /// What incremental decoding carries from one call to the next: a key/value cache for
-/// attention models.
+/// attention models, the recurrent state for RWKV.
 #[derive(Clone, Debug)]
 pub enum DecodeState {
     /// Llama's per-layer key/value cache.
     Llama(LlamaCache),
+    /// RWKV's recurrent state (O(1) in the sequence length).
+    Rwkv7(RwkvState),
 }
 
 impl DecodeState {
@@ -66,6 +80,7 @@ impl DecodeState {
     pub fn len(&self) -> usize {
         match self {
             Self::Llama(cache) => cache.len(),
+            Self::Rwkv7(state) => state.len,
         }
     }
 
@@ -80,6 +95,7 @@ impl CausalLm {
     pub fn family(&self) -> ModelFamily {
         match self {
             Self::Llama(_) => ModelFamily::Llama,
+            Self::Rwkv7(_) => ModelFamily::Rwkv7,
         }
     }
 
@@ -87,6 +103,15 @@ impl CausalLm {
     pub fn as_llama(&self) -> Option<&Llama> {
         match self {
             Self::Llama(model) => Some(model),
+            Self::Rwkv7(_) => None,
+        }
+    }
+
+    /// The RWKV-7 model, if this is one.
+    pub fn as_rwkv7(&self) -> Option<&Rwkv7> {
+        match self {
+            Self::Rwkv7(model) => Some(model),
+            Self::Llama(_) => None,
         }
     }
 
@@ -94,6 +119,7 @@ impl CausalLm {
     pub fn vocab_size(&self) -> usize {
         match self {
             Self::Llama(model) => model.config().vocab_size,
+            Self::Rwkv7(model) => model.config().vocab_size,
         }
     }
 
@@ -101,6 +127,8 @@ impl CausalLm {
     pub fn eos_token_ids(&self) -> &[u32] {
         match self {
             Self::Llama(model) => &model.config().eos_token_ids,
+            // BlinkDL checkpoints carry no config; the tokenizer supplies the stop ids.
+            Self::Rwkv7(_) => &[],
         }
     }
 
@@ -108,6 +136,7 @@ impl CausalLm {
     pub fn device(&self) -> Device {
         match self {
             Self::Llama(model) => model.device(),
+            Self::Rwkv7(model) => model.device(),
         }
     }
 
@@ -134,6 +163,23 @@ impl CausalLm {
                     c.dtype
                 )
             }
+            Self::Rwkv7(model) => {
+                let c = model.config();
+                format!(
+                    "RWKV-7: {} layers, hidden {}, FFN {}, heads {} × {}\n\
+                     vocab {}, low-rank widths decay {} / iclr {} / value {} / gate {}",
+                    c.num_layers,
+                    c.hidden_size,
+                    c.ffn_size,
+                    c.num_heads,
+                    c.head_size,
+                    c.vocab_size,
+                    c.decay_rank,
+                    c.iclr_rank,
+                    c.value_rank,
+                    c.gate_rank
+                )
+            }
         }
     }
 
@@ -144,6 +190,7 @@ impl CausalLm {
     pub fn forward(&self, input_ids: Tensor<2, Int>) -> Tensor<3> {
         match self {
             Self::Llama(model) => model.forward(input_ids),
+            Self::Rwkv7(model) => model.forward(input_ids),
         }
     }
 
@@ -160,6 +207,7 @@ impl CausalLm {
     pub fn forward_packed(&self, input_ids: Tensor<2, Int>, segments: &[Vec<usize>]) -> Tensor<3> {
         match self {
             Self::Llama(model) => model.forward_packed(input_ids, segments),
+            Self::Rwkv7(model) => model.forward_packed(input_ids, segments),
         }
     }
 
@@ -167,6 +215,7 @@ impl CausalLm {
     pub fn new_decode_state(&self) -> DecodeState {
         match self {
             Self::Llama(_) => DecodeState::Llama(LlamaCache::new()),
+            Self::Rwkv7(model) => DecodeState::Rwkv7(model.zero_state(1)),
         }
     }
 
@@ -174,9 +223,28 @@ impl CausalLm {
     ///
     /// # Shapes
     /// - input_ids: `[batch, new]` → `[batch, vocab]`
+    ///
+    /// # Panics
+    /// `state` belongs to another family, or to another batch size once used (programmer
+    /// errors: states come from [`new_decode_state`](Self::new_decode_state)).
     pub fn forward_last(&self, input_ids: Tensor<2, Int>, state: &mut DecodeState) -> Tensor<2> {
         match (self, state) {
             (Self::Llama(model), DecodeState::Llama(cache)) => model.forward_last(input_ids, cache),
+            (Self::Rwkv7(model), DecodeState::Rwkv7(rnn)) => {
+                let batch = input_ids.dims()[0];
+                if rnn.len == 0 && rnn.batch() != batch {
+                    *rnn = model.zero_state(batch);
+                }
+                model.forward_last(input_ids, rnn)
+            }
+            (model, state) => panic!(
+                "a {} decode state given to a {} model",
+                match state {
+                    DecodeState::Llama(_) => "Llama",
+                    DecodeState::Rwkv7(_) => "RWKV-7",
+                },
+                model.family()
+            ),
         }
     }
 
@@ -211,18 +279,21 @@ impl AdaptableModel for CausalLm {
     fn visit_linears(&self, f: &mut dyn FnMut(&LinearSite, &AdaptedLinear)) {
         match self {
             Self::Llama(model) => model.visit_linears(f),
+            Self::Rwkv7(model) => model.visit_linears(f),
         }
     }
 
     fn visit_linears_mut(&mut self, f: &mut dyn FnMut(&LinearSite, &mut AdaptedLinear)) {
         match self {
             Self::Llama(model) => model.visit_linears_mut(f),
+            Self::Rwkv7(model) => model.visit_linears_mut(f),
         }
     }
 
     fn default_target_modules(&self) -> Option<Vec<String>> {
         match self {
             Self::Llama(model) => model.default_target_modules(),
+            Self::Rwkv7(model) => model.default_target_modules(),
         }
     }
 }

@@ -104,10 +104,11 @@ pub enum ModelError {
         message: String,
     },
 
-    /// A path is neither an HF model directory nor a `.gguf` file.
+    /// A path is none of the model formats disha reads.
     #[error(
         "{path}: not a model: expected an HF directory (config.json + model.safetensors or \
-         model.safetensors.index.json), a .gguf file or a llama2.c .bin file"
+         model.safetensors.index.json), a .gguf file, a llama2.c .bin file or a BlinkDL \
+         RWKV-7 .safetensors file"
     )]
     NotAModel {
         /// The path given.

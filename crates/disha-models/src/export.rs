@@ -90,6 +90,8 @@ pub fn export_merged(
             "float16" => Dtype::F16,
             _ => Dtype::F32,
         },
+        // Computed and written in f32 (the source dtype of BlinkDL files is not kept yet).
+        CausalLm::Rwkv7(_) => Dtype::F32,
     };
     let mut tensors = Vec::new();
     // The first weight that is not finite once merged and converted to the export dtype: an
@@ -106,6 +108,9 @@ pub fn export_merged(
     };
     match model {
         CausalLm::Llama(llama) => llama_merged_tensors(llama, &mut push),
+        CausalLm::Rwkv7(rwkv) => {
+            rwkv.merged_tensors(&mut |name, shape, t| push(name, shape, host(t)));
+        }
     }
     if let Some((name, index, value)) = broken {
         return Err(ModelError::NonFiniteExport {

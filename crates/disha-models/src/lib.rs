@@ -35,6 +35,7 @@ mod llama2c;
 mod load;
 mod loss;
 mod rng;
+pub mod rwkv;
 mod tokenizer;
 mod weights;
 

@@ -13,6 +13,7 @@ use crate::gguf::{GgufFile, GgufValue};
 use crate::gguf_llama::{GgufWeights, config_from_gguf};
 use crate::llama::{Llama, LlamaConfig};
 use crate::llama2c::Llama2cWeights;
+use crate::rwkv::{Rwkv7, RwkvConfig};
 use crate::tokenizer::TextTokenizer;
 use crate::weights::SafetensorsWeights;
 
@@ -25,6 +26,9 @@ pub enum ModelFormat {
     Gguf,
     /// A llama2.c legacy `.bin` checkpoint.
     Llama2c,
+    /// A BlinkDL RWKV checkpoint converted to safetensors (same keys as the `.pth`), as a file
+    /// or as `model.safetensors` in a directory whose `config.json` says `"model_type": "rwkv7"`.
+    RwkvSafetensors,
 }
 
 /// A loaded model and what is needed to write it back out.
@@ -62,6 +66,7 @@ impl LoadedModel {
         match (&self.hf_config, &self.model) {
             (Some(json), _) => json.clone(),
             (None, CausalLm::Llama(model)) => model.config().to_hf_json(),
+            (None, CausalLm::Rwkv7(model)) => rwkv_config_json(model.config()),
         }
     }
 }
@@ -79,9 +84,43 @@ fn is_gguf(path: &Path) -> bool {
                 .is_ok_and(|m| &m == b"GGUF"))
 }
 
-/// Loads a Llama-family model from an HF directory (`config.json` + `model.safetensors` or a
+/// The `config.json` disha writes next to an RWKV-7 export (BlinkDL files carry none; the
+/// loader reads the dimensions from the tensors and only needs `model_type`).
+fn rwkv_config_json(config: &RwkvConfig) -> Value {
+    let mut json = serde_json::to_value(config).expect("the config serializes");
+    json["model_type"] = Value::from("rwkv7");
+    json
+}
+
+/// Loads an RWKV-7 model from one BlinkDL-keyed safetensors file.
+fn load_rwkv(
+    file: disha_core::SafetensorsFile,
+    path: &Path,
+    hf_config: Option<Value>,
+    device: &Device,
+) -> Result<LoadedModel> {
+    let shapes: BTreeMap<String, Vec<usize>> = file
+        .tensors()
+        .iter()
+        .map(|(name, slot)| (name.clone(), slot.shape.clone()))
+        .collect();
+    let config = RwkvConfig::infer(&shapes, file.path())?;
+    let mut weights = SafetensorsWeights::from_file(file);
+    let model = Rwkv7::from_source(&config, &mut weights, device)?.into();
+    Ok(LoadedModel {
+        model,
+        format: ModelFormat::RwkvSafetensors,
+        path: path.to_path_buf(),
+        hf_config,
+        gguf_metadata: None,
+    })
+}
+
+/// Loads a model: a Llama-family model from an HF directory (`config.json` + `model.safetensors` or a
 /// sharded index; f32, f16 or bf16 weights, computed in f32), a GGUF file, or a llama2.c
-/// `.bin` checkpoint.
+/// `.bin` checkpoint; an RWKV-7 model from a BlinkDL-keyed `.safetensors` file (or a directory
+/// holding one as `model.safetensors` with `"model_type": "rwkv7"` in `config.json`, as
+/// [`export_merged`](crate::export_merged) writes it).
 ///
 /// # Errors
 /// The path is neither; config or tensor errors naming the field or tensor.
@@ -115,6 +154,19 @@ pub fn load_model(path: &Path, device: &Device) -> Result<LoadedModel> {
             gguf_metadata: None,
         });
     }
+    if path.is_file()
+        && path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"))
+    {
+        let file = disha_core::SafetensorsFile::open(path)?;
+        if !RwkvConfig::is_rwkv7(file.tensors().keys()) {
+            return Err(ModelError::NotAModel {
+                path: path.to_path_buf(),
+            });
+        }
+        return load_rwkv(file, path, None, device);
+    }
     let config_path = path.join("config.json");
     if !path.is_dir() || !config_path.is_file() {
         return Err(ModelError::NotAModel {
@@ -124,6 +176,10 @@ pub fn load_model(path: &Path, device: &Device) -> Result<LoadedModel> {
     let text = disha_core::limits::read_config_file(&config_path)?;
     let json: Value = serde_json::from_str(&text)
         .map_err(|e| ModelError::config(&config_path, "<json>", e.to_string()))?;
+    if json.get("model_type").and_then(Value::as_str) == Some("rwkv7") {
+        let file = disha_core::SafetensorsFile::open(&path.join("model.safetensors"))?;
+        return load_rwkv(file, path, Some(json), device);
+    }
     let config = LlamaConfig::from_hf_json(&json, &config_path)?;
     let mut weights = SafetensorsWeights::open(path)?;
     let model = Llama::from_source(&config, &mut weights, device)?.into();

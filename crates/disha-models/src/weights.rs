@@ -178,6 +178,22 @@ impl SafetensorsWeights {
     }
 }
 
+impl SafetensorsWeights {
+    /// The weights of one safetensors file already opened (a BlinkDL RWKV checkpoint).
+    pub fn from_file(file: SafetensorsFile) -> Self {
+        let path = file.path().to_path_buf();
+        Self {
+            dir: path.clone(),
+            shard_of: file
+                .tensors()
+                .keys()
+                .map(|name| (name.clone(), path.clone()))
+                .collect(),
+            open: BTreeMap::from([(path, file)]),
+        }
+    }
+}
+
 impl WeightSource for SafetensorsWeights {
     fn path(&self) -> &Path {
         &self.dir

@@ -18,6 +18,7 @@ pub fn run(args: InspectArgs) -> CliResult {
         ModelFormat::HfSafetensors => "HF safetensors",
         ModelFormat::Gguf => "GGUF (dequantized to f32)",
         ModelFormat::Llama2c => "llama2.c checkpoint",
+        ModelFormat::RwkvSafetensors => "BlinkDL RWKV safetensors",
     };
     let _ = writeln!(out, "model        {} [{format}]", loaded.path.display());
     for (i, line) in loaded.model.architecture().lines().enumerate() {
@@ -41,7 +42,14 @@ pub fn run(args: InspectArgs) -> CliResult {
     let sites = loaded.model.linear_sites();
     let _ = writeln!(out, "linear layers {} adaptable:", sites.len());
     for (site, d_in, d_out) in sites.iter().filter(|(s, _, _)| {
-        s.name.starts_with("model.layers.0.") || !s.name.starts_with("model.layers.")
+        // Layer 0 and what is outside the layers (every layer has the same shapes).
+        let in_layer = |name: &str| {
+            ["model.layers.", "blocks."]
+                .iter()
+                .find_map(|p| name.strip_prefix(p))
+                .map(|rest| rest.split('.').next() == Some("0"))
+        };
+        in_layer(&s.name).unwrap_or(true)
     }) {
         let _ = writeln!(out, "  {:<36} [in {d_in:>6} -> out {d_out:>6}]", site.name);
     }

@@ -1,0 +1,209 @@
+//! RWKV-7 against BlinkDL's `rwkv` package 0.8.32 (strategy `cpu fp32`): sequence-mode logits,
+//! RNN-mode logits (one token per call), a prompt split in two chunks, and the final states; the
+//! real 834K model against rwkv.cpp's expected logits; adapters and merged export.
+//!
+//! Tolerance: the package computes in f32 as we do, in a different operation order; its own
+//! sequence vs RNN runs differ by up to 2.7e-6 on these logits (of magnitude ~4). 1e-4 is ~40×
+//! that and far below any real error (a wrong index convention or epsilon moves logits by
+//! 1e-2 or more).
+
+mod common;
+
+use std::path::PathBuf;
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use common::*;
+use disha_core::{AdaptableModel, PeftConfig, PeftModelExt, TargetModules};
+use disha_models::rwkv::{Rwkv7, RwkvState, RwkvStateData};
+use disha_models::{CausalLm, ModelFamily, ModelFormat, export_merged, load_model};
+
+const TOL: f32 = 1e-4;
+
+fn fixture(name: &str) -> Option<PathBuf> {
+    Some(fixtures_root()?.join("rwkv7").join(name))
+}
+
+fn rwkv(model: &CausalLm) -> &Rwkv7 {
+    model.as_rwkv7().expect("an RWKV-7 model")
+}
+
+fn tokens(ids: &[i64], device: &Device) -> Tensor<2, Int> {
+    Tensor::from_data(TensorData::new(ids.to_vec(), [1, ids.len()]), device)
+}
+
+/// Compares the state after the sequence with the golden's `{prefix}.layer{l}.*`.
+fn check_state(what: &str, state: &RwkvState, golden: &std::collections::BTreeMap<String, Golden>) {
+    for (l, layer) in state.layers.iter().enumerate() {
+        for (name, t) in [
+            ("att_x_prev", host(layer.att_x_prev.clone())),
+            ("att_kv", host(layer.att_kv.clone())),
+            ("ffn_x_prev", host(layer.ffn_x_prev.clone())),
+        ] {
+            let key = format!("{what}.layer{l}.{name}");
+            assert_close(&key, &t, &golden[&key].f32, TOL);
+        }
+    }
+}
+
+/// Every golden of one fixture directory: sequence, RNN and chunked logits, both states.
+fn check_fixture(model_path: &std::path::Path, dir: &std::path::Path) {
+    let device = Device::default();
+    let loaded = load_model(model_path, &device).unwrap();
+    assert_eq!(loaded.format, ModelFormat::RwkvSafetensors);
+    assert_eq!(loaded.model.family(), ModelFamily::Rwkv7);
+    let model = rwkv(&loaded.model);
+    let golden = read_golden(&dir.join("golden.safetensors"));
+    let ids = &golden["tokens"].i64;
+    let t = ids.len();
+    let v = model.config().vocab_size;
+
+    // Sequence mode from the zero state.
+    let mut state = model.zero_state(1);
+    let seq = host(model.forward_with_state(tokens(ids, &device), &mut state));
+    let d = assert_close("logits_seq_full", &seq, &golden["logits_seq_full"].f32, TOL);
+    eprintln!("{}: logits_seq_full max |diff| {d:e}", dir.display());
+    check_state("state_seq", &state, &golden);
+
+    // RNN mode: one token per call.
+    let mut state = model.zero_state(1);
+    let mut rnn = Vec::with_capacity(t * v);
+    for &id in ids {
+        rnn.extend(host(model.forward_last(tokens(&[id], &device), &mut state)));
+    }
+    assert_close("logits_rnn", &rnn, &golden["logits_rnn"].f32, TOL);
+    check_state("state_rnn", &state, &golden);
+    assert_eq!(state.len, t);
+
+    // Two chunks with the state carried; the state survives a serde round trip in between.
+    let mut state = model.zero_state(1);
+    model.forward_last(tokens(&ids[..t / 2], &device), &mut state);
+    let json = serde_json::to_string(&state.to_data()).unwrap();
+    let data: RwkvStateData = serde_json::from_str(&json).unwrap();
+    let mut state = RwkvState::from_data(&data, model.config(), &device).unwrap();
+    let last = host(model.forward_last(tokens(&ids[t / 2..], &device), &mut state));
+    assert_close(
+        "logits_chunked_last",
+        &last,
+        &golden["logits_chunked_last"].f32,
+        TOL,
+    );
+}
+
+#[test]
+fn tiny_random_rwkv7_matches_the_rwkv_package() {
+    let Some(dir) = fixture("tiny_random_v7") else {
+        return;
+    };
+    check_fixture(&dir.join("model.safetensors"), &dir);
+}
+
+#[test]
+fn trained_834k_rwkv7_matches_the_rwkv_package_and_rwkv_cpp() {
+    let (Some(dir), Some(assets)) = (fixture("tiny_rwkv_7v0_834K_prompt_in"), assets_root()) else {
+        return;
+    };
+    let model_path = assets.join("rwkv7-834K/model.safetensors");
+    check_fixture(&model_path, &dir);
+    // rwkv.cpp's own expected logits after `"in` (256 little-endian f32).
+    let bytes = std::fs::read(assets.join("rwkv7-834K/expected-logits-7v0-834K.bin")).unwrap();
+    let expected: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    let device = Device::default();
+    let loaded = load_model(&model_path, &device).unwrap();
+    let mut state = loaded.model.new_decode_state();
+    let last = host(
+        loaded
+            .model
+            .forward_last(tokens(&[34, 105, 110], &device), &mut state),
+    );
+    assert_close("rwkv.cpp expected logits", &last, &expected, TOL);
+}
+
+#[test]
+fn packed_rows_equal_each_sequence_alone() {
+    let Some(dir) = fixture("tiny_random_v7") else {
+        return;
+    };
+    let device = Device::default();
+    let model = load_model(&dir.join("model.safetensors"), &device)
+        .unwrap()
+        .model;
+    let (a, b): (Vec<i64>, Vec<i64>) = (vec![1, 5, 9, 2, 7], vec![3, 8, 4]);
+    let ids: Vec<i64> = [a.clone(), b.clone(), vec![0, 0]].concat();
+    let packed = host(model.forward_packed(
+        Tensor::from_data(TensorData::new(ids.clone(), [1, 10]), &device),
+        &[vec![5, 3]],
+    ));
+    let v = model.vocab_size();
+    let alone_b = host(model.forward(tokens(&b, &device)));
+    // Same arithmetic on a sliced input: identical up to f32 rounding.
+    assert_close("b packed vs alone", &packed[5 * v..8 * v], &alone_b, 1e-5);
+    // Without the state reset, `b` would continue `a`'s state: the test can tell.
+    let unreset = host(model.forward(tokens(&ids, &device)));
+    assert!(max_abs_diff(&unreset[5 * v..8 * v], &alone_b) > 1e-3);
+    let _ = a;
+}
+
+#[test]
+fn zero_init_adapters_keep_the_output_and_merged_exports_reload() {
+    let Some(dir) = fixture("tiny_random_v7") else {
+        return;
+    };
+    let device = Device::default();
+    let mut model = load_model(&dir.join("model.safetensors"), &device)
+        .unwrap()
+        .model;
+    let ids = tokens(&[195, 84, 241, 105, 133, 218], &device);
+    let base = host(model.forward(ids.clone()));
+    // RWKV-PEFT's default targets: att.receptance/key/value/output and ffn.key/value.
+    assert_eq!(
+        model.default_target_modules().unwrap(),
+        [
+            "att.receptance",
+            "att.key",
+            "att.value",
+            "att.output",
+            "ffn.key",
+            "ffn.value"
+        ]
+    );
+    model
+        .add_adapter("bone", &PeftConfig::miss(16, TargetModules::AllLinear))
+        .unwrap();
+    let layers = rwkv(&model).config().num_layers;
+    // All six linears of every block, not the head (PEFT's all-linear skips output heads).
+    assert_eq!(model.linear_sites().len(), 6 * layers + 1);
+    let adapted = host(model.forward(ids.clone()));
+    // Bone blocks start at zero: the adapted forward is the base forward exactly.
+    assert_eq!(adapted, base);
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("merged");
+    let loaded = load_model(&dir.join("model.safetensors"), &device).unwrap();
+    export_merged(&model, &loaded.export_config(), &[], &out).unwrap();
+    let reloaded = load_model(&out, &device).unwrap();
+    assert_eq!(reloaded.format, ModelFormat::RwkvSafetensors);
+    assert_eq!(host(reloaded.model.forward(ids)), base);
+}
+
+#[test]
+fn a_file_that_is_not_rwkv_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("other.safetensors");
+    let data = vec![0u8; 16];
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![4], &data).unwrap();
+    std::fs::write(
+        &path,
+        safetensors::serialize([("x".to_string(), view)], None).unwrap(),
+    )
+    .unwrap();
+    let e = load_model(&path, &Device::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("other.safetensors") && e.contains("RWKV-7"),
+        "{e}"
+    );
+}
