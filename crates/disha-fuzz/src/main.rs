@@ -21,6 +21,7 @@ mod mutate;
 mod runner;
 mod seeds;
 mod targets;
+mod torch_file;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

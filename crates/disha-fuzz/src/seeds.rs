@@ -90,6 +90,10 @@ pub struct Seeds {
     pub checkpoint: Files,
     /// `input_ids` for `disha logits --tokens-file`.
     pub input_ids: Vec<u8>,
+    /// A tiny RWKV-7 in BlinkDL keys, as `.safetensors` and as a `torch.save` `.pth`.
+    pub rwkv: (Vec<u8>, Vec<u8>),
+    /// An RWKV World vocabulary file (every byte, then multi-byte tokens in every literal form).
+    pub world_vocab: Vec<u8>,
 }
 
 /// Reads every file under `dir` as `(relative path, bytes)`.
@@ -164,8 +168,77 @@ impl Seeds {
             run_toml: RUN_TOML.as_bytes().to_vec(),
             checkpoint: checkpoint(&f32_dir, dir),
             input_ids: input_ids(),
+            rwkv: rwkv(),
+            world_vocab: world_vocab(),
         }
     }
+}
+
+/// A tiny RWKV-7 (2 layers, 2 heads of 8, vocab 64; layer 0 without `v0/v1/v2`, as some
+/// BlinkDL files) with seeded `N(0, 0.2²)` weights, as safetensors and as `.pth` bytes.
+fn rwkv() -> (Vec<u8>, Vec<u8>) {
+    let config = disha_models::rwkv::RwkvConfig {
+        vocab_size: 64,
+        hidden_size: 16,
+        num_layers: 2,
+        num_heads: 2,
+        head_size: 8,
+        ffn_size: 64,
+        decay_rank: 4,
+        iclr_rank: 4,
+        value_rank: 4,
+        gate_rank: 4,
+        layer0_value_residual: false,
+    };
+    let mut rng = disha_models::SplitMix64::new(7);
+    let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = config
+        .tensor_shapes()
+        .into_iter()
+        .map(|(name, shape)| {
+            let n = shape.iter().product();
+            let values = (0..n).map(|_| rng.normal() * 0.2).collect();
+            (name, shape, values)
+        })
+        .collect();
+    let data: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(n, s, v)| (n.clone(), s.clone(), f32_bytes(v)))
+        .collect();
+    let views = data.iter().map(|(n, shape, bytes)| {
+        (
+            n.clone(),
+            TensorView::new(Dtype::F32, shape.clone(), bytes).expect("seed tensor"),
+        )
+    });
+    let safetensors = safetensors::serialize(views, None).expect("seed");
+    (safetensors, crate::torch_file::write_pth(&tensors))
+}
+
+/// A small World vocabulary: the 256 bytes (printable ASCII as str literals, the rest as bytes
+/// literals), then tokens written with each escape form the real file uses.
+fn world_vocab() -> Vec<u8> {
+    let mut lines = Vec::new();
+    for b in 0..=255u8 {
+        let literal = if b.is_ascii_graphic() && b != b'\\' && b != b'\'' {
+            format!("'{}'", b as char)
+        } else {
+            format!("b'\\x{b:02x}'")
+        };
+        lines.push(format!("{} {literal} 1", u32::from(b) + 1));
+    }
+    let extra = [
+        ("'\\t\\n'", 2),
+        ("'ab'", 2),
+        ("\"it's\"", 4),
+        ("'\\u00e9t\\u00e9'", 5),
+        ("'中文'", 6),
+        ("b'\\xe4\\xb8'", 2),
+        ("'hello world'", 11),
+    ];
+    for (i, (literal, len)) in extra.iter().enumerate() {
+        lines.push(format!("{} {literal} {len}", 257 + i));
+    }
+    (lines.join("\n") + "\n").into_bytes()
 }
 
 fn f32_bytes(values: &[f32]) -> Vec<u8> {

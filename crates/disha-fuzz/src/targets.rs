@@ -179,6 +179,54 @@ pub const TARGETS: &[Target] = &[
         run: |_, _, dir| load_and_forward(&dir.join("model.bin")),
     },
     Target {
+        name: "rwkv-safetensors",
+        about: "BlinkDL RWKV-7 .safetensors (keys, shapes, data) through load_model",
+        prepare: |ctx, _, dir| {
+            std::fs::write(dir.join("model.safetensors"), &ctx.seeds.rwkv.0).expect("write seed");
+            prepared("model.safetensors", Kind::Safetensors)
+        },
+        run: |_, _, dir| load_and_forward(&dir.join("model.safetensors")),
+    },
+    Target {
+        name: "rwkv-pth",
+        about: "BlinkDL RWKV-7 .pth (zip, pickle, storages) through load_model",
+        prepare: |ctx, _, dir| {
+            std::fs::write(dir.join("model.pth"), &ctx.seeds.rwkv.1).expect("write seed");
+            // The pickle is the first entry: weight mutations towards it.
+            prepared(
+                "model.pth",
+                Kind::Binary {
+                    fields: Vec::new(),
+                    hot: 4096,
+                },
+            )
+        },
+        run: |_, _, dir| load_and_forward(&dir.join("model.pth")),
+    },
+    Target {
+        name: "world-vocab",
+        about: "RWKV World vocabulary (.txt) through TextTokenizer::from_file, encode, decode",
+        prepare: |ctx, _, dir| {
+            std::fs::write(dir.join("vocab.txt"), &ctx.seeds.world_vocab).expect("write seed");
+            let hot = ctx.seeds.world_vocab.len();
+            prepared(
+                "vocab.txt",
+                Kind::Binary {
+                    fields: Vec::new(),
+                    hot,
+                },
+            )
+        },
+        run: |_, _, dir| {
+            let tokenizer = TextTokenizer::from_file(&dir.join("vocab.txt")).map_err(text)?;
+            let ids = tokenizer
+                .encode("hello world, it's été 中文\t\n", true)
+                .map_err(text)?;
+            tokenizer.decode(&ids, false).map_err(text)?;
+            Ok(())
+        },
+    },
+    Target {
         name: "adapter-safetensors",
         about: "PEFT adapter_model.safetensors (Bone, BAT, mini, LoRA) through load_adapter, merge",
         prepare: |ctx, rng, dir| {

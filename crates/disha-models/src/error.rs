@@ -95,6 +95,16 @@ pub enum ModelError {
         type_id: u32,
     },
 
+    /// A PyTorch `.pth` checkpoint could not be read (container, pickle, or a tensor's
+    /// storage), or holds a tensor of a type disha does not load.
+    #[error("{path}: PyTorch checkpoint: {message}")]
+    Pytorch {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong, naming the tensor where there is one.
+        message: String,
+    },
+
     /// The safetensors container could not be parsed.
     #[error("{path}: {message}")]
     Safetensors {
@@ -108,7 +118,7 @@ pub enum ModelError {
     #[error(
         "{path}: not a model: expected an HF directory (config.json + model.safetensors or \
          model.safetensors.index.json), a .gguf file, a llama2.c .bin file or a BlinkDL \
-         RWKV-7 .safetensors file"
+         RWKV-7 .pth or .safetensors file"
     )]
     NotAModel {
         /// The path given.

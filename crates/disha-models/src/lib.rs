@@ -34,10 +34,12 @@ pub mod llama;
 mod llama2c;
 mod load;
 mod loss;
+mod pth;
 mod rng;
 pub mod rwkv;
 mod tokenizer;
 mod weights;
+mod world_tokenizer;
 
 #[cfg(feature = "burn-train")]
 pub use burn_train::CausalLmBatch;
@@ -55,6 +57,8 @@ pub use gguf_llama::{GgufWeights, config_from_gguf, gguf_name, unpermute_rope_ro
 pub use llama2c::Llama2cWeights;
 pub use load::{LoadedModel, ModelFormat, load_model, load_tokenizer};
 pub use loss::{IGNORE_INDEX, causal_lm_loss, causal_lm_loss_sum};
+pub use pth::PthWeights;
 pub use rng::SplitMix64;
 pub use tokenizer::TextTokenizer;
 pub use weights::{RandomWeights, SafetensorsWeights, WeightSource};
+pub use world_tokenizer::WorldTokenizer;

@@ -29,6 +29,8 @@ pub enum ModelFormat {
     /// A BlinkDL RWKV checkpoint converted to safetensors (same keys as the `.pth`), as a file
     /// or as `model.safetensors` in a directory whose `config.json` says `"model_type": "rwkv7"`.
     RwkvSafetensors,
+    /// A BlinkDL RWKV `.pth` checkpoint (`torch.save` of the state dict; f32, f16 or bf16).
+    RwkvPth,
 }
 
 /// A loaded model and what is needed to write it back out.
@@ -49,11 +51,18 @@ pub struct LoadedModel {
 
 impl LoadedModel {
     /// The model's own tokenizer: the one embedded in a GGUF (from the metadata already read),
-    /// else [`load_tokenizer`] on the model path.
+    /// [`TextTokenizer::bytes`] for a byte-level RWKV model (vocabulary 256), else
+    /// [`load_tokenizer`] on the model path.
     ///
     /// # Errors
     /// As [`TextTokenizer::from_gguf`] / [`load_tokenizer`].
     pub fn tokenizer(&self) -> Result<TextTokenizer> {
+        // Byte-level RWKV models (vocabulary 256, id = byte) need no file.
+        if let CausalLm::Rwkv7(model) = &self.model
+            && model.config().vocab_size == 256
+        {
+            return Ok(TextTokenizer::bytes());
+        }
         match &self.gguf_metadata {
             Some(metadata) => TextTokenizer::from_gguf_metadata(metadata, &self.path),
             None => load_tokenizer(&self.path),
@@ -92,28 +101,46 @@ fn rwkv_config_json(config: &RwkvConfig) -> Value {
     json
 }
 
-/// Loads an RWKV-7 model from one BlinkDL-keyed safetensors file.
+/// Loads an RWKV-7 model from a BlinkDL-keyed source whose tensor shapes are `shapes`; a
+/// source with other keys is not a model disha reads.
 fn load_rwkv(
-    file: disha_core::SafetensorsFile,
+    shapes: &BTreeMap<String, Vec<usize>>,
+    weights: &mut dyn crate::weights::WeightSource,
+    (path, format, hf_config): (&Path, ModelFormat, Option<Value>),
+    device: &Device,
+) -> Result<LoadedModel> {
+    if !RwkvConfig::is_rwkv7(shapes.keys()) {
+        return Err(ModelError::NotAModel {
+            path: path.to_path_buf(),
+        });
+    }
+    let config = RwkvConfig::infer(shapes, weights.path())?;
+    let model = Rwkv7::from_source(&config, weights, device)?.into();
+    Ok(LoadedModel {
+        model,
+        format,
+        path: path.to_path_buf(),
+        hf_config,
+        gguf_metadata: None,
+    })
+}
+
+/// [`load_rwkv`] on one safetensors file.
+fn load_rwkv_safetensors(
+    file: &Path,
     path: &Path,
     hf_config: Option<Value>,
     device: &Device,
 ) -> Result<LoadedModel> {
+    let file = disha_core::SafetensorsFile::open(file)?;
     let shapes: BTreeMap<String, Vec<usize>> = file
         .tensors()
         .iter()
         .map(|(name, slot)| (name.clone(), slot.shape.clone()))
         .collect();
-    let config = RwkvConfig::infer(&shapes, file.path())?;
     let mut weights = SafetensorsWeights::from_file(file);
-    let model = Rwkv7::from_source(&config, &mut weights, device)?.into();
-    Ok(LoadedModel {
-        model,
-        format: ModelFormat::RwkvSafetensors,
-        path: path.to_path_buf(),
-        hf_config,
-        gguf_metadata: None,
-    })
+    let what = (path, ModelFormat::RwkvSafetensors, hf_config);
+    load_rwkv(&shapes, &mut weights, what, device)
 }
 
 /// Loads a model: a Llama-family model from an HF directory (`config.json` + `model.safetensors` or a
@@ -154,18 +181,15 @@ pub fn load_model(path: &Path, device: &Device) -> Result<LoadedModel> {
             gguf_metadata: None,
         });
     }
-    if path.is_file()
-        && path
-            .extension()
-            .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"))
-    {
-        let file = disha_core::SafetensorsFile::open(path)?;
-        if !RwkvConfig::is_rwkv7(file.tensors().keys()) {
-            return Err(ModelError::NotAModel {
-                path: path.to_path_buf(),
-            });
-        }
-        return load_rwkv(file, path, None, device);
+    let extension =
+        |e: &str| path.is_file() && path.extension().is_some_and(|x| x.eq_ignore_ascii_case(e));
+    if extension("safetensors") {
+        return load_rwkv_safetensors(path, path, None, device);
+    }
+    if extension("pth") || extension("pt") {
+        let mut weights = crate::pth::PthWeights::open(path)?;
+        let what = (path, ModelFormat::RwkvPth, None);
+        return load_rwkv(&weights.shapes(), &mut weights, what, device);
     }
     let config_path = path.join("config.json");
     if !path.is_dir() || !config_path.is_file() {
@@ -177,8 +201,7 @@ pub fn load_model(path: &Path, device: &Device) -> Result<LoadedModel> {
     let json: Value = serde_json::from_str(&text)
         .map_err(|e| ModelError::config(&config_path, "<json>", e.to_string()))?;
     if json.get("model_type").and_then(Value::as_str) == Some("rwkv7") {
-        let file = disha_core::SafetensorsFile::open(&path.join("model.safetensors"))?;
-        return load_rwkv(file, path, Some(json), device);
+        return load_rwkv_safetensors(&path.join("model.safetensors"), path, Some(json), device);
     }
     let config = LlamaConfig::from_hf_json(&json, &config_path)?;
     let mut weights = SafetensorsWeights::open(path)?;

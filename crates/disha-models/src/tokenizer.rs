@@ -11,6 +11,7 @@ use crate::error::{ModelError, Result};
 use std::collections::BTreeMap;
 
 use crate::gguf::{GgufFile, GgufValue};
+use crate::world_tokenizer::WorldTokenizer;
 
 /// Metadata lookups with the file path for errors.
 struct MetadataView<'a> {
@@ -31,7 +32,7 @@ impl MetadataView<'_> {
 /// A tokenizer with its special tokens and (optional) chat template.
 #[derive(Debug)]
 pub struct TextTokenizer {
-    inner: tokenizers::Tokenizer,
+    inner: Backend,
     source_name: String,
     bos_token: Option<String>,
     eos_token: Option<String>,
@@ -243,17 +244,63 @@ fn token_string(v: Option<&Value>) -> Option<String> {
     }
 }
 
+/// The tokenization algorithm behind a [`TextTokenizer`].
+#[derive(Clone, Debug)]
+enum Backend {
+    /// The `tokenizers` crate (`tokenizer.json`, GGUF tokenizers, the byte-level demo one).
+    Hf(tokenizers::Tokenizer),
+    /// Greedy longest match over bytes (RWKV World, byte models).
+    World(WorldTokenizer),
+}
+
 impl TextTokenizer {
+    /// The RWKV World tokenizer from its vocabulary file (`rwkv_vocab_v20230424.txt`), with
+    /// id 0 as end-of-text.
+    ///
+    /// # Errors
+    /// As [`WorldTokenizer::from_file`].
+    pub fn from_world_vocab(path: &Path) -> Result<Self> {
+        Ok(Self::from_backend(
+            Backend::World(WorldTokenizer::from_file(path)?),
+            path.display().to_string(),
+        ))
+    }
+
+    /// The tokenizer of byte-level RWKV models: id `b` is byte `b`, 256 ids, no special
+    /// tokens (unlike [`Self::byte_level`], whose specials take ids 256–258).
+    pub fn bytes() -> Self {
+        Self::from_backend(Backend::World(WorldTokenizer::bytes()), "bytes".into())
+    }
+
+    fn from_backend(inner: Backend, source_name: String) -> Self {
+        Self {
+            inner,
+            source_name,
+            bos_token: None,
+            eos_token: None,
+            add_bos: false,
+            chat_template: None,
+        }
+    }
+
     /// Loads a `tokenizer.json`. Special tokens and the chat template come from a
     /// `tokenizer_config.json` and `chat_template.jinja` beside it, when present.
+    ///
+    /// A `.txt` file is read as an RWKV World vocabulary ([`Self::from_world_vocab`]).
     ///
     /// # Errors
     /// The file cannot be read or parsed, or the chat template does not compile.
     pub fn from_file(path: &Path) -> Result<Self> {
+        if path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("txt"))
+        {
+            return Self::from_world_vocab(path);
+        }
         let source_name = path.display().to_string();
         let limit = disha_core::limits::limits().max_text_file_bytes;
         let bytes = disha_core::limits::read_bounded(path, limit, "max_text_file_bytes")?;
-        let inner = tokenizer_from_json(&bytes, &source_name)?;
+        let inner = Backend::Hf(tokenizer_from_json(&bytes, &source_name)?);
         let mut out = Self {
             inner,
             source_name,
@@ -375,7 +422,10 @@ impl TextTokenizer {
                 ));
             }
         };
-        let inner = tokenizer_from_json(json.to_string().as_bytes(), &source_name)?;
+        let inner = Backend::Hf(tokenizer_from_json(
+            json.to_string().as_bytes(),
+            &source_name,
+        )?);
         let add_bos = file
             .get("tokenizer.ggml.add_bos_token")
             .and_then(GgufValue::as_bool)
@@ -445,6 +495,7 @@ impl TextTokenizer {
                       "ignore_merges": false, "vocab": vocab, "merges": []},
         });
         let inner = tokenizers::Tokenizer::from_bytes(json.to_string())
+            .map(Backend::Hf)
             .expect("the byte-level tokenizer JSON is valid");
         Self {
             inner,
@@ -485,14 +536,20 @@ impl TextTokenizer {
 
     /// Vocabulary size including added tokens.
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        match &self.inner {
+            Backend::Hf(t) => t.get_vocab_size(true),
+            Backend::World(t) => t.vocab_size(),
+        }
     }
 
     /// The largest id the tokenizer can produce (its vocabulary and added tokens), with the
     /// token; `None` for an empty vocabulary.
     pub fn max_token_id(&self) -> Option<(u32, String)> {
-        self.inner
-            .get_vocab(true)
+        let hf = match &self.inner {
+            Backend::Hf(t) => t,
+            Backend::World(t) => return t.max_token_id(),
+        };
+        hf.get_vocab(true)
             .into_iter()
             .max_by_key(|(token, id)| (*id, std::cmp::Reverse(token.clone())))
             .map(|(token, id)| (id, token))
@@ -520,7 +577,10 @@ impl TextTokenizer {
 
     /// The id of a token string.
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
-        self.inner.token_to_id(token)
+        match &self.inner {
+            Backend::Hf(t) => t.token_to_id(token),
+            Backend::World(t) => t.token_to_id(token),
+        }
     }
 
     /// The beginning-of-sequence id, if known.
@@ -530,7 +590,10 @@ impl TextTokenizer {
 
     /// The end-of-sequence id, if known.
     pub fn eos_id(&self) -> Option<u32> {
-        self.eos_token.as_deref().and_then(|t| self.token_to_id(t))
+        match &self.inner {
+            Backend::World(t) => t.end_of_text(),
+            Backend::Hf(_) => self.eos_token.as_deref().and_then(|t| self.token_to_id(t)),
+        }
     }
 
     /// Encodes text. With `add_special_tokens`, the tokenizer's post-processor runs (a
@@ -540,8 +603,18 @@ impl TextTokenizer {
     /// # Errors
     /// The tokenizer failed (reported by the `tokenizers` crate).
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        let encoding = self
-            .inner
+        let hf = match &self.inner {
+            Backend::Hf(t) => t,
+            Backend::World(t) => {
+                return t
+                    .encode_bytes(text.as_bytes())
+                    .map_err(|message| ModelError::Tokenizer {
+                        source_name: self.source_name.clone(),
+                        message,
+                    });
+            }
+        };
+        let encoding = hf
             .encode(text, add_special_tokens)
             .map_err(|e| tokenizer_error(&self.source_name, e))?;
         let mut ids = encoding.get_ids().to_vec();
@@ -559,10 +632,22 @@ impl TextTokenizer {
     ///
     /// # Errors
     /// The tokenizer failed.
+    ///
+    /// A World / byte tokenizer decodes the concatenated bytes, with invalid UTF-8 (a token
+    /// that ends inside a character) replaced by U+FFFD.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
-        self.inner
-            .decode(ids, skip_special_tokens)
-            .map_err(|e| tokenizer_error(&self.source_name, e))
+        match &self.inner {
+            Backend::Hf(t) => t
+                .decode(ids, skip_special_tokens)
+                .map_err(|e| tokenizer_error(&self.source_name, e)),
+            Backend::World(t) => t
+                .decode_bytes(ids)
+                .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+                .map_err(|message| ModelError::Tokenizer {
+                    source_name: self.source_name.clone(),
+                    message,
+                }),
+        }
     }
 
     /// Renders `messages` with the chat template (generation prompt appended) and encodes the

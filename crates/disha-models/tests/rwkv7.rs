@@ -121,6 +121,33 @@ fn trained_834k_rwkv7_matches_the_rwkv_package_and_rwkv_cpp() {
     assert_close("rwkv.cpp expected logits", &last, &expected, TOL);
 }
 
+/// Both containers of the same checkpoint give identical parameters, hence identical logits.
+#[test]
+fn pth_and_safetensors_load_the_same_model() {
+    let device = Device::default();
+    let mut pairs = Vec::new();
+    if let Some(dir) = fixture("tiny_random_v7") {
+        pairs.push((dir.join("model.pth"), dir.join("model.safetensors")));
+    }
+    if let Some(assets) = assets_root() {
+        let dir = assets.join("rwkv7-834K");
+        pairs.push((dir.join("model.pth"), dir.join("model.safetensors")));
+    }
+    for (pth, st) in pairs {
+        let a = load_model(&pth, &device).unwrap();
+        let b = load_model(&st, &device).unwrap();
+        assert_eq!(a.format, ModelFormat::RwkvPth);
+        assert_eq!(rwkv(&a.model).config(), rwkv(&b.model).config());
+        let ids = tokens(&[34, 105, 110, 7, 200], &device);
+        assert_eq!(
+            host(a.model.forward(ids.clone())),
+            host(b.model.forward(ids)),
+            "{}",
+            pth.display()
+        );
+    }
+}
+
 #[test]
 fn packed_rows_equal_each_sequence_alone() {
     let Some(dir) = fixture("tiny_random_v7") else {
@@ -206,4 +233,57 @@ fn a_file_that_is_not_rwkv_is_named() {
         e.contains("other.safetensors") && e.contains("RWKV-7"),
         "{e}"
     );
+}
+
+/// The World tokenizer reproduces the reference `TRIE_TOKENIZER`'s ids on its own test
+/// vectors (ASCII, CJK, emoji, code, control bytes) and decodes each back exactly.
+#[test]
+fn world_tokenizer_matches_the_reference_vectors() {
+    let Some(assets) = assets_root() else { return };
+    let dir = assets.join("tokenizers/rwkv-world");
+    let tokenizer =
+        disha_models::TextTokenizer::from_file(&dir.join("rwkv_vocab_v20230424.txt")).unwrap();
+    assert_eq!(tokenizer.vocab_size(), 65530);
+    assert_eq!(tokenizer.eos_id(), Some(0));
+    let vectors: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("test_vectors.json")).unwrap())
+            .unwrap();
+    let cases = vectors["cases"].as_array().unwrap();
+    assert!(cases.len() >= 10);
+    for case in cases {
+        let text = case["text"].as_str().unwrap();
+        let expected: Vec<u32> = case["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        let ids = tokenizer.encode(text, true).unwrap();
+        assert_eq!(ids, expected, "{text:?}");
+        assert_eq!(tokenizer.decode(&ids, false).unwrap(), text);
+    }
+    // Any bytes round-trip, including invalid UTF-8 (through the byte API).
+    let world =
+        disha_models::WorldTokenizer::from_file(&dir.join("rwkv_vocab_v20230424.txt")).unwrap();
+    let bytes: Vec<u8> = (0..=255u8)
+        .rev()
+        .chain(b"\xff\xfe hello".iter().copied())
+        .collect();
+    let ids = world.encode_bytes(&bytes).unwrap();
+    assert_eq!(world.decode_bytes(&ids).unwrap(), bytes);
+}
+
+/// The 834K model is byte-level: its own tokenizer is the byte one (ids = bytes, 256 of
+/// them), which fits its vocabulary; `"in` is `[34, 105, 110]` as rwkv.cpp feeds it.
+#[test]
+fn byte_level_rwkv_gets_the_byte_tokenizer() {
+    let Some(assets) = assets_root() else { return };
+    let loaded = load_model(
+        &assets.join("rwkv7-834K/model.safetensors"),
+        &Device::default(),
+    )
+    .unwrap();
+    let tokenizer = loaded.tokenizer().unwrap();
+    tokenizer.check_fits(loaded.model.vocab_size()).unwrap();
+    assert_eq!(tokenizer.encode("\"in", true).unwrap(), vec![34, 105, 110]);
 }

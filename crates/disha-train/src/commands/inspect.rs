@@ -19,6 +19,7 @@ pub fn run(args: InspectArgs) -> CliResult {
         ModelFormat::Gguf => "GGUF (dequantized to f32)",
         ModelFormat::Llama2c => "llama2.c checkpoint",
         ModelFormat::RwkvSafetensors => "BlinkDL RWKV safetensors",
+        ModelFormat::RwkvPth => "BlinkDL RWKV .pth",
     };
     let _ = writeln!(out, "model        {} [{format}]", loaded.path.display());
     for (i, line) in loaded.model.architecture().lines().enumerate() {
