@@ -248,7 +248,7 @@ fn token_string(v: Option<&Value>) -> Option<String> {
 #[derive(Clone, Debug)]
 enum Backend {
     /// The `tokenizers` crate (`tokenizer.json`, GGUF tokenizers, the byte-level demo one).
-    Hf(tokenizers::Tokenizer),
+    Hf(Box<tokenizers::Tokenizer>),
     /// Greedy longest match over bytes (RWKV World, byte models).
     World(WorldTokenizer),
 }
@@ -300,7 +300,7 @@ impl TextTokenizer {
         let source_name = path.display().to_string();
         let limit = disha_core::limits::limits().max_text_file_bytes;
         let bytes = disha_core::limits::read_bounded(path, limit, "max_text_file_bytes")?;
-        let inner = Backend::Hf(tokenizer_from_json(&bytes, &source_name)?);
+        let inner = Backend::Hf(Box::new(tokenizer_from_json(&bytes, &source_name)?));
         let mut out = Self {
             inner,
             source_name,
@@ -422,10 +422,10 @@ impl TextTokenizer {
                 ));
             }
         };
-        let inner = Backend::Hf(tokenizer_from_json(
+        let inner = Backend::Hf(Box::new(tokenizer_from_json(
             json.to_string().as_bytes(),
             &source_name,
-        )?);
+        )?));
         let add_bos = file
             .get("tokenizer.ggml.add_bos_token")
             .and_then(GgufValue::as_bool)
@@ -495,7 +495,7 @@ impl TextTokenizer {
                       "ignore_merges": false, "vocab": vocab, "merges": []},
         });
         let inner = tokenizers::Tokenizer::from_bytes(json.to_string())
-            .map(Backend::Hf)
+            .map(|t| Backend::Hf(Box::new(t)))
             .expect("the byte-level tokenizer JSON is valid");
         Self {
             inner,
