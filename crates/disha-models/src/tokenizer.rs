@@ -301,14 +301,7 @@ impl TextTokenizer {
         let limit = disha_core::limits::limits().max_text_file_bytes;
         let bytes = disha_core::limits::read_bounded(path, limit, "max_text_file_bytes")?;
         let inner = Backend::Hf(Box::new(tokenizer_from_json(&bytes, &source_name)?));
-        let mut out = Self {
-            inner,
-            source_name,
-            bos_token: None,
-            eos_token: None,
-            add_bos: false,
-            chat_template: None,
-        };
+        let mut out = Self::from_backend(inner, source_name);
         let dir = path.parent().unwrap_or(Path::new("."));
         let config_path = dir.join("tokenizer_config.json");
         let mut template = None;

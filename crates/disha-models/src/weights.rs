@@ -67,6 +67,21 @@ pub(crate) fn device_tensor<const D: usize>(t: HostTensor, device: &Device) -> T
     Tensor::from_data(TensorData::new(t.values, shape), device)
 }
 
+/// Checks that the model builder took every tensor of `source`.
+///
+/// # Errors
+/// [`ModelError::UnusedTensors`] listing what is left (a different architecture, or a typo).
+pub(crate) fn check_all_taken(source: &dyn WeightSource) -> Result<()> {
+    let rest = source.remaining();
+    if rest.is_empty() {
+        return Ok(());
+    }
+    Err(ModelError::UnusedTensors {
+        path: source.path().to_path_buf(),
+        names: rest,
+    })
+}
+
 /// A frozen adaptable linear from a PyTorch `[out, in]` weight (transposed on the host into Burn's
 /// `[in, out]`).
 pub(crate) fn linear(

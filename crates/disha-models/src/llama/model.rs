@@ -9,8 +9,8 @@ use super::attention::{LayerKv, LlamaAttention, PositionContext};
 use super::config::LlamaConfig;
 use super::mlp::LlamaMlp;
 use super::rope::RotaryEmbedding;
-use crate::error::{ModelError, Result};
-use crate::weights::{WeightSource, device_tensor, linear, take};
+use crate::error::Result;
+use crate::weights::{WeightSource, check_all_taken, device_tensor, linear, take};
 
 /// One decoder layer: pre-norm attention and pre-norm MLP, each with a residual.
 #[derive(Module, Debug)]
@@ -184,13 +184,7 @@ impl Llama {
         } else {
             Some(linear(source, "lm_head", [v, h], false, device)?)
         };
-        let rest = source.remaining();
-        if !rest.is_empty() {
-            return Err(ModelError::UnusedTensors {
-                path: source.path().to_path_buf(),
-                names: rest,
-            });
-        }
+        check_all_taken(source)?;
         Ok(Self {
             embed_tokens,
             layers,
@@ -367,7 +361,7 @@ impl Llama {
     /// Checks that every id is inside the vocabulary.
     ///
     /// # Errors
-    /// [`ModelError::TokenOutOfRange`] naming the first bad id and its position.
+    /// [`crate::ModelError::TokenOutOfRange`] naming the first bad id and its position.
     pub fn check_ids(&self, ids: &[i64]) -> Result<()> {
         crate::causal_lm::check_ids(ids, self.config.vocab_size)
     }

@@ -9,8 +9,8 @@ use disha_core::{AdaptableModel, AdaptedLinear, HostTensor, LinearSite};
 use super::config::{DECAY_SCALE, GROUP_NORM_EPS, L2_NORM_EPS, LAYER_NORM_EPS, RwkvConfig};
 use super::state::{RwkvLayerState, RwkvState};
 use super::wkv::wkv7;
-use crate::error::{ModelError, Result};
-use crate::weights::{WeightSource, device_tensor, linear, take};
+use crate::error::Result;
+use crate::weights::{WeightSource, check_all_taken, device_tensor, linear, take};
 
 /// A frozen parameter.
 fn frozen<const D: usize>(t: Tensor<D>) -> Param<Tensor<D>> {
@@ -378,13 +378,7 @@ impl Rwkv7 {
         }
         let ln_out = layer_norm(source, "ln_out", c, device)?;
         let head = linear(source, "head", [v, c], false, device)?;
-        let rest = source.remaining();
-        if !rest.is_empty() {
-            return Err(ModelError::UnusedTensors {
-                path: source.path().to_path_buf(),
-                names: rest,
-            });
-        }
+        check_all_taken(source)?;
         Ok(Self {
             emb,
             ln0,
