@@ -1,8 +1,8 @@
 //! Project automation for disha.
 //!
 //! - `cargo xtask ci` — everything CI checks (`.ci/run` calls exactly this): formatting, clippy
-//!   with `-D warnings`, the README's test command on the CPU backend, and type-checks of the
-//!   opt-in GPU backends.
+//!   with `-D warnings`, the README's test command on the CPU backend, and clippy over every
+//!   opt-in feature (type-checks the GPU backends); `--kernels` adds the WGPU kernel tests.
 //! - `cargo xtask bench` — the benchmarks, with their summary tables.
 //! - `cargo xtask converge` — Bone vs LoRA vs BAT fine-tuning convergence on SmolLM2 + GSM8K.
 //! - `cargo xtask make-demo` — rebuild the embedded demo model and data under `assets/demo/`.
@@ -27,10 +27,14 @@ struct Cli {
 enum Task {
     /// Run every CI check, in CI's order, stopping at the first failure.
     Ci {
-        /// Skip the opt-in feature steps (burn-train, the WGPU kernel suite on lavapipe, the CUDA
-        /// type-check): they build the Burn stack with other features, tens of minutes cold.
+        /// Skip the opt-in feature clippy (burn-train, wgpu, cuda, fusion): it checks the Burn
+        /// stack again with those features, about 15 minutes cold.
         #[arg(long)]
-        skip_gpu_check: bool,
+        skip_feature_check: bool,
+        /// Also run the kernel suite, the Llama adapter goldens and burn-train's step on WGPU
+        /// (needs a Vulkan driver; lavapipe works): a WGPU test build, about 45 minutes cold.
+        #[arg(long)]
+        kernels: bool,
     },
     /// Run the benchmarks (release build) and print their summary tables.
     Bench {
@@ -108,59 +112,54 @@ const CI_STEPS: &[Step] = &[
     },
 ];
 
-/// The opt-in features: burn-train's `TrainStep` / `InferenceStep`, and the backends. The
-/// CubeCL kernels run on the CPU through WGPU over Mesa's software Vulkan driver (lavapipe;
-/// `.ci/run` installs it): the kernel suite against the reference, the Llama adapter goldens
-/// (logits, gradients, 3 SGD steps) with the kernels active, and the burn-train step. Each
-/// group of features is built once: one clippy over every opt-in feature (a check build), one
-/// test build. CUDA builds normally need `nvcc` or LLVM at build time; `DOCS_RS=1` with an
-/// explicit `CUDARC_CUDA_VERSION` type-checks without either.
-const GPU_CHECK_STEPS: &[Step] = &[
-    Step {
-        label: "clippy, opt-in features (burn-train, wgpu, fusion)",
-        args: &[
-            "clippy",
-            "-p",
-            "disha-core",
-            "-p",
-            "disha-models",
-            "-p",
-            "disha-train",
-            "--features",
-            "disha-train/burn-train,disha-train/wgpu,disha-train/fusion",
-            "--all-targets",
-            "--",
-            "-D",
-            "warnings",
-        ],
-        env: &[],
-    },
-    // One invocation, so the WGPU build of the Burn stack is shared by the three test targets.
-    Step {
-        label: "kernel suite + Llama adapter goldens + burn-train step on WGPU (lavapipe)",
-        args: &[
-            "test",
-            "-p",
-            "disha-core",
-            "-p",
-            "disha-models",
-            "--features",
-            "disha-core/wgpu,disha-models/wgpu,disha-models/burn-train",
-            "--test",
-            "kernels",
-            "--test",
-            "llama_adapters",
-            "--test",
-            "burn_train",
-        ],
-        env: &[],
-    },
-    Step {
-        label: "type-check cuda backend",
-        args: &["check", "-p", "disha-train", "--features", "cuda,fusion"],
-        env: &[("DOCS_RS", "1"), ("CUDARC_CUDA_VERSION", "12080")],
-    },
-];
+/// The opt-in features (burn-train's `TrainStep` / `InferenceStep`, the WGPU and CUDA backends
+/// with the CubeCL kernels, Fusion), all linted in one check build so the Burn stack is built
+/// once more, not once per feature. CUDA builds normally need `nvcc` or LLVM at build time;
+/// `DOCS_RS=1` with an explicit `CUDARC_CUDA_VERSION` type-checks without either.
+const FEATURE_CHECK_STEPS: &[Step] = &[Step {
+    label: "clippy, every opt-in feature (burn-train, wgpu, cuda, fusion)",
+    args: &[
+        "clippy",
+        "-p",
+        "disha-core",
+        "-p",
+        "disha-models",
+        "-p",
+        "disha-train",
+        "--features",
+        "disha-train/burn-train,disha-train/wgpu,disha-train/cuda,disha-train/fusion",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ],
+    env: &[("DOCS_RS", "1"), ("CUDARC_CUDA_VERSION", "12080")],
+}];
+
+/// The CubeCL kernels run on the CPU through WGPU over Mesa's software Vulkan driver (lavapipe:
+/// `apt-get install mesa-vulkan-drivers libvulkan1`): the kernel suite against the reference,
+/// the Llama adapter goldens (logits, gradients, 3 SGD steps) with the kernels active, and
+/// burn-train's step. One invocation, so the three test targets share one WGPU build of the
+/// Burn stack. Not part of CI: that build alone takes about 45 minutes on CI's 2 cores.
+const KERNEL_TEST_STEPS: &[Step] = &[Step {
+    label: "kernel suite + Llama adapter goldens + burn-train step on WGPU (lavapipe)",
+    args: &[
+        "test",
+        "-p",
+        "disha-core",
+        "-p",
+        "disha-models",
+        "--features",
+        "disha-core/wgpu,disha-models/wgpu,disha-models/burn-train",
+        "--test",
+        "kernels",
+        "--test",
+        "llama_adapters",
+        "--test",
+        "burn_train",
+    ],
+    env: &[],
+}];
 
 fn run(step: &Step) -> bool {
     println!("\n==> {} : cargo {}", step.label, step.args.join(" "));
@@ -261,9 +260,13 @@ fn main() -> ExitCode {
         };
     }
     let steps: Vec<&Step> = match &cli.command {
-        Task::Ci { skip_gpu_check } => CI_STEPS
+        Task::Ci {
+            skip_feature_check,
+            kernels,
+        } => CI_STEPS
             .iter()
-            .chain(GPU_CHECK_STEPS.iter().filter(|_| !skip_gpu_check))
+            .chain(FEATURE_CHECK_STEPS.iter().filter(|_| !skip_feature_check))
+            .chain(KERNEL_TEST_STEPS.iter().filter(|_| *kernels))
             .collect(),
         Task::Converge { .. } | Task::MakeDemo { .. } | Task::Fuzz { .. } => {
             unreachable!("handled above")
