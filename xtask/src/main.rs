@@ -3,7 +3,7 @@
 //! - `cargo xtask ci` — everything CI checks (`.ci/run` calls exactly this): formatting, clippy
 //!   with `-D warnings`, the README's test command on the CPU backend, and clippy over every
 //!   opt-in feature (type-checks the GPU backends); `--kernels` adds the WGPU kernel tests.
-//! - `cargo xtask bench` — the benchmarks, with their summary tables.
+//! - `cargo xtask bench [adapters|kernels|models|rwkv]` — the benchmarks, with their summary tables.
 //! - `cargo xtask converge` — Bone vs LoRA vs BAT fine-tuning convergence on SmolLM2 + GSM8K.
 //! - `cargo xtask make-demo` — rebuild the embedded demo model and data under `assets/demo/`.
 //! - `cargo xtask fuzz` — a long fuzzing campaign over every reader (`crates/disha-fuzz`).
@@ -39,8 +39,9 @@ enum Task {
     /// Run the benchmarks (release build) and print their summary tables.
     Bench {
         /// Which benchmark: `adapters` (one adapted linear, every method, fwd+bwd), `kernels` (fused
-        /// vs unfused Bone / BAT) or `models`
-        /// (SmolLM2-135M from `../shared/assets`: prefill, decode, Bone / LoRA train step).
+        /// vs unfused Bone / BAT), `models` (SmolLM2-135M from `../shared/assets`: prefill,
+        /// decode, Bone / LoRA train step) or `rwkv` (RWKV-7 834K and a random 0.1B shape:
+        /// prefill, RNN decode, Bone / LoRA / BAT train step, peak memory against length).
         #[arg(default_value = "adapters")]
         which: String,
     },
@@ -282,13 +283,20 @@ fn main() -> ExitCode {
                 args: &["bench", "-p", "disha-models", "--bench", "llama"],
                 env: &[],
             }],
+            "rwkv" => vec![&Step {
+                label: "bench: RWKV-7 834K and 0.1B shape: prefill, decode, Bone/LoRA/BAT train step, memory",
+                args: &["bench", "-p", "disha-models", "--bench", "rwkv"],
+                env: &[],
+            }],
             "kernels" => vec![&Step {
                 label: "bench: fused vs unfused Bone / BAT, fwd+bwd, default device",
                 args: &["bench", "-p", "disha-core", "--bench", "kernels"],
                 env: &[],
             }],
             other => {
-                eprintln!("unknown benchmark `{other}` (available: adapters, models, kernels)");
+                eprintln!(
+                    "unknown benchmark `{other}` (available: adapters, models, rwkv, kernels)"
+                );
                 return ExitCode::from(2);
             }
         },

@@ -630,8 +630,9 @@ fn adapter_kind_differs(spec: &AdapterSpec, adapter: &Adapter) -> bool {
     ) && !matches!((spec.method, adapter), (M::Bat(o), Adapter::Bat(a)) if o == a.orientation)
 }
 
-/// Replaces a parameter's value, keeping its id and its gradient setting.
-pub(crate) fn replace_param_value<const D: usize>(param: &mut Param<Tensor<D>>, value: Tensor<D>) {
+/// Replaces a parameter's value, keeping its id and its gradient setting, on the parameter's
+/// device (autodiff or not, whatever the value's own association).
+pub fn replace_param_value<const D: usize>(param: &mut Param<Tensor<D>>, value: Tensor<D>) {
     let require_grad = param.is_require_grad();
     let device = param.device();
     // `to_device` keeps the source's autodiff association; match the parameter's instead.

@@ -40,7 +40,7 @@ mod targets;
 #[cfg(test)]
 mod test_util;
 
-pub use adapted_linear::{AdaptedLinear, AdaptedLinearConfig};
+pub use adapted_linear::{AdaptedLinear, AdaptedLinearConfig, replace_param_value};
 pub use adapter::{Adapter, AdapterSet};
 pub use bat::{BatAdapter, block_affine_linear, reference_block_affine_linear};
 pub use bone::BoneAdapter;
@@ -58,5 +58,5 @@ pub use peft_model::{
 };
 pub use reparam::{DishaReparam, DishaReparameterizer};
 pub use safetensors_file::{SafetensorsFile, TensorSlot};
-pub use spec::{AdapterInit, AdapterMethod, AdapterSpec, BatOrientation};
+pub use spec::{AdapterInit, AdapterKind, AdapterMethod, AdapterSpec, BatOrientation};
 pub use targets::TargetMatcher;

@@ -28,6 +28,35 @@ pub enum BatOrientation {
     RwkvPeft,
 }
 
+/// The four adapter families by name, without their settings: what a user picks
+/// (`disha train --method`, a run config's `method`). [`AdapterMethod`] is the full description
+/// ([`AdapterMethod::kind`] gives back the name).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "lowercase")]
+pub enum AdapterKind {
+    /// Bone / MiSS standard (PEFT `MISS`, `init_weights=True`).
+    Bone,
+    /// BAT (`init_weights="bat"`): PEFT orientation on Llama, RWKV-PEFT's on RWKV-7.
+    Bat,
+    /// MiSS-mini (`init_weights="mini"`).
+    Mini,
+    /// LoRA.
+    Lora,
+}
+
+impl AdapterKind {
+    /// The method's usual name ("Bone", "BAT", "MiSS-mini", "LoRA").
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Bone => "Bone",
+            Self::Bat => "BAT",
+            Self::Mini => "MiSS-mini",
+            Self::Lora => "LoRA",
+        }
+    }
+}
+
 /// The adapter family and its family-specific settings.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub enum AdapterMethod {
@@ -87,6 +116,18 @@ pub struct AdapterSpec {
     pub dropout: f64,
     /// Initial values of the trainable tensors.
     pub init: AdapterInit,
+}
+
+impl AdapterMethod {
+    /// The family's name, without its settings.
+    pub fn kind(&self) -> AdapterKind {
+        match self {
+            Self::Bone => AdapterKind::Bone,
+            Self::Bat(_) => AdapterKind::Bat,
+            Self::Mini { .. } => AdapterKind::Mini,
+            Self::Lora { .. } => AdapterKind::Lora,
+        }
+    }
 }
 
 impl AdapterSpec {

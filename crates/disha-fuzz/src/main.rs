@@ -21,7 +21,6 @@ mod mutate;
 mod runner;
 mod seeds;
 mod targets;
-mod torch_file;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -7,15 +7,17 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use burn::tensor::Device;
+use disha_core::AdapterKind;
 use disha_core::{
     MissInit, PeftConfig, PeftModelExt, TargetModules, freeze_all_but_active_adapters,
 };
 use disha_models::CausalLm;
+use disha_models::PthTensor;
 use disha_models::llama::{Llama, LlamaConfig, RopeScaling};
 use disha_models::{RandomWeights, gguf_name};
 use disha_train::data::{DataLoader, Example};
 use disha_train::learner::Learner;
-use disha_train::settings::{Method, RunSettings, TrainSettings};
+use disha_train::settings::{RunSettings, TrainSettings};
 use half::{bf16, f16};
 use safetensors::{Dtype, tensor::TensorView};
 
@@ -90,8 +92,12 @@ pub struct Seeds {
     pub checkpoint: Files,
     /// `input_ids` for `disha logits --tokens-file`.
     pub input_ids: Vec<u8>,
-    /// A tiny RWKV-7 in BlinkDL keys, as `.safetensors` and as a `torch.save` `.pth`.
-    pub rwkv: (Vec<u8>, Vec<u8>),
+    /// A tiny RWKV-7 in BlinkDL keys, as `.safetensors`, as a `torch.save` `.pth`, and as an
+    /// rwkv.cpp `.bin`.
+    pub rwkv: (Vec<u8>, Vec<u8>, Vec<u8>),
+    /// RWKV-PEFT adapter checkpoints for that RWKV-7: Bone r4 with trained `ln1` / `ln2`
+    /// weights, and BAT r4 (RWKV-PEFT orientation) with the legacy `.bone` suffix.
+    pub rwkv_peft: (Vec<u8>, Vec<u8>),
     /// An RWKV World vocabulary file (every byte, then multi-byte tokens in every literal form).
     pub world_vocab: Vec<u8>,
 }
@@ -169,14 +175,103 @@ impl Seeds {
             checkpoint: checkpoint(&f32_dir, dir),
             input_ids: input_ids(),
             rwkv: rwkv(),
+            rwkv_peft: rwkv_peft(),
             world_vocab: world_vocab(),
         }
     }
 }
 
+/// RWKV-PEFT checkpoints for [`rwkv`]'s model (C 16, F 64, 2 layers), seeded values: Bone r4
+/// with trained `ln1` / `ln2` weights, and BAT r4 (RWKV-PEFT orientation, legacy `.bone`).
+fn rwkv_peft_tensors() -> (Vec<PthTensor>, Vec<PthTensor>) {
+    let mut rng = disha_models::SplitMix64::new(11);
+    let mut tensor = |name: String, shape: Vec<usize>| {
+        let values = (0..shape.iter().product())
+            .map(|_| rng.normal() * 0.05)
+            .collect();
+        (name, shape, values)
+    };
+    let (c, f, r) = (16, 64, 4);
+    let mut bone = Vec::new();
+    let mut bat = Vec::new();
+    for l in 0..2 {
+        for (module, d_in, d_out) in [
+            ("att.receptance", c, c),
+            ("att.key", c, c),
+            ("att.value", c, c),
+            ("att.output", c, c),
+            ("ffn.key", c, f),
+            ("ffn.value", f, c),
+        ] {
+            bone.push(tensor(format!("blocks.{l}.{module}.disha"), vec![r, d_out]));
+            bat.push(tensor(
+                format!("blocks.{l}.{module}.bone"),
+                vec![d_in / r, r, r],
+            ));
+        }
+        for ln in ["ln1", "ln2"] {
+            bone.push(tensor(format!("blocks.{l}.{ln}.weight"), vec![c]));
+        }
+    }
+    (bone, bat)
+}
+
+/// [`rwkv_peft_tensors`] as `.pth` bytes.
+fn rwkv_peft() -> (Vec<u8>, Vec<u8>) {
+    let (bone, bat) = rwkv_peft_tensors();
+    (
+        disha_models::pth_bytes("rwkv-peft-adapter", &bone),
+        disha_models::pth_bytes("rwkv-peft-adapter", &bat),
+    )
+}
+
+/// The tiny RWKV-7 of [`rwkv`] as an rwkv.cpp `.bin` (version 101, FP32): token-shift vectors
+/// packed into `att.x_rwkvag`, low-rank matrices transposed, shapes reversed.
+fn rwkv_cpp(tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Vec<u8> {
+    let config = [0x6767_6d66u32 as i32, 101, 64, 16, 2, 0];
+    let mut out: Vec<u8> = config.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let mut record = |key: &str, shape: &[usize], values: &[f32]| {
+        for v in [shape.len(), key.len(), 0] {
+            out.extend((v as i32).to_le_bytes());
+        }
+        for &d in shape.iter().rev() {
+            out.extend((d as i32).to_le_bytes());
+        }
+        out.extend(key.as_bytes());
+        out.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+    };
+    let find = |name: &str| tensors.iter().find(|(n, ..)| n == name);
+    for (name, shape, values) in tensors {
+        let (module, param) = name.rsplit_once('.').expect("dotted names");
+        match param {
+            "x_r" => {
+                let packed: Vec<f32> = ["x_r", "x_w", "x_k", "x_v", "x_a", "x_g"]
+                    .iter()
+                    .flat_map(|p| find(&format!("{module}.{p}")).expect("all six").2.clone())
+                    .collect();
+                record(&format!("{module}.x_rwkvag"), &[6, 1, shape[2]], &packed);
+            }
+            "x_w" | "x_k" | "x_v" | "x_a" | "x_g" if module.ends_with(".att") => {}
+            "w1" | "w2" | "a1" | "a2" | "v1" | "v2" | "g1" | "g2" => {
+                let (rows, cols) = (shape[0], shape[1]);
+                let mut t = vec![0.0; values.len()];
+                for r in 0..rows {
+                    for c in 0..cols {
+                        t[c * rows + r] = values[r * cols + c];
+                    }
+                }
+                record(name, &[cols, rows], &t);
+            }
+            _ => record(name, shape, values),
+        }
+    }
+    out
+}
+
 /// A tiny RWKV-7 (2 layers, 2 heads of 8, vocab 64; layer 0 without `v0/v1/v2`, as some
-/// BlinkDL files) with seeded `N(0, 0.2²)` weights, as safetensors and as `.pth` bytes.
-fn rwkv() -> (Vec<u8>, Vec<u8>) {
+/// BlinkDL files) with seeded `N(0, 0.2²)` weights, as safetensors, `.pth` and rwkv.cpp `.bin`
+/// bytes.
+fn rwkv() -> (Vec<u8>, Vec<u8>, Vec<u8>) {
     let config = disha_models::rwkv::RwkvConfig {
         vocab_size: 64,
         hidden_size: 16,
@@ -211,7 +306,11 @@ fn rwkv() -> (Vec<u8>, Vec<u8>) {
         )
     });
     let safetensors = safetensors::serialize(views, None).expect("seed");
-    (safetensors, crate::torch_file::write_pth(&tensors))
+    (
+        safetensors,
+        disha_models::pth_bytes("archive", &tensors),
+        rwkv_cpp(&tensors),
+    )
 }
 
 /// A small World vocabulary: the 256 bytes (printable ASCII as str literals, the rest as bytes
@@ -694,7 +793,7 @@ pub fn checkpoint_settings(out: &Path) -> RunSettings {
     TrainSettings {
         data: Some("data.jsonl".into()),
         out: Some(out.to_path_buf()),
-        method: Some(Method::Bone),
+        method: Some(AdapterKind::Bone),
         r: Some(4),
         max_steps: Some(6),
         batch_size: Some(2),
@@ -716,7 +815,7 @@ fn checkpoint(base: &Path, dir: &Path) -> Files {
     let mut model = disha_models::load_model(base, &device)
         .expect("seed model")
         .model;
-    let peft = settings.peft_config();
+    let peft = settings.peft_config(disha_models::ModelFamily::Llama);
     model.add_adapter("default", &peft).expect("adapter");
     let model = freeze_all_but_active_adapters(model);
     let mut learner = Learner::new(model, settings.learner.clone()).expect("learner");

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use disha_core::{PeftModelExt, SafetensorsFile};
-use disha_models::CausalLm;
+use disha_models::{CausalLm, PthTensor};
 use disha_models::{ChatMessage, TextTokenizer, load_model};
 use disha_train::data::{
     DataLoader, FieldMap, JsonlOptions, PromptTemplate, encode_all, read_jsonl,
@@ -46,6 +46,9 @@ pub enum Kind {
     Jsonl,
     /// TOML.
     Toml,
+    /// A `torch.save` checkpoint of named tensors: rewritten with semantic edits (shapes,
+    /// names, ranks, values) in a well-formed container, or mutated as bytes.
+    TorchTensors,
 }
 
 /// A case directory ready to be mutated: which file, and how it is structured.
@@ -204,6 +207,50 @@ pub const TARGETS: &[Target] = &[
         run: |_, _, dir| load_and_forward(&dir.join("model.pth")),
     },
     Target {
+        name: "rwkv-cpp-bin",
+        about: "rwkv.cpp .bin (header, tensor records, packed / transposed tensors) through load_model",
+        prepare: |ctx, _, dir| {
+            std::fs::write(dir.join("model.bin"), &ctx.seeds.rwkv.2).expect("write seed");
+            // The header and the first records: every count, rank, extent, key length, type.
+            let mut fields: Vec<Field> = (0..6).map(|i| Field::int(4 * i, 4)).collect();
+            fields.extend((0..6).map(|i| Field::int(24 + 4 * i, 4)));
+            prepared("model.bin", Kind::Binary { fields, hot: 512 })
+        },
+        run: |_, _, dir| load_and_forward(&dir.join("model.bin")),
+    },
+    Target {
+        name: "rwkv-peft-pth",
+        about: "RWKV-PEFT adapter .pth (Bone / BAT tensors, replaced LayerNorms) through \
+                load_rwkv_peft, forward, merge",
+        prepare: |ctx, rng, dir| {
+            std::fs::write(dir.join("model.pth"), &ctx.seeds.rwkv.1).expect("write seed");
+            let seed = if rng.chance(0.5) {
+                &ctx.seeds.rwkv_peft.0
+            } else {
+                &ctx.seeds.rwkv_peft.1
+            };
+            std::fs::write(dir.join("adapter.pth"), seed).expect("write seed");
+            prepared("adapter.pth", Kind::TorchTensors)
+        },
+        run: |_, _, dir| {
+            let mut loaded =
+                load_model(&dir.join("model.pth"), &Device::default()).map_err(text)?;
+            let rwkv = loaded
+                .model
+                .as_rwkv7_mut()
+                .ok_or("the seed model is RWKV-7")?;
+            rwkv.load_rwkv_peft(&dir.join("adapter.pth"), "default")
+                .map_err(text)?;
+            let ids: Vec<i64> = (0..6).map(|i| i * 5 % 64).collect();
+            forward(&loaded.model, &ids, [1, 6])?;
+            loaded
+                .model
+                .merge_adapters()
+                .map_err(|e| format!("{COMPUTED}{e}"))?;
+            forward(&loaded.model, &ids, [1, 6])
+        },
+    },
+    Target {
         name: "world-vocab",
         about: "RWKV World vocabulary (.txt) through TextTokenizer::from_file, encode, decode",
         prepare: |ctx, _, dir| {
@@ -313,7 +360,11 @@ pub const TARGETS: &[Target] = &[
                 out: Some("out".into()),
                 ..TrainSettings::default()
             };
-            flags.or(file).resolve().map_err(text)?.peft_config();
+            flags
+                .or(file)
+                .resolve()
+                .map_err(text)?
+                .peft_config(disha_models::ModelFamily::Llama);
             Ok(())
         },
     },
@@ -450,6 +501,63 @@ fn prepared(file: &str, kind: Kind) -> Prepared {
     }
 }
 
+/// The tensors of a `torch.save` checkpoint held in `bytes`, if it still parses.
+fn torch_tensors(bytes: &[u8]) -> Option<Vec<PthTensor>> {
+    let file = tempfile::NamedTempFile::new().ok()?;
+    std::fs::write(file.path(), bytes).ok()?;
+    let mut source = disha_models::PthWeights::open(file.path()).ok()?;
+    let mut out = Vec::new();
+    for name in disha_models::WeightSource::remaining(&source) {
+        let t = disha_models::WeightSource::take(&mut source, &name).ok()??;
+        out.push((name, t.shape, t.values));
+    }
+    Some(out)
+}
+
+/// One to three semantic edits of an RWKV-PEFT checkpoint's tensors: a changed extent or rank,
+/// a renamed module / layer / suffix, a dropped or duplicated tensor, a non-finite value, an
+/// unknown base tensor.
+fn semantic_mutation(rng: &mut Rng, mut tensors: Vec<PthTensor>) -> Vec<PthTensor> {
+    for _ in 0..1 + rng.below(3) {
+        let i = rng.below(tensors.len());
+        let (name, shape, values) = &mut tensors[i];
+        match rng.below(8) {
+            0 => {
+                let d = rng.below(shape.len());
+                shape[d] = *rng.pick(&[1, 2, 3, shape[d] + 1, shape[d] * 2, 48]);
+                values.resize(shape.iter().product(), 0.01);
+            }
+            1 => {
+                shape.push(1);
+            }
+            2 => {
+                let from = *rng.pick(&["blocks.0", "att.key", ".disha", "ln1", "ffn"]);
+                let to = *rng.pick(&["blocks.9", "att.query", ".lora_A", "ln7", "att"]);
+                *name = name.replace(from, to);
+            }
+            3 => {
+                tensors.remove(i);
+            }
+            4 => {
+                let copy = (format!("{name}x"), shape.clone(), values.clone());
+                tensors.push(copy);
+            }
+            5 => {
+                let v = rng.below(values.len());
+                values[v] = *rng.pick(&[f32::NAN, f32::INFINITY, 1e30, -1e30]);
+            }
+            6 => tensors.push(("emb.weight".into(), vec![64, 16], vec![0.0; 64 * 16])),
+            _ => {
+                *name = name.replace(".disha", ".bone").replace(".weight", ".disha");
+            }
+        }
+        if tensors.is_empty() {
+            break;
+        }
+    }
+    tensors
+}
+
 /// An error's one-line message.
 fn text(e: impl std::fmt::Display) -> String {
     e.to_string()
@@ -543,6 +651,12 @@ pub fn mutate(rng: &mut Rng, dir: &Path, prepared: &Prepared) {
             Kind::Json => mutate_json(rng, &mut bytes),
             Kind::Jsonl => mutate_jsonl(rng, &mut bytes, FUZZ_MAX_LINE),
             Kind::Toml => mutate_toml(rng, &mut bytes),
+            Kind::TorchTensors => match torch_tensors(&bytes) {
+                Some(tensors) if rng.chance(0.5) => {
+                    bytes = disha_models::pth_bytes("archive", &semantic_mutation(rng, tensors));
+                }
+                _ => mutate_bytes(rng, &mut bytes, 2048),
+            },
         }
     }
     std::fs::write(&path, bytes).expect("write the mutated file");

@@ -115,6 +115,24 @@ impl CausalLm {
         }
     }
 
+    /// The RWKV-7 model, mutably, if this is one (RWKV-PEFT checkpoints load through it).
+    pub fn as_rwkv7_mut(&mut self) -> Option<&mut Rwkv7> {
+        match self {
+            Self::Rwkv7(model) => Some(model),
+            Self::Llama(_) => None,
+        }
+    }
+
+    /// Base tensors trained with the adapter, under the family's checkpoint names (RWKV-7:
+    /// the LayerNorms after [`Rwkv7::set_layer_norms_trainable`]); none on Llama, whose base is
+    /// always frozen.
+    pub fn trainable_base_tensors(&self) -> Vec<crate::PthTensor> {
+        match self {
+            Self::Llama(_) => Vec::new(),
+            Self::Rwkv7(model) => model.trainable_base_tensors(),
+        }
+    }
+
     /// Rows of the output head (the largest id the model accepts, plus one).
     pub fn vocab_size(&self) -> usize {
         match self {

@@ -117,8 +117,8 @@ pub enum ModelError {
     /// A path is none of the model formats disha reads.
     #[error(
         "{path}: not a model: expected an HF directory (config.json + model.safetensors or \
-         model.safetensors.index.json), a .gguf file, a llama2.c .bin file or a BlinkDL \
-         RWKV-7 .pth or .safetensors file"
+         model.safetensors.index.json), a .gguf file, a llama2.c .bin file, a BlinkDL \
+         RWKV-7 .pth or .safetensors file or an rwkv.cpp .bin file"
     )]
     NotAModel {
         /// The path given.

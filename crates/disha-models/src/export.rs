@@ -209,3 +209,42 @@ fn llama_merged_tensors(model: &Llama, push: &mut dyn FnMut(String, Vec<usize>, 
         }
     });
 }
+
+/// Writes the merged RWKV-7 as a BlinkDL `.pth` (f32; the keys and shapes of the source
+/// checkpoint, adapters merged; what RWKV-PEFT's `merge_disha.py` writes), atomically.
+/// `torch.load`, BlinkDL's `rwkv` package and [`load_model`](crate::load_model) read it.
+///
+/// # Errors
+/// `path` exists (an export never overwrites); a weight that is not finite once merged
+/// ([`ModelError::NonFiniteExport`]: nothing is written); I/O errors naming the path.
+pub fn export_merged_pth(model: &crate::rwkv::Rwkv7, path: &Path) -> Result<()> {
+    if path.exists() {
+        return Err(ModelError::io(
+            path,
+            std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "output exists; choose a new --out file",
+            ),
+        ));
+    }
+    let mut tensors = Vec::new();
+    let mut broken: Option<(String, usize, f32)> = None;
+    model.merged_tensors(&mut |name, shape, t| {
+        let values = host(t);
+        if broken.is_none()
+            && let Some(index) = values.iter().position(|v| !v.is_finite())
+        {
+            broken = Some((name.clone(), index, values[index]));
+        }
+        tensors.push((name, shape, values));
+    });
+    if let Some((name, index, value)) = broken {
+        return Err(ModelError::NonFiniteExport {
+            name,
+            index,
+            value,
+            dtype: "F32".into(),
+        });
+    }
+    crate::pth_writer::write_pth(path, &tensors)
+}

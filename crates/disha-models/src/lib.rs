@@ -35,6 +35,7 @@ mod llama2c;
 mod load;
 mod loss;
 mod pth;
+mod pth_writer;
 mod rng;
 pub mod rwkv;
 mod tokenizer;
@@ -51,13 +52,14 @@ pub mod chat_templates {
     pub use crate::chat::{CHATML, LLAMA2, LLAMA3};
 }
 pub use error::{ModelError, Result};
-pub use export::export_merged;
+pub use export::{export_merged, export_merged_pth};
 pub use generate::{END_OF_TURN_TOKENS, GenerationConfig, generate, stop_tokens};
 pub use gguf_llama::{GgufWeights, config_from_gguf, gguf_name, unpermute_rope_rows};
 pub use llama2c::Llama2cWeights;
 pub use load::{LoadedModel, ModelFormat, load_model, load_tokenizer};
 pub use loss::{IGNORE_INDEX, causal_lm_loss, causal_lm_loss_sum};
 pub use pth::PthWeights;
+pub use pth_writer::{PthTensor, pth_bytes, write_pth};
 pub use rng::SplitMix64;
 pub use tokenizer::TextTokenizer;
 pub use weights::{RandomWeights, SafetensorsWeights, WeightSource};

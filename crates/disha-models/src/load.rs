@@ -31,6 +31,8 @@ pub enum ModelFormat {
     RwkvSafetensors,
     /// A BlinkDL RWKV `.pth` checkpoint (`torch.save` of the state dict; f32, f16 or bf16).
     RwkvPth,
+    /// An rwkv.cpp `.bin` file (FP32 or FP16).
+    RwkvCpp,
 }
 
 /// A loaded model and what is needed to write it back out.
@@ -165,6 +167,11 @@ pub fn load_model(path: &Path, device: &Device) -> Result<LoadedModel> {
             hf_config: None,
             gguf_metadata,
         });
+    }
+    if path.is_file() && crate::rwkv::is_rwkv_cpp(path) {
+        let mut weights = crate::rwkv::RwkvCppWeights::open(path)?;
+        let what = (path, ModelFormat::RwkvCpp, None);
+        return load_rwkv(&weights.shapes(), &mut weights, what, device);
     }
     if path.is_file()
         && path

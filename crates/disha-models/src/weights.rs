@@ -262,6 +262,26 @@ impl RandomWeights {
             shapes: crate::llama::hf_tensor_shapes(config).into_iter().collect(),
         }
     }
+
+    /// Random weights for the tensors `shapes` lists (any family's names, e.g.
+    /// [`RwkvConfig::tensor_shapes`](crate::rwkv::RwkvConfig::tensor_shapes)).
+    pub fn from_shapes(shapes: Vec<(String, Vec<usize>)>, std: f32, seed: u64) -> Self {
+        Self {
+            std,
+            rng: crate::rng::SplitMix64::new(seed),
+            shapes: shapes.into_iter().collect(),
+        }
+    }
+}
+
+/// A norm's scale: Llama's `*norm.weight`, RWKV's LayerNorms (`ln0`, `ln1`, `ln2`, `ln_x`,
+/// `ln_out`).
+fn is_norm_weight(name: &str) -> bool {
+    name.ends_with("norm.weight")
+        || name
+            .strip_suffix(".weight")
+            .and_then(|module| module.rsplit('.').next())
+            .is_some_and(|last| last.starts_with("ln"))
 }
 
 impl WeightSource for RandomWeights {
@@ -274,7 +294,7 @@ impl WeightSource for RandomWeights {
             return Ok(None);
         };
         let n = shape.iter().product();
-        let values = if name.ends_with("norm.weight") {
+        let values = if is_norm_weight(name) {
             vec![1.0; n]
         } else if name.ends_with(".bias") {
             vec![0.0; n]

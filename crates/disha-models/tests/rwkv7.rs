@@ -57,12 +57,19 @@ fn check_fixture(model_path: &std::path::Path, dir: &std::path::Path) {
     let t = ids.len();
     let v = model.config().vocab_size;
 
-    // Sequence mode from the zero state.
-    let mut state = model.zero_state(1);
-    let seq = host(model.forward_with_state(tokens(ids, &device), &mut state));
-    let d = assert_close("logits_seq_full", &seq, &golden["logits_seq_full"].f32, TOL);
-    eprintln!("{}: logits_seq_full max |diff| {d:e}", dir.display());
-    check_state("state_seq", &state, &golden);
+    // Sequence mode from the zero state, with WKV chunks of 1 token (the per-token step), 16
+    // (the default) and the whole sequence.
+    for chunk in [1, 16, t] {
+        let mut chunked = model.clone();
+        chunked.set_wkv_chunk_len(chunk).unwrap();
+        let mut state = chunked.zero_state(1);
+        let seq = host(chunked.forward_with_state(tokens(ids, &device), &mut state));
+        let what = format!("logits_seq_full (WKV chunk {chunk})");
+        let d = assert_close(&what, &seq, &golden["logits_seq_full"].f32, TOL);
+        eprintln!("{}: {what} max |diff| {d:e}", dir.display());
+        check_state("state_seq", &state, &golden);
+    }
+    assert!(model.clone().set_wkv_chunk_len(65).is_err());
 
     // RNN mode: one token per call.
     let mut state = model.zero_state(1);
@@ -111,14 +118,38 @@ fn trained_834k_rwkv7_matches_the_rwkv_package_and_rwkv_cpp() {
         .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
         .collect();
     let device = Device::default();
-    let loaded = load_model(&model_path, &device).unwrap();
-    let mut state = loaded.model.new_decode_state();
-    let last = host(
-        loaded
-            .model
-            .forward_last(tokens(&[34, 105, 110], &device), &mut state),
+    // From the BlinkDL conversion and from rwkv.cpp's own file (packed token-shift vectors,
+    // transposed low-rank matrices, reversed shapes), read directly.
+    for path in [
+        model_path.clone(),
+        assets.join("rwkv7-834K/tiny-rwkv-7v0-834K-FP32.bin"),
+    ] {
+        let loaded = load_model(&path, &device).unwrap();
+        let mut state = loaded.model.new_decode_state();
+        let last = host(
+            loaded
+                .model
+                .forward_last(tokens(&[34, 105, 110], &device), &mut state),
+        );
+        let d = assert_close("rwkv.cpp expected logits", &last, &expected, TOL);
+        eprintln!(
+            "{}: rwkv.cpp expected logits max |diff| {d:e}",
+            path.display()
+        );
+    }
+    let cpp = load_model(
+        &assets.join("rwkv7-834K/tiny-rwkv-7v0-834K-FP32.bin"),
+        &device,
+    )
+    .unwrap();
+    assert_eq!(cpp.format, ModelFormat::RwkvCpp);
+    let blinkdl = load_model(&model_path, &device).unwrap();
+    let ids = tokens(&[34, 105, 110, 7, 200], &device);
+    assert_eq!(
+        host(cpp.model.forward(ids.clone())),
+        host(blinkdl.model.forward(ids)),
+        "the rwkv.cpp file and its BlinkDL conversion are one model"
     );
-    assert_close("rwkv.cpp expected logits", &last, &expected, TOL);
 }
 
 /// Both containers of the same checkpoint give identical parameters, hence identical logits.

@@ -1,19 +1,21 @@
 //! Training checkpoints: `OUT/checkpoints/step-NNNNNN/` with the adapter (a PEFT directory),
-//! the optimizer state and `state.json` (step, data position, trainable-parameter ids).
+//! the optimizer state, `state.json` (step, data position, trainable-parameter ids) and, when
+//! base tensors are trained too (`--train-parts`), `base-tensors.pth` with their values.
 //!
 //! A checkpoint is assembled in a temporary directory beside the others and renamed into place,
 //! so a crash (even `kill -9`) leaves either the previous checkpoints or a complete new one;
 //! temporary leftovers are ignored and cleaned. Only the newest `keep` checkpoints are kept.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use disha_core::{PeftConfig, PeftModelExt, freeze_all_but_active_adapters, write_atomic};
-use disha_models::CausalLm;
+use disha_core::{PeftConfig, PeftModelExt, write_atomic};
+use disha_models::{CausalLm, PthWeights, WeightSource, write_pth};
 use serde::{Deserialize, Serialize};
 
 use crate::TrainError;
 use crate::data::{DataLoader, DataPosition};
-use crate::learner::{Learner, trainable_param_ids};
+use crate::learner::{Learner, mark_trainable, trainable_param_ids};
 use crate::settings::RunSettings;
 
 /// The adapter name training uses.
@@ -56,6 +58,9 @@ impl Checkpoint {
 /// The optimizer state inside a checkpoint (Burn's burnpack format).
 const OPTIMIZER_FILE: &str = "optimizer.bpk";
 
+/// Base tensors trained with the adapter (`--train-parts`), by checkpoint name, when there are.
+const BASE_TENSORS_FILE: &str = "base-tensors.pth";
+
 fn checkpoints_root(out: &Path) -> PathBuf {
     out.join("checkpoints")
 }
@@ -80,6 +85,10 @@ pub fn save(
         .map_err(|e| TrainError::io(&root, e))?;
     let model = learner.model();
     model.save_adapter(ADAPTER_NAME, peft, &staging.path().join("adapter"))?;
+    let base = model.trainable_base_tensors();
+    if !base.is_empty() {
+        write_pth(&staging.path().join(BASE_TENSORS_FILE), &base)?;
+    }
     write_atomic(
         &staging.path().join(OPTIMIZER_FILE),
         &learner.optimizer_state()?,
@@ -247,7 +256,40 @@ pub fn resume(
     let ckpt = load_latest(out)?;
     ckpt.validate(settings, data.len())?;
     model.load_adapter(&ckpt.adapter_dir(), ADAPTER_NAME)?;
-    let model = freeze_all_but_active_adapters(model);
+    let base = ckpt.dir.join(BASE_TENSORS_FILE);
+    match (
+        base.is_file(),
+        settings.train_parts.is_empty(),
+        model.as_rwkv7_mut(),
+    ) {
+        (false, true, _) => {}
+        (true, false, Some(rwkv)) => {
+            let mut source = PthWeights::open(&base)?;
+            let mut tensors = BTreeMap::new();
+            for name in source.remaining() {
+                let tensor = source.take(&name)?.expect("listed by remaining()");
+                tensor.check_finite(&base, &name)?;
+                tensors.insert(name, tensor);
+            }
+            rwkv.replace_base_tensors(&base, &tensors)?;
+        }
+        (present, _, _) => {
+            return Err(TrainError::File {
+                path: ckpt.dir.clone(),
+                message: format!(
+                    "{} {BASE_TENSORS_FILE} but the run trains {}; the checkpoint does not \
+                     belong to this run",
+                    if present { "has" } else { "has no" },
+                    if settings.train_parts.is_empty() {
+                        "no base tensors".to_string()
+                    } else {
+                        format!("{:?} on this model", settings.train_parts)
+                    }
+                ),
+            });
+        }
+    }
+    let model = mark_trainable(model, &settings.train_parts)?;
     let trainable = trainable_param_ids(&model).len();
     if trainable != ckpt.state.param_ids.len() {
         return Err(TrainError::File {

@@ -27,9 +27,11 @@ pub enum Command {
     Logits(LogitsArgs),
     /// Generate text from a prompt (greedy by default), streaming it to stdout.
     Generate(GenerateArgs),
-    /// Merge an adapter into the base weights and write a plain HF model directory.
+    /// Merge an adapter into the base weights and write a plain model directory (or, for
+    /// RWKV-7, a BlinkDL .pth).
     Merge(MergeArgs),
-    /// Convert an adapter directory: legacy Bone → MiSS, or MiSS → an exactly equivalent LoRA.
+    /// Convert an adapter: legacy Bone → MiSS, MiSS → an exactly equivalent LoRA, RWKV-PEFT
+    /// `.pth` ↔ PEFT directory.
     ExportAdapter(ExportAdapterArgs),
     /// Fine-tune an adapter (Bone, BAT, mini or LoRA) on a JSONL dataset; with no --model, run
     /// the embedded demo.
@@ -224,14 +226,15 @@ pub struct GenerateArgs {
 /// `disha merge`.
 #[derive(Args, Debug)]
 pub struct MergeArgs {
-    /// HF model directory or .gguf file.
+    /// The base model (any --model format).
     #[arg(long, value_name = "PATH")]
     pub model: PathBuf,
-    /// PEFT adapter directory to merge.
-    #[arg(long, value_name = "DIR")]
+    /// PEFT adapter directory to merge (or, on RWKV-7, an RWKV-PEFT .pth checkpoint).
+    #[arg(long, value_name = "PATH")]
     pub adapter: PathBuf,
-    /// New output directory (must not exist, or be empty).
-    #[arg(long, value_name = "DIR")]
+    /// New output directory (must not exist, or be empty); on RWKV-7, a new `.pth` file writes
+    /// a BlinkDL checkpoint instead.
+    #[arg(long, value_name = "PATH")]
     pub out: PathBuf,
     /// Compute backend.
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
@@ -245,22 +248,26 @@ pub enum AdapterFormat {
     Miss,
     /// PEFT LORA, exactly equivalent (Bone / mini only; needs --model for the layer shapes).
     Lora,
+    /// An RWKV-PEFT checkpoint (`--out` is a `.pth` file; Bone or BAT in RWKV-PEFT orientation;
+    /// needs --model, an RWKV-7).
+    RwkvPeft,
 }
 
 /// `disha export-adapter`.
 #[derive(Args, Debug)]
 pub struct ExportAdapterArgs {
-    /// The PEFT adapter directory to convert.
-    #[arg(long, value_name = "DIR")]
+    /// The adapter to convert: a PEFT directory, or an RWKV-PEFT `.pth` checkpoint.
+    #[arg(long, value_name = "PATH")]
     pub adapter: PathBuf,
-    /// Output directory.
-    #[arg(long, value_name = "DIR")]
+    /// Output directory (a `.pth` file for --to rwkv-peft).
+    #[arg(long, value_name = "PATH")]
     pub out: PathBuf,
     /// Target format.
     #[arg(long, value_enum, default_value_t = AdapterFormat::Miss)]
     pub to: AdapterFormat,
-    /// The base model (required for --to lora: LoRA's A matrix needs each layer's input size).
-    #[arg(long, value_name = "PATH", required_if_eq("to", "lora"))]
+    /// The base model (required for --to lora, whose A matrix needs each layer's input size, and
+    /// for --to rwkv-peft).
+    #[arg(long, value_name = "PATH", required_if_eq_any([("to", "lora"), ("to", "rwkv-peft")]))]
     pub model: Option<PathBuf>,
     /// Compute backend.
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]

@@ -21,6 +21,8 @@ pub enum DeviceChoice {
 impl DeviceChoice {
     /// The Burn device, or an error saying which feature to build with.
     pub fn device(self) -> CliResult<Device> {
+        // Unused when every backend is compiled in.
+        #[allow(unused_variables)]
         let missing = |name: &str| {
             CliError::Usage(format!(
                 "--device {name}: this binary was built without the `{name}` backend \

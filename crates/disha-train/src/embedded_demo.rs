@@ -5,9 +5,10 @@
 
 use std::path::{Path, PathBuf};
 
+use disha_core::AdapterKind;
 use disha_core::write_atomic;
 use disha_train::data::PromptTemplate;
-use disha_train::settings::{Method, TrainSettings};
+use disha_train::settings::TrainSettings;
 
 use crate::error::{CliError, CliResult};
 
@@ -91,7 +92,7 @@ pub fn defaults(paths: &DemoPaths) -> TrainSettings {
         eval_data: Some(paths.eval.clone()),
         eval_max_new_tokens: Some(6),
         template: Some(PromptTemplate::Raw),
-        method: Some(Method::Bone),
+        method: Some(AdapterKind::Bone),
         r: Some(16),
         max_steps: Some(DEMO_STEPS),
         batch_size: Some(32),

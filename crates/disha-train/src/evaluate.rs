@@ -6,6 +6,7 @@
 //! leading `+`, a trailing `.` and trailing zeros after a decimal point (`1,000.50` = `1000.5`).
 
 use std::ops::ControlFlow;
+use std::path::Path;
 
 use burn::tensor::{Int, Tensor, TensorData};
 use disha_models::{
@@ -146,6 +147,46 @@ pub fn normalize_number(n: &str) -> String {
     } else {
         s
     }
+}
+
+/// [`exact_match`] on every record; each outcome is appended to `out` (one JSON object per
+/// line) as soon as it is known, so an interrupted evaluation keeps what it did, and
+/// `progress(correct, done)` is called after each.
+///
+/// # Errors
+/// Generation errors; I/O errors on `out`, naming it.
+#[allow(clippy::too_many_arguments)]
+pub fn exact_match_all(
+    model: &CausalLm,
+    tokenizer: &TextTokenizer,
+    records: &[Record],
+    template: PromptTemplate,
+    max_new_tokens: usize,
+    stop: &[u32],
+    out: Option<&Path>,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<ExactMatch>, TrainError> {
+    use std::io::Write;
+    let mut file = match out {
+        Some(path) => Some((
+            std::fs::File::create(path).map_err(|e| TrainError::io(path, e))?,
+            path,
+        )),
+        None => None,
+    };
+    let mut outcomes = Vec::with_capacity(records.len());
+    let mut correct = 0;
+    for record in records {
+        let outcome = exact_match(model, tokenizer, record, template, max_new_tokens, stop)?;
+        correct += usize::from(outcome.correct);
+        if let Some((file, path)) = file.as_mut() {
+            let line = serde_json::to_string(&outcome).expect("outcomes serialize");
+            writeln!(file, "{line}").map_err(|e| TrainError::io(*path, e))?;
+        }
+        outcomes.push(outcome);
+        progress(correct, outcomes.len());
+    }
+    Ok(outcomes)
 }
 
 #[cfg(test)]

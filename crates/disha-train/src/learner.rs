@@ -12,12 +12,14 @@ use burn::optim::{
     AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer, OptimizerRecord,
 };
 use burn::tensor::{Bytes, Int, Tensor, TensorData};
+use disha_core::freeze_all_but_active_adapters;
 use disha_models::{CausalLm, causal_lm_loss_sum};
 use serde::{Deserialize, Serialize};
 
 use crate::TrainError;
 use crate::data::{DataLoader, HostBatch, IGNORE_INDEX};
 use crate::schedule::LrSchedule;
+use crate::settings::TrainPart;
 
 /// Optimizer and loop settings.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -138,6 +140,30 @@ impl ModuleVisitor for ScaleGrads<'_> {
         if let Some(g) = self.grads.remove::<D>(param.id) {
             self.grads.register(param.id, g.mul_scalar(self.scale));
         }
+    }
+}
+
+/// Freezes every parameter of `model` except those of its active adapters and the base
+/// tensors `parts` names ([`TrainPart::Ln`]: RWKV-7's LayerNorms) — the trainable set a
+/// [`Learner`] expects.
+///
+/// # Errors
+/// A part the model's family does not have (`ln` on a Llama model).
+pub fn mark_trainable(model: CausalLm, parts: &[TrainPart]) -> Result<CausalLm, TrainError> {
+    let model = freeze_all_but_active_adapters(model);
+    if parts.is_empty() {
+        return Ok(model);
+    }
+    match model {
+        CausalLm::Rwkv7(rwkv) => Ok(CausalLm::Rwkv7(rwkv.set_layer_norms_trainable(true))),
+        other => Err(TrainError::config(
+            "train_parts",
+            "ln",
+            format!(
+                "trains RWKV-7's LayerNorms (RWKV-PEFT's --train_parts ln); this model is {}",
+                other.family()
+            ),
+        )),
     }
 }
 

@@ -4,13 +4,13 @@
 use std::path::{Path, PathBuf};
 
 use clap::{Args, ValueEnum};
-use disha_core::{AdapterSpec, BatOrientation, PeftConfig, TargetModules};
+use disha_core::{AdapterKind, AdapterSpec, BatOrientation, PeftConfig, TargetModules};
 use serde::{Deserialize, Serialize};
 
 use disha_models::llama::projection_names;
+use disha_models::{ModelFamily, TextTokenizer};
 
 use crate::TrainError;
-use disha_models::TextTokenizer;
 
 use crate::data::{
     Example, FieldMap, JsonlOptions, PromptTemplate, Record, encode_all, read_jsonl,
@@ -18,30 +18,12 @@ use crate::data::{
 use crate::learner::LearnerConfig;
 use crate::schedule::{LrSchedule, ScheduleKind};
 
-/// The adapter family to train.
+/// Base tensors trained with the adapter (RWKV-PEFT's `--train_parts`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
 #[serde(rename_all = "lowercase")]
-pub enum Method {
-    /// Bone / MiSS standard (PEFT `MISS`, `init_weights=True`).
-    Bone,
-    /// BAT, PEFT orientation (`init_weights="bat"`).
-    Bat,
-    /// MiSS-mini (`init_weights="mini"`).
-    Mini,
-    /// LoRA.
-    Lora,
-}
-
-impl Method {
-    /// The method's usual name ("Bone", "BAT", "MiSS-mini", "LoRA").
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Bone => "Bone",
-            Self::Bat => "BAT",
-            Self::Mini => "MiSS-mini",
-            Self::Lora => "LoRA",
-        }
-    }
+pub enum TrainPart {
+    /// Every LayerNorm's weight and bias (RWKV-7: `ln0`, `ln1`, `ln2`, `att.ln_x`, `ln_out`).
+    Ln,
 }
 
 /// Every `disha train` setting; unset ones come from `--config`, then the defaults.
@@ -69,7 +51,7 @@ pub struct TrainSettings {
     pub template: Option<PromptTemplate>,
     /// Adapter family [default: bone].
     #[arg(long, value_enum)]
-    pub method: Option<Method>,
+    pub method: Option<AdapterKind>,
     /// Shard / block size, or LoRA rank [default: 16].
     #[arg(long)]
     pub r: Option<usize>,
@@ -79,7 +61,8 @@ pub struct TrainSettings {
     /// LoRA alpha [default: 2r].
     #[arg(long)]
     pub lora_alpha: Option<f64>,
-    /// Target modules, comma-separated, or `all-linear` [default: the seven projections].
+    /// Target modules, comma-separated, or `all-linear` [default: every projection of the
+    /// model's blocks: Llama's seven, RWKV-7's six].
     #[arg(long, value_delimiter = ',')]
     pub targets: Option<Vec<String>>,
     /// Output directory: adapter/, metrics.jsonl, run.json.
@@ -141,6 +124,10 @@ pub struct TrainSettings {
     /// (Burn's balanced gradient checkpointing): less memory, more compute.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub gradient_checkpointing: Option<bool>,
+    /// Base tensors to train with the adapter, comma-separated: `ln` (RWKV-7's LayerNorms, as
+    /// RWKV-PEFT's `--train_parts ln`; saved in the RWKV-PEFT checkpoint) [default: none].
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub train_parts: Option<Vec<TrainPart>>,
     /// Write a checkpoint every N steps (and always at the end); 0: only at the end
     /// [default: 0].
     #[arg(long)]
@@ -171,14 +158,15 @@ pub struct RunSettings {
     /// Prompt template.
     pub template: PromptTemplate,
     /// Adapter family.
-    pub method: Method,
+    pub method: AdapterKind,
     /// Shard / block size or rank.
     pub r: usize,
     /// Mini block width.
     pub mini_r: usize,
     /// LoRA alpha.
     pub lora_alpha: f64,
-    /// Target modules.
+    /// Target modules; empty: every projection of the model's family
+    /// ([`default_targets`]).
     pub targets: Vec<String>,
     /// Output directory.
     pub out: PathBuf,
@@ -201,6 +189,9 @@ pub struct RunSettings {
     /// Burn's balanced gradient checkpointing.
     #[serde(default)]
     pub gradient_checkpointing: bool,
+    /// Base tensors trained with the adapter.
+    #[serde(default)]
+    pub train_parts: Vec<TrainPart>,
     /// Checkpoint period in steps (0: only at the end).
     pub save_every: usize,
     /// Checkpoints kept.
@@ -294,6 +285,7 @@ impl TrainSettings {
             max_line_bytes,
             packing,
             gradient_checkpointing,
+            train_parts,
             save_every,
             keep_checkpoints,
             eval_data,
@@ -317,6 +309,17 @@ impl TrainSettings {
             TrainError::config("fields", &preset, "one of alpaca, metamath, gsm8k")
         })?;
         let r = self.r.unwrap_or(16);
+        let method = self.method.unwrap_or(AdapterKind::Bone);
+        if self.train_parts.as_ref().is_some_and(|p| !p.is_empty())
+            && !matches!(method, AdapterKind::Bone | AdapterKind::Bat)
+        {
+            return Err(TrainError::config(
+                "train_parts",
+                "ln",
+                "trained base tensors are saved in the RWKV-PEFT checkpoint, which holds Bone or \
+                 BAT: use --method bone or bat",
+            ));
+        }
         let max_steps = self.max_steps.unwrap_or(100);
         let max_grad_norm = self.max_grad_norm.unwrap_or(1.0);
         if max_grad_norm.is_nan() || max_grad_norm < 0.0 {
@@ -336,13 +339,11 @@ impl TrainSettings {
             },
             output_field: self.output_field.unwrap_or(fields.output),
             template: self.template.unwrap_or(PromptTemplate::Alpaca),
-            method: self.method.unwrap_or(Method::Bone),
+            method,
             r,
             mini_r: self.mini_r.unwrap_or(r),
             lora_alpha: self.lora_alpha.unwrap_or(2.0 * r as f64),
-            targets: self
-                .targets
-                .unwrap_or_else(|| projection_names().map(String::from).to_vec()),
+            targets: self.targets.unwrap_or_default(),
             out,
             batch_size: self.batch_size.unwrap_or(4),
             max_len: self.max_len.unwrap_or(512),
@@ -352,6 +353,7 @@ impl TrainSettings {
             max_line_bytes: self.max_line_bytes.unwrap_or_else(default_max_line_bytes),
             packing: self.packing.unwrap_or(false),
             gradient_checkpointing: self.gradient_checkpointing.unwrap_or(false),
+            train_parts: self.train_parts.unwrap_or_default(),
             save_every: self.save_every.unwrap_or(0),
             keep_checkpoints: self.keep_checkpoints.unwrap_or(2),
             eval_data: self.eval_data,
@@ -509,19 +511,38 @@ impl RunSettings {
         )
     }
 
-    /// The PEFT config of the adapter to train.
-    pub fn peft_config(&self) -> PeftConfig {
+    /// The PEFT config of the adapter to train on a `family` model: the targets given, else
+    /// [`default_targets`]; BAT in the family's convention (PEFT's on Llama, RWKV-PEFT's on
+    /// RWKV-7, so the adapter merges with RWKV-PEFT's own tools).
+    pub fn peft_config(&self, family: ModelFamily) -> PeftConfig {
         let targets = match self.targets.as_slice() {
+            [] => TargetModules::Names(default_targets(family)),
             [one] if one == "all-linear" => TargetModules::AllLinear,
             names => TargetModules::Names(names.to_vec()),
         };
+        let bat = match family {
+            ModelFamily::Llama => BatOrientation::Peft,
+            ModelFamily::Rwkv7 => BatOrientation::RwkvPeft,
+        };
         let spec = match self.method {
-            Method::Bone => AdapterSpec::bone(self.r),
-            Method::Bat => AdapterSpec::bat(self.r, BatOrientation::Peft),
-            Method::Mini => AdapterSpec::mini(self.r, self.mini_r),
-            Method::Lora => AdapterSpec::lora(self.r, self.lora_alpha),
+            AdapterKind::Bone => AdapterSpec::bone(self.r),
+            AdapterKind::Bat => AdapterSpec::bat(self.r, bat),
+            AdapterKind::Mini => AdapterSpec::mini(self.r, self.mini_r),
+            AdapterKind::Lora => AdapterSpec::lora(self.r, self.lora_alpha),
         };
         PeftConfig::from_spec(&spec, targets)
+    }
+}
+
+/// The modules `disha train` adapts when no `--targets` are given: every projection of a
+/// block (Llama: `q/k/v/o_proj`, `gate/up/down_proj`; RWKV-7: RWKV-PEFT's six,
+/// `att.receptance/key/value/output`, `ffn.key/value`). Not the output head.
+pub fn default_targets(family: ModelFamily) -> Vec<String> {
+    match family {
+        ModelFamily::Llama => projection_names().map(String::from).to_vec(),
+        ModelFamily::Rwkv7 => disha_models::rwkv::PROJECTION_NAMES
+            .map(String::from)
+            .to_vec(),
     }
 }
 
@@ -541,8 +562,17 @@ mod tests {
         };
         let run = cli.or(file).resolve().unwrap();
         assert_eq!(run.learner.schedule.peak, 1e-3);
-        assert_eq!((run.r, run.method, run.lora_alpha), (8, Method::Lora, 16.0));
-        assert_eq!(run.targets.len(), 7);
+        assert_eq!(
+            (run.r, run.method, run.lora_alpha),
+            (8, AdapterKind::Lora, 16.0)
+        );
+        assert!(run.targets.is_empty());
+        assert_eq!(
+            run.peft_config(ModelFamily::Llama).target_modules,
+            Some(TargetModules::Names(default_targets(ModelFamily::Llama)))
+        );
+        assert_eq!(default_targets(ModelFamily::Llama).len(), 7);
+        assert_eq!(default_targets(ModelFamily::Rwkv7).len(), 6);
         assert_eq!(run.learner.max_grad_norm, Some(1.0));
         let unknown = toml::from_str::<TrainSettings>("learning_rate = 1.0");
         assert!(unknown.unwrap_err().to_string().contains("learning_rate"));

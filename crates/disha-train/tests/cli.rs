@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{disha, fails, losses, ok, s, tiny_run_inputs, tiny_train_args};
+use common::{disha, fails, losses, ok, s, tiny_run_inputs, tiny_train_args, write_sums};
 
 fn fixtures() -> Option<PathBuf> {
     let root = std::env::var_os("DISHA_FIXTURES")
@@ -669,4 +669,322 @@ fn train_without_arguments_runs_the_embedded_demo_and_learns() {
     assert!(err.contains("--resume"), "{err}");
     let err = fails(&["train", "--data", s(&out.join("data/train.jsonl"))]);
     assert!(err.contains("needs --model"), "{err}");
+}
+
+/// `input_ids` `[1, n]` (I64) in a safetensors file, for `disha logits --tokens-file`.
+fn write_input_ids(path: &Path, ids: &[i64]) {
+    let bytes: Vec<u8> = ids.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![1, ids.len()], &bytes)
+            .unwrap();
+    std::fs::write(
+        path,
+        safetensors::serialize([("input_ids".to_string(), view)], None).unwrap(),
+    )
+    .unwrap();
+}
+
+/// RWKV-7 end to end: `merge` of an RWKV-PEFT checkpoint (Bone r24 with trained LayerNorms)
+/// gives the model RWKV-PEFT's `merge_disha.py` gives (its logits under BlinkDL's `rwkv`
+/// package); `train` adapts RWKV's six projections by default, writes an RWKV-PEFT checkpoint
+/// besides the PEFT directory, and both load back with the trained function.
+#[test]
+fn rwkv_peft_checkpoints_merge_and_rwkv_trains() {
+    let Some(root) = fixtures() else { return };
+    let rwkv = root.parent().unwrap().join("rwkv7");
+    let base = rwkv.join("tiny_random_v7/model.pth");
+    let case = rwkv.join("rwkv_peft/bone_r24_partial_ln");
+    let tmp = tempfile::tempdir().unwrap();
+    let merged = tmp.path().join("merged");
+    let stdout = ok(&[
+        "merge",
+        "--model",
+        s(&base),
+        "--adapter",
+        s(&case.join("rwkv-peft-adapter.pth")),
+        "--out",
+        s(&merged),
+    ]);
+    assert!(stdout.contains("merged"), "{stdout}");
+    let golden = tensors(&case.join("golden.safetensors"));
+    let ids_file = tmp.path().join("ids.safetensors");
+    let ids: Vec<i64> = {
+        let bytes = std::fs::read(case.join("golden.safetensors")).unwrap();
+        let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        file.tensor("tokens")
+            .unwrap()
+            .data()
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+            .collect()
+    };
+    write_input_ids(&ids_file, &ids);
+    let logits = tmp.path().join("logits.safetensors");
+    ok(&[
+        "logits",
+        "--model",
+        s(&merged),
+        "--tokens-file",
+        s(&ids_file),
+        "--out",
+        s(&logits),
+    ]);
+    // The RWKV model tolerance (see crates/disha-models/tests/rwkv7.rs).
+    let d = max_abs_diff(&tensors(&logits)["logits"].1, &golden["logits_seq_full"].1);
+    assert!(d <= 1e-4, "{d:e}");
+    // `--out FILE.pth`: the merged BlinkDL checkpoint, as merge_disha.py writes it; it loads
+    // back to the same logits.
+    let merged_pth = tmp.path().join("merged.pth");
+    ok(&[
+        "merge",
+        "--model",
+        s(&base),
+        "--adapter",
+        s(&case.join("rwkv-peft-adapter.pth")),
+        "--out",
+        s(&merged_pth),
+    ]);
+    let pth_logits = tmp.path().join("pth-logits.safetensors");
+    ok(&[
+        "logits",
+        "--model",
+        s(&merged_pth),
+        "--tokens-file",
+        s(&ids_file),
+        "--out",
+        s(&pth_logits),
+    ]);
+    assert_eq!(tensors(&pth_logits)["logits"], tensors(&logits)["logits"]);
+    // A checkpoint file is refused on a Llama model, by name.
+    let err = fails(&[
+        "inspect",
+        "--model",
+        s(&root.join("div/base")),
+        "--adapter",
+        s(&case.join("rwkv-peft-adapter.pth")),
+    ]);
+    assert!(err.contains("RWKV-PEFT") && err.contains("Llama"), "{err}");
+
+    // RWKV-PEFT ↔ PEFT directory: the same adapter both ways, and the same merged model.
+    let err = fails(&[
+        "export-adapter",
+        "--adapter",
+        s(&case.join("rwkv-peft-adapter.pth")),
+        "--out",
+        s(&tmp.path().join("no")),
+    ]);
+    assert!(err.contains("ln1.weight") && err.contains("merge"), "{err}");
+    let bat = rwkv.join("rwkv_peft/bat_r16/rwkv-peft-adapter.pth");
+    let peft_dir = tmp.path().join("bat-peft");
+    ok(&[
+        "export-adapter",
+        "--adapter",
+        s(&bat),
+        "--out",
+        s(&peft_dir),
+    ]);
+    let config = std::fs::read_to_string(peft_dir.join("adapter_config.json")).unwrap();
+    assert!(config.contains("bat_rwkv"), "{config}");
+    let back = tmp.path().join("bat-back.pth");
+    ok(&[
+        "export-adapter",
+        "--to",
+        "rwkv-peft",
+        "--model",
+        s(&base),
+        "--adapter",
+        s(&peft_dir),
+        "--out",
+        s(&back),
+    ]);
+    let merged_from = |adapter: &Path, name: &str| {
+        let out = tmp.path().join(name);
+        ok(&[
+            "merge",
+            "--model",
+            s(&base),
+            "--adapter",
+            s(adapter),
+            "--out",
+            s(&out),
+        ]);
+        tensors(&out.join("model.safetensors"))
+    };
+    let direct = merged_from(&bat, "bat-direct");
+    assert_eq!(direct, merged_from(&peft_dir, "bat-via-dir"));
+    assert_eq!(direct, merged_from(&back, "bat-via-back"));
+    let bat_golden = tensors(&rwkv.join("rwkv_peft/bat_r16/golden.safetensors"));
+    for (key, (_, values)) in bat_golden.iter().filter(|(k, _)| k.starts_with("merged.")) {
+        let ours = &direct[key.trim_start_matches("merged.")].1;
+        // BAT's block products in another summation order than torch's (see rwkv_peft.rs).
+        assert!(max_abs_diff(ours, values) <= 1e-5, "{key}");
+    }
+
+    // Train Bone on the byte-level tiny RWKV (vocab 256: the byte tokenizer is the default).
+    let data = tmp.path().join("sums.jsonl");
+    write_sums(&data, 32);
+    let train_args = |out: &Path, extra: &[&str]| -> Vec<String> {
+        let mut args: Vec<String> = [
+            "train",
+            "--model",
+            s(&base),
+            "--data",
+            s(&data),
+            "--fields",
+            "gsm8k",
+            "--template",
+            "raw",
+            "--out",
+            s(out),
+            "--max-steps",
+            "6",
+            "--batch-size",
+            "4",
+            "--lr",
+            "1e-2",
+            "--r",
+            "16",
+            "--device",
+            "flex",
+        ]
+        .map(String::from)
+        .to_vec();
+        args.extend(extra.iter().map(|a| a.to_string()));
+        args
+    };
+    let train = |args: Vec<String>| ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let out = tmp.path().join("run");
+    let stdout = train(train_args(&out, &["--seed", "3"]));
+    let config = std::fs::read_to_string(out.join("adapter/adapter_config.json")).unwrap();
+    for target in [
+        "att.receptance",
+        "att.key",
+        "att.value",
+        "att.output",
+        "ffn.key",
+        "ffn.value",
+    ] {
+        assert!(config.contains(&format!("\"{target}\"")), "{config}");
+    }
+    let trace = losses(&out);
+    assert_eq!(trace.len(), 6, "{stdout}");
+    // The two saved forms give one model: merged from the RWKV-PEFT checkpoint vs the PEFT dir.
+    let via = |adapter: &Path, name: &str| {
+        let merged = tmp.path().join(name);
+        ok(&[
+            "merge",
+            "--model",
+            s(&base),
+            "--adapter",
+            s(adapter),
+            "--out",
+            s(&merged),
+        ]);
+        let logits = tmp.path().join(format!("{name}.safetensors"));
+        ok(&[
+            "logits",
+            "--model",
+            s(&merged),
+            "--tokens-file",
+            s(&ids_file),
+            "--out",
+            s(&logits),
+        ]);
+        tensors(&logits)["logits"].1.clone()
+    };
+    // generate (RNN mode) and eval run on RWKV with either saved form.
+    for adapter in [out.join("rwkv-peft-adapter.pth"), out.join("adapter")] {
+        let text = ok(&[
+            "generate",
+            "--model",
+            s(&base),
+            "--adapter",
+            s(&adapter),
+            "--prompt",
+            "1+2=",
+            "--max-new-tokens",
+            "3",
+        ]);
+        assert!(text.starts_with("1+2="), "{text}");
+        let report = ok(&[
+            "eval",
+            "--model",
+            s(&base),
+            "--adapter",
+            s(&adapter),
+            "--data",
+            s(&data),
+            "--fields",
+            "gsm8k",
+            "--template",
+            "raw",
+            "--metric",
+            "loss",
+        ]);
+        assert!(report.contains("perplexity"), "{report}");
+    }
+    let from_pth = via(&out.join("rwkv-peft-adapter.pth"), "trained-pth");
+    let from_dir = via(&out.join("adapter"), "trained-dir");
+    assert_eq!(from_pth, from_dir);
+    // And training changed the function.
+    let base_logits = tmp.path().join("base.safetensors");
+    ok(&[
+        "logits",
+        "--model",
+        s(&base),
+        "--tokens-file",
+        s(&ids_file),
+        "--out",
+        s(&base_logits),
+    ]);
+    assert!(max_abs_diff(&from_pth, &tensors(&base_logits)["logits"].1) > 1e-3);
+
+    // BAT (RWKV-PEFT orientation) with the LayerNorms trained too (`--train-parts ln`), straight
+    // and split by a --resume: the same losses and the same checkpoint, LayerNorms included.
+    let bat = [
+        "--method",
+        "bat",
+        "--train-parts",
+        "ln",
+        "--save-every",
+        "3",
+        "--seed",
+        "5",
+    ];
+    let straight = tmp.path().join("bat-straight");
+    train(train_args(&straight, &bat));
+    let split = tmp.path().join("bat-split");
+    let mut args = train_args(&split, &bat);
+    args.extend(["--stop-after-steps".into(), "3".into()]);
+    train(args);
+    ok(&["train", "--model", s(&base), "--resume", "--out", s(&split)]);
+    assert_eq!(losses(&split), losses(&straight));
+    let pth = |dir: &Path| std::fs::read(dir.join("rwkv-peft-adapter.pth")).unwrap();
+    assert_eq!(pth(&split), pth(&straight));
+    let checkpoint =
+        disha_models::rwkv::RwkvPeftCheckpoint::read(&straight.join("rwkv-peft-adapter.pth"))
+            .unwrap();
+    assert_eq!(checkpoint.adapters.len(), 12);
+    // ln0, ln_out, and per layer ln1, ln2, att.ln_x: weight and bias each.
+    assert_eq!(
+        checkpoint.overlay.len(),
+        2 * (2 + 2 * 3),
+        "{:?}",
+        checkpoint.overlay.keys()
+    );
+    assert!(checkpoint.overlay.contains_key("blocks.1.att.ln_x.bias"));
+    // The LayerNorm is not the base's any more.
+    let base_ln = disha_models::PthWeights::open(&base)
+        .and_then(|mut w| {
+            use disha_models::WeightSource;
+            w.take("blocks.0.ln1.weight")
+        })
+        .unwrap()
+        .unwrap();
+    assert!(
+        max_abs_diff(
+            &checkpoint.overlay["blocks.0.ln1.weight"].values,
+            &base_ln.values
+        ) > 0.0
+    );
 }

@@ -8,8 +8,8 @@ use disha_core::{AdaptableModel, AdaptedLinear, HostTensor, LinearSite};
 
 use super::config::{DECAY_SCALE, GROUP_NORM_EPS, L2_NORM_EPS, LAYER_NORM_EPS, RwkvConfig};
 use super::state::{RwkvLayerState, RwkvState};
-use super::wkv::wkv7;
-use crate::error::Result;
+use super::wkv::{DEFAULT_WKV_CHUNK_LEN, MAX_WKV_CHUNK_LEN, wkv7_chunked};
+use crate::error::{ModelError, Result};
 use crate::weights::{WeightSource, check_all_taken, device_tensor, linear, take};
 
 /// A frozen parameter.
@@ -169,6 +169,7 @@ impl RwkvTimeMix {
         x: Tensor<3>,
         state: &mut RwkvLayerState,
         v_first: &mut Option<Tensor<3>>,
+        chunk_len: usize,
     ) -> Tensor<3> {
         let [b, t, c] = x.dims();
         let [h, n] = self.r_k.dims();
@@ -202,7 +203,7 @@ impl RwkvTimeMix {
         let kk = kk / norm;
         let k = k * (a.clone().sub_scalar(1.0) * row(&self.k_a)).add_scalar(1.0);
         let (r, k, v, a) = (heads(r), heads(k), heads(v), heads(a));
-        let (y, s) = wkv7(
+        let (y, s) = wkv7_chunked(
             r.clone(),
             heads(w),
             k.clone(),
@@ -210,6 +211,7 @@ impl RwkvTimeMix {
             kk.clone().neg(),
             kk * a,
             state.att_kv.clone(),
+            chunk_len,
         );
         state.att_kv = s;
         // GroupNorm over each head's N channels (biased variance), then the per-channel affine.
@@ -282,6 +284,8 @@ pub struct Rwkv7 {
     pub head: AdaptedLinear,
     #[module(skip)]
     config: RwkvConfig,
+    #[module(skip)]
+    wkv_chunk_len: usize,
 }
 
 impl Rwkv7 {
@@ -386,6 +390,7 @@ impl Rwkv7 {
             ln_out,
             head,
             config: config.clone(),
+            wkv_chunk_len: DEFAULT_WKV_CHUNK_LEN,
         })
     }
 
@@ -397,6 +402,28 @@ impl Rwkv7 {
     /// The device the weights live on.
     pub fn device(&self) -> Device {
         self.emb.weight.device()
+    }
+
+    /// Tokens per WKV chunk in sequence mode (default 16; see [`wkv7_chunked`]).
+    pub fn wkv_chunk_len(&self) -> usize {
+        self.wkv_chunk_len
+    }
+
+    /// Sets the WKV chunk length: longer chunks do more work per chunk in parallel and keep
+    /// fewer states; the result is the same up to f32 rounding.
+    ///
+    /// # Errors
+    /// A length outside `1..=64` ([`MAX_WKV_CHUNK_LEN`](super::MAX_WKV_CHUNK_LEN)).
+    pub fn set_wkv_chunk_len(&mut self, chunk_len: usize) -> Result<()> {
+        if !(1..=MAX_WKV_CHUNK_LEN).contains(&chunk_len) {
+            return Err(ModelError::InvalidArgument {
+                name: "wkv_chunk_len".into(),
+                value: chunk_len.to_string(),
+                message: format!("must be in 1..={MAX_WKV_CHUNK_LEN}"),
+            });
+        }
+        self.wkv_chunk_len = chunk_len;
+        Ok(())
     }
 
     /// The zero state for `batch` sequences on the model's device.
@@ -480,7 +507,9 @@ impl Rwkv7 {
         let mut v_first = None;
         for (block, layer) in self.blocks.iter().zip(state.layers.iter_mut()) {
             let xx = block.ln1.forward(x.clone());
-            x = x + block.att.forward(xx, layer, &mut v_first);
+            x = x + block
+                .att
+                .forward(xx, layer, &mut v_first, self.wkv_chunk_len);
             let xx = block.ln2.forward(x.clone());
             x = x + block.ffn.forward(xx, layer);
         }
@@ -559,8 +588,8 @@ impl Rwkv7 {
     }
 }
 
-/// The adaptable linears of one block, with their BlinkDL names.
-const LINEARS: [&str; 6] = [
+/// The adaptable linears of one block, with their BlinkDL names (RWKV-PEFT's targets).
+pub const PROJECTION_NAMES: [&str; 6] = [
     "att.receptance",
     "att.key",
     "att.value",
@@ -589,7 +618,7 @@ impl RwkvBlock {
 }
 
 fn block_sites(l: usize) -> [LinearSite; 6] {
-    LINEARS.map(|name| {
+    PROJECTION_NAMES.map(|name| {
         let full = format!("blocks.{l}.{name}");
         LinearSite::hidden(full.clone(), full)
     })
@@ -616,6 +645,6 @@ impl AdaptableModel for Rwkv7 {
 
     fn default_target_modules(&self) -> Option<Vec<String>> {
         // RWKV-PEFT's targets: the four time-mix linears and both channel-mix linears.
-        Some(LINEARS.map(String::from).to_vec())
+        Some(PROJECTION_NAMES.map(String::from).to_vec())
     }
 }

@@ -20,6 +20,7 @@ pub fn run(args: InspectArgs) -> CliResult {
         ModelFormat::Llama2c => "llama2.c checkpoint",
         ModelFormat::RwkvSafetensors => "BlinkDL RWKV safetensors",
         ModelFormat::RwkvPth => "BlinkDL RWKV .pth",
+        ModelFormat::RwkvCpp => "rwkv.cpp .bin",
     };
     let _ = writeln!(out, "model        {} [{format}]", loaded.path.display());
     for (i, line) in loaded.model.architecture().lines().enumerate() {

@@ -1,6 +1,6 @@
 //! `disha merge`: base + adapter → a plain HF directory.
 
-use disha_models::export_merged;
+use disha_models::{export_merged, export_merged_pth};
 
 use super::load_with_adapter;
 use crate::cli::MergeArgs;
@@ -26,6 +26,26 @@ pub fn run(args: MergeArgs) -> CliResult {
     }
     let device = args.device.device()?;
     let (loaded, _) = load_with_adapter(&args.model, Some(&args.adapter), &device)?;
+    if args.out.extension().is_some_and(|e| e == "pth") {
+        // A BlinkDL checkpoint, as RWKV-PEFT's merge script writes.
+        let rwkv = loaded.model.as_rwkv7().ok_or_else(|| {
+            CliError::Usage(format!(
+                "--out {}: a .pth output is a BlinkDL RWKV-7 checkpoint; {} is a {} model (give \
+                 a directory for an HF model)",
+                args.out.display(),
+                args.model.display(),
+                loaded.model.family()
+            ))
+        })?;
+        export_merged_pth(rwkv, &args.out).map_err(|e| non_finite_is_the_adapters(e, &args))?;
+        println!(
+            "merged {} into {} -> {} (BlinkDL .pth, f32)",
+            args.adapter.display(),
+            args.model.display(),
+            args.out.display()
+        );
+        return Ok(());
+    }
     let extra: Vec<_> = if args.model.is_dir() {
         COPIED
             .iter()
@@ -35,16 +55,8 @@ pub fn run(args: MergeArgs) -> CliResult {
     } else {
         Vec::new()
     };
-    export_merged(&loaded.model, &loaded.export_config(), &extra, &args.out).map_err(|e| {
-        match e {
-            // Weights out of range once merged: the adapter is what to look at.
-            disha_models::ModelError::NonFiniteExport { .. } => CliError::File {
-                path: args.adapter.clone(),
-                message: e.to_string(),
-            },
-            e => e.into(),
-        }
-    })?;
+    export_merged(&loaded.model, &loaded.export_config(), &extra, &args.out)
+        .map_err(|e| non_finite_is_the_adapters(e, &args))?;
     println!(
         "merged {} into {} -> {} (model.safetensors, config.json{})",
         args.adapter.display(),
@@ -57,6 +69,17 @@ pub fn run(args: MergeArgs) -> CliResult {
             .collect::<String>()
     );
     Ok(())
+}
+
+/// Weights out of range once merged: the adapter is what to look at.
+fn non_finite_is_the_adapters(e: disha_models::ModelError, args: &MergeArgs) -> CliError {
+    match e {
+        disha_models::ModelError::NonFiniteExport { .. } => CliError::File {
+            path: args.adapter.clone(),
+            message: e.to_string(),
+        },
+        e => e.into(),
+    }
 }
 
 fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {

@@ -14,9 +14,10 @@ use std::time::Instant;
 
 use burn::tensor::Device;
 use disha_core::{PeftConfig, PeftModelExt};
+use disha_models::rwkv::RwkvPeftCheckpoint;
 use disha_models::{CausalLm, LoadedModel, TextTokenizer, load_model};
 use disha_train::data::{PromptTemplate, Record};
-use disha_train::evaluate::{ExactMatch, exact_match};
+use disha_train::evaluate::ExactMatch;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::cli::{Cli, Command, ModelArgs};
@@ -39,7 +40,9 @@ pub fn run(cli: Cli) -> CliResult {
     }
 }
 
-/// Loads `--model` on `device` and, if given, the adapter directory as [`ADAPTER_NAME`].
+/// Loads `--model` on `device` and, if given, the adapter as [`ADAPTER_NAME`]: a PEFT adapter
+/// directory, or (RWKV-7 only) an RWKV-PEFT `.pth` checkpoint, whose replaced base tensors
+/// (trained LayerNorms) are applied too. Returns the adapter's PEFT config.
 pub fn load_with_adapter(
     model: &Path,
     adapter: Option<&Path>,
@@ -49,6 +52,29 @@ pub fn load_with_adapter(
     let mut loaded = load_model(model, device)?;
     tracing::info!(path = %model.display(), secs = start.elapsed().as_secs_f64(), "model loaded");
     let config = match adapter {
+        Some(file) if file.is_file() => {
+            let Some(rwkv) = loaded.model.as_rwkv7_mut() else {
+                return Err(CliError::Usage(format!(
+                    "--adapter {}: a file is read as an RWKV-PEFT checkpoint, which only an \
+                     RWKV-7 model takes; {} is a {} model, whose adapters are PEFT directories \
+                     (adapter_config.json + adapter_model.safetensors)",
+                    file.display(),
+                    model.display(),
+                    loaded.model.family()
+                )));
+            };
+            let checkpoint = RwkvPeftCheckpoint::read(file)?;
+            let applied = rwkv.apply_rwkv_peft(&checkpoint, ADAPTER_NAME)?;
+            tracing::info!(
+                path = %file.display(),
+                method = applied.spec.method_name(),
+                r = applied.spec.r,
+                layers = applied.layers.len(),
+                replaced = applied.replaced.len(),
+                "RWKV-PEFT adapter loaded"
+            );
+            Some(checkpoint.peft_config())
+        }
         Some(dir) => Some(loaded.model.load_adapter(dir, ADAPTER_NAME)?),
         None => None,
     };
@@ -96,9 +122,7 @@ pub fn progress_bar(len: usize) -> ProgressBar {
     bar
 }
 
-/// [`exact_match`] on every record, with a progress bar showing the running score; each
-/// outcome is appended to `out` (one JSON object per line) as soon as it is known, so an
-/// interrupted evaluation keeps what it did.
+/// [`disha_train::evaluate::exact_match_all`] with a progress bar showing the running score.
 pub fn exact_match_all(
     model: &CausalLm,
     tokenizer: &TextTokenizer,
@@ -108,32 +132,20 @@ pub fn exact_match_all(
     stop: &[u32],
     out: Option<&Path>,
 ) -> CliResult<Vec<ExactMatch>> {
-    use std::io::Write;
-    let file_error = |path: &Path, e: std::io::Error| CliError::File {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    };
-    let mut file = match out {
-        Some(path) => Some((
-            std::fs::File::create(path).map_err(|e| file_error(path, e))?,
-            path,
-        )),
-        None => None,
-    };
     let bar = progress_bar(records.len());
-    let mut outcomes = Vec::with_capacity(records.len());
-    let mut correct = 0;
-    for record in records {
-        let outcome = exact_match(model, tokenizer, record, template, max_new_tokens, stop)?;
-        correct += usize::from(outcome.correct);
-        if let Some((file, path)) = file.as_mut() {
-            let line = serde_json::to_string(&outcome).expect("outcomes serialize");
-            writeln!(file, "{line}").map_err(|e| file_error(path, e))?;
-        }
-        outcomes.push(outcome);
-        bar.inc(1);
-        bar.set_message(format!("exact match {correct}/{}", outcomes.len()));
-    }
+    let outcomes = disha_train::evaluate::exact_match_all(
+        model,
+        tokenizer,
+        records,
+        template,
+        max_new_tokens,
+        stop,
+        out,
+        &mut |correct, done| {
+            bar.inc(1);
+            bar.set_message(format!("exact match {correct}/{done}"));
+        },
+    );
     bar.finish_and_clear();
-    Ok(outcomes)
+    Ok(outcomes?)
 }

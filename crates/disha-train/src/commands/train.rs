@@ -1,58 +1,19 @@
 //! `disha train`: fine-tune an adapter on a JSONL dataset.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
-use burn::module::Module;
-use burn::tensor::{Int, Tensor, TensorData};
-use disha_core::{PeftModelExt, freeze_all_but_active_adapters, write_atomic};
-use disha_models::{CausalLm, stop_tokens};
-use disha_train::checkpoint::{self, ADAPTER_NAME};
-use disha_train::data::{DataLoader, split_validation};
-use disha_train::evaluate::{ExactMatch, mean_loss};
-use disha_train::learner::{Learner, StepMetrics};
+use disha_train::checkpoint;
+use disha_train::evaluate::ExactMatch;
+use disha_train::learner::StepMetrics;
 use disha_train::plot::{Series, loss_chart};
+use disha_train::run::{METRICS_FILE, RunData, RunObserver, RunOptions, RunOutcome};
 use disha_train::settings::{RunSettings, TrainSettings};
+use indicatif::ProgressBar;
 
-use super::{exact_match_all, load_with_adapter, progress_bar, tokenizer_arg};
+use super::{load_with_adapter, progress_bar, tokenizer_arg};
 use crate::cli::TrainArgs;
 use crate::embedded_demo;
 use crate::error::{CliError, CliResult};
-
-/// Loads the saved adapter onto a fresh copy of the base model and compares its logits with
-/// the trained model's on one training batch: the directory written must reproduce the run.
-fn check_reload(
-    base: &CausalLm,
-    trained: &CausalLm,
-    dir: &std::path::Path,
-    data: &DataLoader,
-) -> CliResult<f32> {
-    let mut reloaded = base.clone();
-    reloaded.load_adapter(dir, ADAPTER_NAME)?;
-    let batch = data.clone().next_batch();
-    let device = trained.device();
-    let ids = Tensor::<2, Int>::from_data(TensorData::new(batch.input_ids, batch.shape), &device);
-    let host = |m: &CausalLm| {
-        m.forward(ids.clone())
-            .into_data()
-            .try_to_vec_as::<f32>()
-            .expect("float logits")
-    };
-    let (a, b) = (host(trained), host(&reloaded));
-    let diff = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0f32, f32::max);
-    if diff.is_nan() || diff > 1e-5 {
-        return Err(CliError::Usage(format!(
-            "the adapter written to {} does not reproduce the trained model (logits differ by {diff:e})",
-            dir.display()
-        )));
-    }
-    Ok(diff)
-}
 
 /// What a run trains: its settings, the base model and the tokenizer spec; for a new run, the
 /// guard that removes what the run created if it fails before its first step.
@@ -228,25 +189,61 @@ fn refuse_earlier_run(out: &Path) -> CliResult {
     Ok(())
 }
 
-/// Keeps the metrics lines of steps `<= step` (a resumed run replays the steps after its
-/// checkpoint), rewriting the file atomically.
-fn truncate_metrics(path: &std::path::Path, step: usize) -> CliResult {
-    if !path.exists() {
-        return Ok(());
+/// The CLI's view of a run: a progress bar over the steps (and over each exact-match
+/// evaluation), notes on stderr, and the run-directory guard disarmed at the first step.
+struct Progress {
+    bar: Option<ProgressBar>,
+    guard: Option<RunDirGuard>,
+}
+
+impl RunObserver for Progress {
+    fn note(&mut self, line: &str) {
+        eprintln!("{line}");
     }
-    let text = disha_core::limits::read_text_file(path)?;
-    let kept: String = text
-        .lines()
-        .filter(|line| {
-            serde_json::from_str::<serde_json::Value>(line)
-                .ok()
-                .and_then(|v| v["step"].as_u64())
-                .is_some_and(|s| s as usize <= step)
-        })
-        .map(|line| format!("{line}\n"))
-        .collect();
-    write_atomic(path, kept.as_bytes())?;
-    Ok(())
+
+    fn training(&mut self, step: usize, max_steps: usize) {
+        let bar = progress_bar(max_steps);
+        bar.set_position(step as u64);
+        self.bar = Some(bar);
+    }
+
+    fn step(&mut self, metrics: &StepMetrics) {
+        if let Some(bar) = &self.bar {
+            bar.set_message(format!(
+                "loss {:.4} lr {:.2e} |g| {:.3} {:.0} tok/s",
+                metrics.loss, metrics.lr, metrics.grad_norm, metrics.tokens_per_sec
+            ));
+            bar.inc(1);
+        }
+        // From the first completed step on, the directory records a run (see RunDirGuard).
+        if let Some(guard) = self.guard.as_mut() {
+            guard.disarm();
+        }
+    }
+
+    fn training_done(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish();
+        }
+    }
+
+    fn evaluation(&mut self, label: &str, total: usize) {
+        eprintln!("exact match {label} ({total} questions):");
+        self.bar = Some(progress_bar(total));
+    }
+
+    fn evaluated(&mut self, correct: usize, done: usize) {
+        if let Some(bar) = &self.bar {
+            bar.inc(1);
+            bar.set_message(format!("exact match {correct}/{done}"));
+        }
+    }
+
+    fn evaluation_done(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
 }
 
 pub fn run(args: TrainArgs) -> CliResult {
@@ -254,175 +251,47 @@ pub fn run(args: TrainArgs) -> CliResult {
         settings,
         model: model_path,
         tokenizer: tokenizer_spec,
-        mut guard,
+        guard,
     } = inputs_for(&args)?;
-    let metrics_path = settings.out.join("metrics.jsonl");
     // Data errors (named by line) come before the model is loaded.
-    let (records, skipped) = settings.read_records(&settings.data)?;
-    let eval_records = match &settings.eval_data {
-        Some(path) => Some(settings.read_records(path)?.0),
-        None => None,
-    };
+    let data = RunData::read(&settings)?;
     let mut device = args.device.device()?.autodiff();
     if settings.gradient_checkpointing {
         device = device.gradient_checkpointing();
     }
     let (loaded, _) = load_with_adapter(&model_path, None, &device)?;
     let tokenizer = tokenizer_arg(tokenizer_spec.as_deref(), &loaded)?;
-    // Every id the tokenizer can produce must index the model's embedding: checked once here,
-    // before any example is encoded (and again per batch by the learner).
-    tokenizer.check_fits(loaded.model.vocab_size())?;
-    let pad = tokenizer
-        .token_to_id("<|pad|>")
-        .or(tokenizer.eos_id())
-        .unwrap_or(0);
-    let (examples, dropped) = settings.encode(&records, &tokenizer)?;
-    let (train, validation) = split_validation(examples, settings.validation, settings.seed);
-    eprintln!(
-        "data: {} examples for training, {} for validation ({} malformed lines skipped, {} prompts too long)",
-        train.len(),
-        validation.len(),
-        skipped,
-        dropped
-    );
-    let mut data = DataLoader::new(train, settings.batch_size, settings.seed, pad);
-    if settings.packing {
-        data = data.with_packing(settings.max_len);
+    let options = RunOptions {
+        resume: args.resume,
+        stop_after_steps: args.stop_after_steps,
+    };
+    let mut progress = Progress { bar: None, guard };
+    let outcome = disha_train::run::run(
+        &settings,
+        data,
+        loaded.model,
+        &tokenizer,
+        options,
+        &mut progress,
+    )?;
+    print_summary(&settings, &outcome);
+    match write_loss_chart(&settings) {
+        Ok(chart) => println!("loss curve          {}", chart.display()),
+        // The run itself succeeded; a chart that cannot be drawn is only a warning.
+        Err(e) => eprintln!("warning: no loss chart: {e}"),
     }
+    Ok(())
+}
 
-    // Adapter and learner: fresh, or from the newest checkpoint.
-    let stop = stop_tokens(&loaded.model, &tokenizer);
-    let base = loaded.model.valid();
-    let mut model = loaded.model;
-    device.seed(settings.seed);
-    let peft = settings.peft_config();
-    let mut val_before = None;
-    let mut learner = if args.resume {
-        let (learner, ckpt) = checkpoint::resume(&settings.out, &settings, model, &mut data)?;
-        truncate_metrics(&metrics_path, ckpt.state.step)?;
-        eprintln!(
-            "resuming from {} (step {})",
-            ckpt.dir.display(),
-            ckpt.state.step
-        );
-        learner
-    } else {
-        model.add_adapter(ADAPTER_NAME, &peft)?;
-        let model = freeze_all_but_active_adapters(model);
-        val_before = if validation.is_empty() {
-            None
-        } else {
-            Some(mean_loss(
-                &model.valid(),
-                &validation,
-                settings.batch_size,
-                pad,
-            )?)
-        };
-        std::fs::create_dir_all(&settings.out).map_err(|e| file_error(&settings.out, e))?;
-        if let Some(records) = &eval_records {
-            eprintln!("exact match before training ({} questions):", records.len());
-            let before = exact_match_all(
-                &base,
-                &tokenizer,
-                records,
-                settings.prompt_template(),
-                settings.eval_max_new_tokens,
-                &stop,
-                Some(&settings.out.join(EVAL_BEFORE)),
-            )?;
-            eprintln!("  {}", score(&before));
-        }
-        let run_json = serde_json::to_string_pretty(&settings).expect("settings serialize");
-        write_atomic(&settings.out.join("run.json"), run_json.as_bytes())?;
-        Learner::new(model, settings.learner.clone())?
-    };
-    eprintln!("{}", learner.model().parameter_count());
-
-    // Train.
-    let steps = settings.learner.max_steps;
-    let bar = progress_bar(steps);
-    bar.set_position(learner.step() as u64);
-    let mut metrics_file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&metrics_path)
-        .map_err(|e| file_error(&metrics_path, e))?;
-    let start = Instant::now();
-    let mut history: Vec<StepMetrics> = Vec::new();
-    while learner.step() < steps {
-        let metrics = learner.train_step(&mut data)?;
-        let line = serde_json::to_string(&metrics).expect("metrics serialize");
-        writeln!(metrics_file, "{line}")
-            .and_then(|()| metrics_file.flush())
-            .map_err(|e| file_error(&metrics_path, e))?;
-        bar.set_message(format!(
-            "loss {:.4} lr {:.2e} |g| {:.3} {:.0} tok/s",
-            metrics.loss, metrics.lr, metrics.grad_norm, metrics.tokens_per_sec
-        ));
-        bar.inc(1);
-        history.push(metrics);
-        // From the first completed step on, the directory records a run (see RunDirGuard).
-        if let Some(guard) = guard.as_mut() {
-            guard.disarm();
-        }
-        let step = learner.step();
-        let stopping = args.stop_after_steps == Some(history.len());
-        if step == steps
-            || stopping
-            || (settings.save_every > 0 && step.is_multiple_of(settings.save_every))
-        {
-            checkpoint::save(
-                &settings.out,
-                &learner,
-                &peft,
-                data.position(),
-                settings.keep_checkpoints,
-            )?;
-        }
-        if stopping {
-            eprintln!(
-                "stopping after {} steps as asked; continue with --resume",
-                history.len()
-            );
-            break;
-        }
-    }
-    bar.finish();
-    let elapsed = start.elapsed().as_secs_f64();
-    let model = learner.into_model();
-
-    // Save the adapter (each file atomically) and summarize.
-    let adapter_dir = settings.out.join("adapter");
-    model.save_adapter(ADAPTER_NAME, &peft, &adapter_dir)?;
-    let trained = model.valid();
-    let reload_diff = check_reload(&base, &trained, &adapter_dir, &data)?;
-    let val_loss = if validation.is_empty() {
-        None
-    } else {
-        Some(mean_loss(&trained, &validation, settings.batch_size, pad)?)
-    };
-    let eval_after = match &eval_records {
-        Some(records) => {
-            eprintln!("exact match after training ({} questions):", records.len());
-            Some(exact_match_all(
-                &trained,
-                &tokenizer,
-                records,
-                settings.prompt_template(),
-                settings.eval_max_new_tokens,
-                &stop,
-                Some(&settings.out.join(EVAL_AFTER)),
-            )?)
-        }
-        None => None,
-    };
+/// The end-of-run report on stdout.
+fn print_summary(settings: &RunSettings, outcome: &RunOutcome) {
+    let history = &outcome.history;
     let mean = |m: &[StepMetrics]| m.iter().map(|x| x.loss).sum::<f64>() / m.len().max(1) as f64;
     let k = history.len().clamp(1, 5);
     let tokens: usize = history.iter().map(|m| m.tokens).sum();
     println!(
         "steps               {} (this session: {})",
-        steps,
+        outcome.steps,
         history.len()
     );
     if !history.is_empty() {
@@ -432,7 +301,7 @@ pub fn run(args: TrainArgs) -> CliResult {
             mean(&history[history.len() - k..])
         );
     }
-    match (val_before, val_loss) {
+    match (outcome.validation_before, outcome.validation_after) {
         (Some(before), Some(after)) => println!(
             "validation loss     {before:.4} -> {after:.4} (perplexity {:.2} -> {:.2})",
             before.exp(),
@@ -444,11 +313,13 @@ pub fn run(args: TrainArgs) -> CliResult {
         ),
         _ => {}
     }
-    if let Some(after) = &eval_after {
-        let before = read_outcomes(&settings.out.join(EVAL_BEFORE));
+    if let Some(after) = &outcome.exact_match_after {
         println!(
             "exact match         {} -> {}",
-            before.as_deref().map_or_else(|| "?".to_string(), score),
+            outcome
+                .exact_match_before
+                .as_deref()
+                .map_or_else(|| "?".to_string(), score),
             score(after)
         );
         for o in after.iter().take(5) {
@@ -465,23 +336,31 @@ pub fn run(args: TrainArgs) -> CliResult {
         }
     }
     println!(
-        "time                {elapsed:.1} s, {:.0} tokens/s",
-        tokens as f64 / elapsed.max(1e-9)
+        "time                {:.1} s, {:.0} tokens/s",
+        outcome.elapsed_secs,
+        tokens as f64 / outcome.elapsed_secs.max(1e-9)
     );
     if let Some(mb) = history.last().and_then(|m| m.peak_memory_mb) {
         println!("peak memory         {mb:.0} MB");
     }
     println!(
-        "adapter             {} (reloaded: logits max |diff| {reload_diff:e})",
-        adapter_dir.display()
+        "adapter             {} (reloaded: logits max |diff| {:e})",
+        outcome.adapter_dir.display(),
+        outcome.reload_diff
     );
-    println!("metrics             {}", metrics_path.display());
-    match write_loss_chart(&settings) {
-        Ok(chart) => println!("loss curve          {}", chart.display()),
-        // The run itself succeeded; a chart that cannot be drawn is only a warning.
-        Err(e) => eprintln!("warning: no loss chart: {e}"),
+    if let Some(path) = &outcome.rwkv_peft {
+        println!("RWKV-PEFT checkpoint {}", path.display());
+        if !settings.train_parts.is_empty() {
+            println!(
+                "                    (with the trained base tensors; {} holds the adapter only)",
+                outcome.adapter_dir.display()
+            );
+        }
     }
-    Ok(())
+    println!(
+        "metrics             {}",
+        settings.out.join(METRICS_FILE).display()
+    );
 }
 
 /// `OUT/loss.png`: every step's loss in `metrics.jsonl` (all sessions of a resumed run) and
@@ -511,10 +390,6 @@ fn write_loss_chart(settings: &RunSettings) -> CliResult<PathBuf> {
     Ok(chart)
 }
 
-/// Exact-match outcomes before / after training, under the run directory.
-const EVAL_BEFORE: &str = "eval-before.jsonl";
-const EVAL_AFTER: &str = "eval-after.jsonl";
-
 /// `correct/total = percent`.
 fn score(outcomes: &[ExactMatch]) -> String {
     let correct = outcomes.iter().filter(|o| o.correct).count();
@@ -523,19 +398,4 @@ fn score(outcomes: &[ExactMatch]) -> String {
         outcomes.len(),
         100.0 * correct as f64 / outcomes.len().max(1) as f64
     )
-}
-
-/// The outcomes an earlier session wrote (a resumed run scored its base model then).
-fn read_outcomes(path: &Path) -> Option<Vec<ExactMatch>> {
-    let text = std::fs::read_to_string(path).ok()?;
-    text.lines()
-        .map(|line| serde_json::from_str(line).ok())
-        .collect()
-}
-
-fn file_error(path: &std::path::Path, e: std::io::Error) -> CliError {
-    CliError::File {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    }
 }

@@ -81,7 +81,13 @@ pub fn tiny_run_inputs(dir: &Path) -> (PathBuf, PathBuf) {
     let model_dir = dir.join("tiny-model");
     disha_models::export_merged(&model.into(), &config.to_hf_json(), &[], &model_dir).unwrap();
     let data = dir.join("sums.jsonl");
-    let lines: Vec<String> = (0..48)
+    write_sums(&data, 48);
+    (model_dir, data)
+}
+
+/// `n` small sums (`"3+4="` → `"7"`) as GSM8K-field JSONL.
+pub fn write_sums(path: &Path, n: usize) {
+    let lines: Vec<String> = (0..n)
         .map(|i| {
             format!(
                 r#"{{"question": "{}+{}=", "answer": "{}"}}"#,
@@ -91,8 +97,7 @@ pub fn tiny_run_inputs(dir: &Path) -> (PathBuf, PathBuf) {
             )
         })
         .collect();
-    std::fs::write(&data, lines.join("\n")).unwrap();
-    (model_dir, data)
+    std::fs::write(path, lines.join("\n")).unwrap();
 }
 
 pub fn losses(out: &Path) -> Vec<String> {

@@ -1,11 +1,16 @@
 //! Writes a `torch.save(state_dict)` file without PyTorch: a zip archive (entries stored, as
 //! `torch.save` writes them) holding `data.pkl` (pickle protocol 2, tensors rebuilt through
 //! `torch._utils._rebuild_tensor_v2` from persistent storages), one `data/N` entry per storage,
-//! `version` and `byteorder`. The fuzzing harness mutates such a file for the `.pth` reader.
+//! `version` and `byteorder`. `torch.load` and Burn's `pytorch-reader` read it; RWKV-PEFT
+//! adapter checkpoints are written this way.
 
 use std::io::Write;
+use std::path::Path;
 
+use disha_core::write_atomic;
 use zip::write::SimpleFileOptions;
+
+use crate::error::{ModelError, Result};
 
 /// A pickle under construction.
 #[derive(Default)]
@@ -41,9 +46,50 @@ impl Pickle {
     }
 }
 
-/// Serializes `tensors` (name, shape, f32 values) as a PyTorch zip checkpoint under the
-/// archive folder `archive/`.
-pub fn write_pth(tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Vec<u8> {
+/// One named f32 tensor to write: name, shape, row-major values.
+pub type PthTensor = (String, Vec<usize>, Vec<f32>);
+
+/// Writes `tensors` to `path` as a PyTorch zip checkpoint (a flat `dict[str, Tensor]`, f32),
+/// atomically (a temporary file renamed over `path`).
+///
+/// # Errors
+/// A tensor whose value count is not its shape's product, or one too large for the format
+/// (over 2³¹ − 1 elements or extents); I/O errors naming the path.
+pub fn write_pth(path: &Path, tensors: &[PthTensor]) -> Result<()> {
+    for (name, shape, values) in tensors {
+        let fits = |n: usize| i32::try_from(n).is_ok();
+        if shape.iter().product::<usize>() != values.len()
+            || !fits(values.len())
+            || !shape.iter().all(|&d| fits(d))
+        {
+            return Err(ModelError::Pytorch {
+                path: path.to_path_buf(),
+                message: format!(
+                    "cannot write tensor `{name}`: shape {shape:?} with {} values",
+                    values.len()
+                ),
+            });
+        }
+    }
+    // torch.save names the archive folder after the file.
+    let archive: String = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
+        .collect();
+    let archive = if archive.is_empty() {
+        "archive"
+    } else {
+        &archive
+    };
+    Ok(write_atomic(path, &pth_bytes(archive, tensors))?)
+}
+
+/// Serializes `tensors` (name, shape, f32 values; counts and extents below 2³¹) as a PyTorch
+/// zip checkpoint under the archive folder `archive/`.
+pub fn pth_bytes(archive: &str, tensors: &[PthTensor]) -> Vec<u8> {
     let mut p = Pickle::default();
     p.0.extend([0x80, 2]); // PROTO 2
     p.op(b'}'); // EMPTY_DICT
@@ -81,7 +127,7 @@ pub fn write_pth(tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Vec<u8> {
     let mut zip = zip::ZipWriter::new(&mut out);
     let stored = SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
     let mut entry = |name: &str, bytes: &[u8]| {
-        zip.start_file(format!("archive/{name}"), stored)
+        zip.start_file(format!("{archive}/{name}"), stored)
             .expect("in-memory zip");
         zip.write_all(bytes).expect("in-memory zip");
     };
