@@ -302,6 +302,20 @@ fn world_tokenizer_matches_the_reference_vectors() {
         .collect();
     let ids = world.encode_bytes(&bytes).unwrap();
     assert_eq!(world.decode_bytes(&ids).unwrap(), bytes);
+    // And 500 random byte strings (lengths 0..200, bytes biased to ASCII and UTF-8 lead bytes).
+    let mut rng = disha_models::SplitMix64::new(2026);
+    for _ in 0..500 {
+        let len = (rng.next_u64() % 200) as usize;
+        let bytes: Vec<u8> = (0..len)
+            .map(|_| match rng.next_u64() % 4 {
+                0 => b' ' + (rng.next_u64() % 95) as u8,
+                1 => 0xE0 + (rng.next_u64() % 16) as u8,
+                _ => rng.next_u64() as u8,
+            })
+            .collect();
+        let ids = world.encode_bytes(&bytes).unwrap();
+        assert_eq!(world.decode_bytes(&ids).unwrap(), bytes);
+    }
 }
 
 /// The 834K model is byte-level: its own tokenizer is the byte one (ids = bytes, 256 of
