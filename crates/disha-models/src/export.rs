@@ -43,7 +43,8 @@ fn fits(v: f32, dtype: Dtype) -> bool {
     }
 }
 
-fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+/// A tensor's values on the host, as f32.
+pub(crate) fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.into_data()
         .try_to_vec_as::<f32>()
         .expect("float tensors convert to f32")

@@ -74,6 +74,21 @@ impl PthWeights {
         })
     }
 
+    /// Every tensor not taken yet, by name, each read and checked finite (small checkpoints:
+    /// adapters, trained base tensors).
+    ///
+    /// # Errors
+    /// A tensor that cannot be read, or a NaN / infinity in one (naming file and tensor).
+    pub fn take_all(&mut self) -> Result<BTreeMap<String, HostTensor>> {
+        let mut out = BTreeMap::new();
+        for name in self.remaining() {
+            let tensor = self.take(&name)?.expect("listed by remaining()");
+            tensor.check_finite(&self.path, &name)?;
+            out.insert(name, tensor);
+        }
+        Ok(out)
+    }
+
     /// Every tensor's shape, by name.
     pub fn shapes(&self) -> BTreeMap<String, Vec<usize>> {
         self.tensors

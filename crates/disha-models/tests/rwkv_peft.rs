@@ -281,13 +281,10 @@ fn every_checkpoint_tensor_replaces_its_parameter() {
         return;
     };
     let path = dir.join("model.pth");
-    let mut source = disha_models::PthWeights::open(&path).unwrap();
-    let mut all = std::collections::BTreeMap::new();
-    use disha_models::WeightSource;
-    for name in source.remaining() {
-        let t = source.take(&name).unwrap().unwrap();
-        all.insert(name, t);
-    }
+    let all = disha_models::PthWeights::open(&path)
+        .unwrap()
+        .take_all()
+        .unwrap();
     let device = Device::default();
     let mut model = load_model(&path, &device).unwrap().model;
     let ids = tokens(&[3, 1, 4, 1, 5, 9, 2, 6], &device);

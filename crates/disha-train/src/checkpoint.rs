@@ -6,11 +6,10 @@
 //! so a crash (even `kill -9`) leaves either the previous checkpoints or a complete new one;
 //! temporary leftovers are ignored and cleaned. Only the newest `keep` checkpoints are kept.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use disha_core::{PeftConfig, PeftModelExt, write_atomic};
-use disha_models::{CausalLm, PthWeights, WeightSource, write_pth};
+use disha_models::{CausalLm, PthWeights, write_pth};
 use serde::{Deserialize, Serialize};
 
 use crate::TrainError;
@@ -264,13 +263,7 @@ pub fn resume(
     ) {
         (false, true, _) => {}
         (true, false, Some(rwkv)) => {
-            let mut source = PthWeights::open(&base)?;
-            let mut tensors = BTreeMap::new();
-            for name in source.remaining() {
-                let tensor = source.take(&name)?.expect("listed by remaining()");
-                tensor.check_finite(&base, &name)?;
-                tensors.insert(name, tensor);
-            }
+            let tensors = PthWeights::open(&base)?.take_all()?;
             rwkv.replace_base_tensors(&base, &tensors)?;
         }
         (present, _, _) => {

@@ -695,18 +695,6 @@ fn rwkv_peft_checkpoints_merge_and_rwkv_trains() {
     let base = rwkv.join("tiny_random_v7/model.pth");
     let case = rwkv.join("rwkv_peft/bone_r24_partial_ln");
     let tmp = tempfile::tempdir().unwrap();
-    let merged = tmp.path().join("merged");
-    let stdout = ok(&[
-        "merge",
-        "--model",
-        s(&base),
-        "--adapter",
-        s(&case.join("rwkv-peft-adapter.pth")),
-        "--out",
-        s(&merged),
-    ]);
-    assert!(stdout.contains("merged"), "{stdout}");
-    let golden = tensors(&case.join("golden.safetensors"));
     let ids_file = tmp.path().join("ids.safetensors");
     let ids: Vec<i64> = {
         let bytes = std::fs::read(case.join("golden.safetensors")).unwrap();
@@ -719,42 +707,44 @@ fn rwkv_peft_checkpoints_merge_and_rwkv_trains() {
             .collect()
     };
     write_input_ids(&ids_file, &ids);
-    let logits = tmp.path().join("logits.safetensors");
-    ok(&[
-        "logits",
-        "--model",
-        s(&merged),
-        "--tokens-file",
-        s(&ids_file),
-        "--out",
-        s(&logits),
-    ]);
+    // `disha merge` of `adapter` onto the base, and `disha logits` of a model on the ids.
+    let merge = |adapter: &Path, out: &Path| {
+        ok(&[
+            "merge",
+            "--model",
+            s(&base),
+            "--adapter",
+            s(adapter),
+            "--out",
+            s(out),
+        ])
+    };
+    let logits_of = |model: &Path, name: &str| {
+        let out = tmp.path().join(format!("{name}-logits.safetensors"));
+        ok(&[
+            "logits",
+            "--model",
+            s(model),
+            "--tokens-file",
+            s(&ids_file),
+            "--out",
+            s(&out),
+        ]);
+        tensors(&out)["logits"].clone()
+    };
+    let merged = tmp.path().join("merged");
+    let stdout = merge(&case.join("rwkv-peft-adapter.pth"), &merged);
+    assert!(stdout.contains("merged"), "{stdout}");
+    let golden = tensors(&case.join("golden.safetensors"));
+    let merged_logits = logits_of(&merged, "merged");
     // The RWKV model tolerance (see crates/disha-models/tests/rwkv7.rs).
-    let d = max_abs_diff(&tensors(&logits)["logits"].1, &golden["logits_seq_full"].1);
+    let d = max_abs_diff(&merged_logits.1, &golden["logits_seq_full"].1);
     assert!(d <= 1e-4, "{d:e}");
     // `--out FILE.pth`: the merged BlinkDL checkpoint, as merge_disha.py writes it; it loads
     // back to the same logits.
     let merged_pth = tmp.path().join("merged.pth");
-    ok(&[
-        "merge",
-        "--model",
-        s(&base),
-        "--adapter",
-        s(&case.join("rwkv-peft-adapter.pth")),
-        "--out",
-        s(&merged_pth),
-    ]);
-    let pth_logits = tmp.path().join("pth-logits.safetensors");
-    ok(&[
-        "logits",
-        "--model",
-        s(&merged_pth),
-        "--tokens-file",
-        s(&ids_file),
-        "--out",
-        s(&pth_logits),
-    ]);
-    assert_eq!(tensors(&pth_logits)["logits"], tensors(&logits)["logits"]);
+    merge(&case.join("rwkv-peft-adapter.pth"), &merged_pth);
+    assert_eq!(logits_of(&merged_pth, "merged-pth"), merged_logits);
     // A checkpoint file is refused on a Llama model, by name.
     let err = fails(&[
         "inspect",
@@ -799,15 +789,7 @@ fn rwkv_peft_checkpoints_merge_and_rwkv_trains() {
     ]);
     let merged_from = |adapter: &Path, name: &str| {
         let out = tmp.path().join(name);
-        ok(&[
-            "merge",
-            "--model",
-            s(&base),
-            "--adapter",
-            s(adapter),
-            "--out",
-            s(&out),
-        ]);
+        merge(adapter, &out);
         tensors(&out.join("model.safetensors"))
     };
     let direct = merged_from(&bat, "bat-direct");
@@ -871,26 +853,8 @@ fn rwkv_peft_checkpoints_merge_and_rwkv_trains() {
     // The two saved forms give one model: merged from the RWKV-PEFT checkpoint vs the PEFT dir.
     let via = |adapter: &Path, name: &str| {
         let merged = tmp.path().join(name);
-        ok(&[
-            "merge",
-            "--model",
-            s(&base),
-            "--adapter",
-            s(adapter),
-            "--out",
-            s(&merged),
-        ]);
-        let logits = tmp.path().join(format!("{name}.safetensors"));
-        ok(&[
-            "logits",
-            "--model",
-            s(&merged),
-            "--tokens-file",
-            s(&ids_file),
-            "--out",
-            s(&logits),
-        ]);
-        tensors(&logits)["logits"].1.clone()
+        merge(adapter, &merged);
+        logits_of(&merged, name).1
     };
     // generate (RNN mode) and eval run on RWKV with either saved form.
     for adapter in [out.join("rwkv-peft-adapter.pth"), out.join("adapter")] {
@@ -927,17 +891,7 @@ fn rwkv_peft_checkpoints_merge_and_rwkv_trains() {
     let from_dir = via(&out.join("adapter"), "trained-dir");
     assert_eq!(from_pth, from_dir);
     // And training changed the function.
-    let base_logits = tmp.path().join("base.safetensors");
-    ok(&[
-        "logits",
-        "--model",
-        s(&base),
-        "--tokens-file",
-        s(&ids_file),
-        "--out",
-        s(&base_logits),
-    ]);
-    assert!(max_abs_diff(&from_pth, &tensors(&base_logits)["logits"].1) > 1e-3);
+    assert!(max_abs_diff(&from_pth, &logits_of(&base, "base").1) > 1e-3);
 
     // BAT (RWKV-PEFT orientation) with the LayerNorms trained too (`--train-parts ln`), straight
     // and split by a --resume: the same losses and the same checkpoint, LayerNorms included.

@@ -11,6 +11,7 @@ use disha_core::{AdaptableModel, DishaError, HostTensor, replace_param_value};
 
 use super::model::Rwkv7;
 use crate::error::{ModelError, Result};
+use crate::export::host;
 use crate::pth_writer::PthTensor;
 
 /// The BlinkDL name of a Burn parameter path of [`Rwkv7`] (`blocks.0.ln1.gamma` →
@@ -159,10 +160,7 @@ impl ModuleVisitor for Trainable<'_> {
         } else {
             param.val()
         };
-        let values = value
-            .into_data()
-            .try_to_vec_as::<f32>()
-            .expect("float tensors convert to f32");
+        let values = host(value);
         self.found.push((name, shape.clone(), values));
     }
 }

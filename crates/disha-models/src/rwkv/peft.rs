@@ -18,8 +18,8 @@ use disha_core::{
 
 use super::model::Rwkv7;
 use crate::error::{ModelError, Result};
+use crate::export::host;
 use crate::pth::PthWeights;
-use crate::weights::WeightSource;
 
 /// The adapter-tensor suffixes: `disha` (RWKV-PEFT since the DiSHA rename) and `bone` (before).
 pub const ADAPTER_SUFFIXES: [&str; 2] = ["disha", "bone"];
@@ -49,7 +49,7 @@ impl RwkvPeftCheckpoint {
     /// The `.pth` reader's errors; no adapter tensor; adapter tensors that mix Bone and BAT, or
     /// disagree on `r`, or a BAT tensor whose blocks are not square (each named).
     pub fn read(path: &Path) -> Result<Self> {
-        let mut source = PthWeights::open(path)?;
+        let tensors = PthWeights::open(path)?.take_all()?;
         let error = |message: String| ModelError::Pytorch {
             path: path.to_path_buf(),
             message,
@@ -57,9 +57,7 @@ impl RwkvPeftCheckpoint {
         let mut adapters = BTreeMap::new();
         let mut overlay = BTreeMap::new();
         let mut kind: Option<(String, AdapterSpec, &'static str)> = None;
-        for (name, _) in source.shapes() {
-            let tensor = source.take(&name)?.expect("listed by shapes() just above");
-            tensor.check_finite(path, &name)?;
+        for (name, tensor) in tensors {
             let Some((module, suffix)) = ADAPTER_SUFFIXES
                 .iter()
                 .find_map(|s| name.strip_suffix(&format!(".{s}")).map(|m| (m, *s)))
@@ -320,10 +318,7 @@ impl Rwkv7 {
                 .tensor_shapes(linear.d_input(), linear.d_output())
                 .remove(0);
             for (_, tensor) in adapter.peft_tensors() {
-                let values = tensor
-                    .into_data()
-                    .try_to_vec_as::<f32>()
-                    .expect("float tensors convert to f32");
+                let values = host(tensor);
                 tensors.push((
                     format!("{}.{}", site.name, ADAPTER_SUFFIXES[0]),
                     shape.clone(),
