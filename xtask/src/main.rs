@@ -3,7 +3,8 @@
 //! - `cargo xtask ci` — everything CI checks (`.ci/run` calls exactly this): formatting, clippy
 //!   with `-D warnings`, the README's test command on the CPU backend, and clippy over every
 //!   opt-in feature (type-checks the GPU backends); `--kernels` adds the WGPU kernel tests.
-//! - `cargo xtask bench [adapters|kernels|models|rwkv]` — the benchmarks, with their summary tables.
+//! - `cargo xtask bench [adapters|kernels|models|rwkv|compare]` — the benchmarks, with their
+//!   summary tables (`compare`: disha against PyTorch + PEFT, one training step side by side).
 //! - `cargo xtask converge` — Bone vs LoRA vs BAT fine-tuning convergence on SmolLM2 + GSM8K.
 //! - `cargo xtask make-demo` — rebuild the embedded demo model and data under `assets/demo/`.
 //! - `cargo xtask fuzz` — a long fuzzing campaign over every reader (`crates/disha-fuzz`).
@@ -40,10 +41,16 @@ enum Task {
     Bench {
         /// Which benchmark: `adapters` (one adapted linear, every method, fwd+bwd), `kernels` (fused
         /// vs unfused Bone / BAT), `models` (SmolLM2-135M from `../shared/assets`: prefill,
-        /// decode, Bone / LoRA train step) or `rwkv` (RWKV-7 834K and a random 0.1B shape:
-        /// prefill, RNN decode, Bone / LoRA / BAT train step, peak memory against length).
+        /// decode, Bone / LoRA train step), `rwkv` (RWKV-7 834K and a random 0.1B shape:
+        /// prefill, RNN decode, Bone / LoRA / BAT train step, peak memory against length) or
+        /// `compare` (disha against PyTorch + PEFT: frozen forward, full fine-tune, Bone, BAT,
+        /// mini, LoRA; one training step side by side, JSON / markdown / PNG in target/bench/).
         #[arg(default_value = "adapters")]
         which: String,
+        /// Arguments for the benchmark binary, after `--` (`compare`: `--python`, `--configs`,
+        /// `--methods`, `--rounds`, `--steps`, …; see `benches/compare.rs` of disha-train).
+        #[arg(last = true)]
+        args: Vec<String>,
     },
     /// Compare Bone r16, LoRA r8 and BAT r16 fine-tuning (same model, data, steps, seed)
     /// through the release `disha train`; needs `../shared/assets` (or --assets / DISHA_ASSETS).
@@ -163,17 +170,24 @@ const KERNEL_TEST_STEPS: &[Step] = &[Step {
 }];
 
 fn run(step: &Step) -> bool {
-    println!("\n==> {} : cargo {}", step.label, step.args.join(" "));
+    run_with_env(step.label, step.args, step.env)
+}
+
+fn run_args(label: &str, args: &[&str]) -> bool {
+    run_with_env(label, args, &[])
+}
+
+fn run_with_env(label: &str, args: &[&str], env: &[(&str, &str)]) -> bool {
+    println!("\n==> {label} : cargo {}", args.join(" "));
     let start = Instant::now();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
-        .args(step.args)
-        .envs(step.env.iter().copied())
+        .args(args)
+        .envs(env.iter().copied())
         .status();
     let ok = matches!(status, Ok(s) if s.success());
     println!(
-        "<== {} : {} in {:.0?}",
-        step.label,
+        "<== {label} : {} in {:.0?}",
         if ok { "ok" } else { "FAILED" },
         start.elapsed()
     );
@@ -272,7 +286,7 @@ fn main() -> ExitCode {
         Task::Converge { .. } | Task::MakeDemo { .. } | Task::Fuzz { .. } => {
             unreachable!("handled above")
         }
-        Task::Bench { which } => match which.as_str() {
+        Task::Bench { which, args } => match which.as_str() {
             "adapters" => vec![&Step {
                 label: "bench: adapted linear, every method",
                 args: &["bench", "-p", "disha-core", "--bench", "adapted_linear"],
@@ -288,6 +302,17 @@ fn main() -> ExitCode {
                 args: &["bench", "-p", "disha-models", "--bench", "rwkv"],
                 env: &[],
             }],
+            "compare" => {
+                let mut command = vec!["bench", "-p", "disha-train", "--bench", "compare", "--"];
+                command.extend(args.iter().map(String::as_str));
+                return match run_args(
+                    "bench: disha vs PyTorch + PEFT, one training step",
+                    &command,
+                ) {
+                    true => ExitCode::SUCCESS,
+                    false => ExitCode::FAILURE,
+                };
+            }
             "kernels" => vec![&Step {
                 label: "bench: fused vs unfused Bone / BAT, fwd+bwd, default device",
                 args: &["bench", "-p", "disha-core", "--bench", "kernels"],
@@ -295,7 +320,7 @@ fn main() -> ExitCode {
             }],
             other => {
                 eprintln!(
-                    "unknown benchmark `{other}` (available: adapters, models, rwkv, kernels)"
+                    "unknown benchmark `{other}` (available: adapters, models, rwkv, kernels, compare)"
                 );
                 return ExitCode::from(2);
             }

@@ -25,6 +25,7 @@ mod bone;
 mod convert;
 mod dtype;
 mod error;
+pub mod fused;
 mod inverse;
 pub mod kernels;
 pub mod limits;

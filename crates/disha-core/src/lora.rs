@@ -48,13 +48,14 @@ impl LoraAdapter {
     pub fn add_to_output<const D: usize>(&self, x: Tensor<D>, y: Tensor<D>) -> Tensor<D> {
         let dims = y.dims();
         let x = to_f32(flatten_rows(x));
+        // The scale goes on the `[M, r]` intermediate, not on the `[M, out]` term as PEFT writes
+        // it: the same product (up to f32 rounding), one `out`-wide pass fewer in each direction.
         let h = self
             .dropout
             .forward(x)
-            .matmul(self.lora_a.val().transpose());
-        let term = h
-            .matmul(self.lora_b.val().transpose())
+            .matmul(self.lora_a.val().transpose())
             .mul_scalar(self.scale);
+        let term = h.matmul(self.lora_b.val().transpose());
         unflatten_rows(flatten_rows(y) + term, dims)
     }
 

@@ -1,10 +1,10 @@
 //! The causal-LM loss every model family trains with (transformers' `ForCausalLMLoss`).
 
-use burn::tensor::activation::log_softmax;
 use burn::tensor::{Int, Tensor};
+use disha_core::fused::cross_entropy_sum;
 
 /// The label PEFT uses for positions excluded from the loss.
-pub const IGNORE_INDEX: i64 = -100;
+pub const IGNORE_INDEX: i64 = disha_core::fused::IGNORE_INDEX;
 
 /// transformers' causal-LM loss: logits at position `t` predict `labels[t + 1]`; positions
 /// labelled [`IGNORE_INDEX`] are skipped; the mean is over the remaining targets.
@@ -24,15 +24,26 @@ pub fn causal_lm_loss(logits: Tensor<3>, labels: Tensor<2, Int>) -> Tensor<1> {
 }
 
 /// The *sum* of the per-token cross-entropies of [`causal_lm_loss`] (for normalizing over a
-/// whole accumulated batch).
+/// whole accumulated batch), as one fused op ([`disha_core::fused::cross_entropy_sum`]: the
+/// backward forms `softmax − onehot` once instead of differentiating a log-softmax chain).
 ///
 /// # Shapes
 /// - logits: `[batch, seq, vocab]`, labels: `[batch, seq]` → `[1]`
 pub fn causal_lm_loss_sum(logits: Tensor<3>, labels: Tensor<2, Int>) -> Tensor<1> {
     let [b, s, v] = logits.dims();
-    let logits = logits.narrow(1, 0, s - 1).reshape([b * (s - 1), v]);
-    let targets = labels.narrow(1, 1, s - 1).reshape([b * (s - 1), 1]);
-    let keep = targets.clone().not_equal_elem(IGNORE_INDEX).float();
-    let picked = log_softmax(logits, 1).gather(1, targets.clamp_min(0));
-    (picked * keep).sum().neg()
+    let device = labels.device();
+    // Position t predicts labels[t + 1]; the last position of each row predicts nothing. Shifting
+    // the labels (not the logits) keeps the logits a free reshape instead of a sliced copy.
+    let targets = match s {
+        0 | 1 => Tensor::<1, Int>::full([b * s], IGNORE_INDEX, &device),
+        _ => Tensor::cat(
+            vec![
+                labels.narrow(1, 1, s - 1),
+                Tensor::<2, Int>::full([b, 1], IGNORE_INDEX, &device),
+            ],
+            1,
+        )
+        .reshape([b * s]),
+    };
+    cross_entropy_sum(logits.reshape([b * s, v]), targets)
 }

@@ -206,7 +206,7 @@ fn saved_state<'a>(
 fn three_sgd_steps_reproduce_peft_training() {
     let Some(root) = fixtures_root() else { return };
     let device = Device::default().autodiff();
-    let (mut trained, mut skipped) = (0, 0);
+    let mut trained = 0;
     for variant in variants(&root) {
         let Some(TrainFixture {
             name,
@@ -224,26 +224,22 @@ fn three_sgd_steps_reproduce_peft_training() {
         let mut model = freeze_all_but_active_adapters(model);
         let mut optim = SgdConfig::new().init();
         // Free-running, rounding differences compound through the trajectory. For every method
-        // but mini they stay ~1e-7. The div mini run is ill-conditioned at lr 0.1 (its loss
-        // *rises* 4.79 → 5.63 in step 2): measured diffs grow 1.8e-7 → 1.8e-6 → 7.7e-4 over
-        // the three steps, on tensors of magnitude 0.5. Its gradient at every state is pinned
-        // tightly by `one_sgd_step_from_every_peft_state_matches_the_next` instead.
+        // but mini they stay ~1e-7 whatever the summation order (measured with scalar Flex,
+        // SIMD + threaded Flex and WGPU). The div mini run is ill-conditioned at lr 0.1 (its
+        // loss *rises* 4.79 → 5.63 in step 2): a difference in the last bit of one sum grows by
+        // about three orders of magnitude per step (measured, scalar Flex: 1.8e-7 → 1.8e-6 →
+        // 7.7e-4 on tensors of magnitude 0.5; SIMD + threaded Flex: loss before step 4 off by
+        // 8.8e-3; lavapipe: 1.4e-2). What steps 3 and 4 then show is the summation order of
+        // the machine, not the method, so the mini trajectory is checked for its first two
+        // steps only (states 0–2, where it is still well-conditioned) with the tight
+        // tolerances; its gradient at *every* state is pinned by
+        // `one_sgd_step_from_every_peft_state_matches_the_next`, which cannot compound.
         let mini = name.contains("mini");
-        // On other backends (WGPU: different summation order in every matmul and reduction) the
-        // same amplification takes the div mini run past any meaningful tolerance by step 3
-        // (measured on lavapipe: loss before step 4 off by 1.4e-2), so it is skipped there;
-        // every other variant keeps the tight tolerances.
-        if mini && !format!("{device:?}").contains("Flex") {
-            eprintln!(
-                "{name}: free-running mini trajectory checked on Flex only (ill-conditioned)"
-            );
-            skipped += 1;
-            continue;
-        }
-        let tensor_tol = if mini { 2e-3 } else { 1e-5 };
+        let last_step = if mini { 2 } else { 3 };
+        let tensor_tol = 1e-5;
         let losses = &golden["losses"].f32;
         let mut worst = [0.0f32; 4];
-        for step in 0..=3 {
+        for step in 0..=last_step {
             for (key, t) in model.adapter_tensors("default").unwrap() {
                 let expected = saved_state(&golden, step, &key);
                 let d = assert_close(
@@ -259,28 +255,27 @@ fn three_sgd_steps_reproduce_peft_training() {
                 &format!("{name}: loss before step {}", step + 1),
                 &host(loss.clone()),
                 &losses[step..=step],
-                if mini { 3e-3 } else { 1e-4 },
+                1e-4,
             );
-            if step == 3 {
+            if step == last_step {
                 break;
             }
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             model = optim.step(lr, model, grads);
         }
-        let after = host(model.valid().forward(ids.clone().inner()));
-        assert_close(
-            &format!("{name}: logits_after_training"),
-            &after,
-            &golden["logits_after_training"].f32,
-            if mini { 3e-2 } else { LOGITS_TOL },
-        );
+        if !mini {
+            let after = host(model.valid().forward(ids.clone().inner()));
+            assert_close(
+                &format!("{name}: logits_after_training"),
+                &after,
+                &golden["logits_after_training"].f32,
+                LOGITS_TOL,
+            );
+        }
         eprintln!("{name}: adapter tensors worst |diff| per step {worst:?}");
         trained += 1;
     }
-    assert!(
-        trained + skipped >= 12,
-        "only {trained} training fixtures found ({skipped} skipped)"
-    );
+    assert!(trained >= 12, "only {trained} training fixtures found");
 }
 
 /// One SGD step from each of PEFT's saved states (teacher forcing): the loss at state `i` and

@@ -128,6 +128,104 @@ pub fn loss_chart(path: &Path, title: &str, series: &[Series]) -> Result<(), Tra
     Ok(())
 }
 
+/// One group of bars: a label on the x axis and one value per series (`NaN`: no bar).
+#[derive(Clone, Debug, PartialEq)]
+pub struct BarGroup {
+    /// Text under the group.
+    pub label: String,
+    /// One value per series, in series order.
+    pub values: Vec<f64>,
+}
+
+/// Draws grouped bars (one colour per entry of `series`, one group per entry of `groups`) into
+/// the PNG file `path`, written atomically like [`loss_chart`].
+///
+/// # Errors
+/// No finite value to draw, or I/O / encoding errors (naming `path`).
+pub fn bar_chart(
+    path: &Path,
+    title: &str,
+    y_label: &str,
+    series: &[&str],
+    groups: &[BarGroup],
+) -> Result<(), TrainError> {
+    let fail = |message: String| TrainError::io(path, std::io::Error::other(message));
+    let y_max = groups
+        .iter()
+        .flat_map(|g| g.values.iter().copied())
+        .filter(|v| v.is_finite())
+        .fold(f64::NEG_INFINITY, f64::max);
+    if !y_max.is_finite() {
+        return Err(fail("no finite value to plot".into()));
+    }
+    register_font();
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    let dir = dir.unwrap_or(Path::new("."));
+    let tmp = tempfile::Builder::new()
+        .prefix(".chart-")
+        .suffix(".png")
+        .tempfile_in(dir)
+        .map_err(|e| TrainError::io(dir, e))?;
+    {
+        let width = (160 + 90 * groups.len() as u32).max(600);
+        let root = BitMapBackend::new(tmp.path(), (width, 540)).into_drawing_area();
+        let draw = |e: &dyn std::fmt::Display| fail(format!("drawing the chart: {e}"));
+        root.fill(&WHITE).map_err(|e| draw(&e))?;
+        let n = groups.len().max(1);
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 22))
+            .margin(16)
+            .x_label_area_size(64)
+            .y_label_area_size(64)
+            .build_cartesian_2d(0.0..n as f64, 0.0..y_max * 1.15)
+            .map_err(|e| draw(&e))?;
+        let labels: Vec<String> = groups.iter().map(|g| g.label.clone()).collect();
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(n * 2 + 1)
+            .x_label_formatter(&|x| {
+                let k = x.floor() as usize;
+                match (x - x.floor() - 0.5).abs() < 1e-6 {
+                    true => labels.get(k).cloned().unwrap_or_default(),
+                    false => String::new(),
+                }
+            })
+            .y_desc(y_label)
+            .label_style(("sans-serif", 13))
+            .draw()
+            .map_err(|e| draw(&e))?;
+        let width = 0.8 / series.len().max(1) as f64;
+        for (k, (name, color)) in series.iter().zip(COLORS.iter().cycle()).enumerate() {
+            let bars = groups.iter().enumerate().filter_map(|(g, group)| {
+                let v = *group.values.get(k)?;
+                let x0 = g as f64 + 0.1 + k as f64 * width;
+                v.is_finite()
+                    .then(|| Rectangle::new([(x0, 0.0), (x0 + width * 0.95, v)], color.filled()))
+            });
+            chart
+                .draw_series(bars)
+                .map_err(|e| draw(&e))?
+                .label(name.to_string())
+                .legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 6), (x + 14, y + 6)], color.filled())
+                });
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 15))
+            .position(SeriesLabelPosition::UpperLeft)
+            .draw()
+            .map_err(|e| draw(&e))?;
+        root.present().map_err(|e| draw(&e))?;
+    }
+    tmp.persist(path)
+        .map_err(|e| TrainError::io(path, e.error))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,5 +247,28 @@ mod tests {
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
         let none = Series::smoothed("c", &[(1, f64::NAN)], 1);
         assert!(loss_chart(&path, "t", &[none]).is_err());
+    }
+
+    #[test]
+    fn bar_charts_are_pngs_sized_by_group_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bars.png");
+        let groups: Vec<BarGroup> = (0..8)
+            .map(|k| BarGroup {
+                label: format!("m{k}"),
+                values: vec![k as f64 + 1.0, if k == 3 { f64::NAN } else { 2.0 }],
+            })
+            .collect();
+        bar_chart(&path, "t", "s / step", &["a", "b"], &groups).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(&bytes[1..4], b"PNG");
+        // 160 + 90 per group wide, 540 high.
+        assert_eq!(u32::from_be_bytes(bytes[16..20].try_into().unwrap()), 880);
+        assert_eq!(u32::from_be_bytes(bytes[20..24].try_into().unwrap()), 540);
+        let empty = [BarGroup {
+            label: "x".into(),
+            values: vec![f64::NAN],
+        }];
+        assert!(bar_chart(&path, "t", "s", &["a"], &empty).is_err());
     }
 }

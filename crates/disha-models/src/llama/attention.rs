@@ -1,9 +1,9 @@
 //! Grouped-query causal self-attention with rotate-half RoPE and a KV cache.
 
 use burn::module::Module;
-use burn::tensor::activation::softmax;
 use burn::tensor::{Bool, Tensor, TensorData};
 use disha_core::AdaptedLinear;
+use disha_core::fused::softmax_last;
 
 use super::rope::apply_rotary;
 
@@ -94,7 +94,10 @@ impl LlamaAttention {
         let [batch, seq, _] = x.dims();
         let (h, kvh, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let heads = |t: Tensor<3>, n: usize| t.reshape([batch, seq, n, hd]).swap_dims(1, 2);
-        let q = apply_rotary(heads(self.q_proj.forward(x.clone()), h), cos, sin);
+        // The 1/√d scale goes on the queries (`[.., seq, hd]`) rather than on the scores
+        // (`[.., seq, seq + past]`): the same product, one smaller pass forward and backward.
+        let scale = (hd as f64).powf(-0.5);
+        let q = apply_rotary(heads(self.q_proj.forward(x.clone()), h), cos, sin).mul_scalar(scale);
         let mut k = apply_rotary(heads(self.k_proj.forward(x.clone()), kvh), cos, sin);
         let mut v = heads(self.v_proj.forward(x), kvh);
         let mut past = 0;
@@ -111,8 +114,7 @@ impl LlamaAttention {
         }
         let total = past + seq;
         let (k, v) = (repeat_kv(k, h / kvh), repeat_kv(v, h / kvh));
-        let scale = (hd as f64).powf(-0.5);
-        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
+        let scores = q.matmul(k.swap_dims(2, 3));
         let scores = match &positions.mask {
             Some(mask) => scores.mask_fill(mask.clone(), MASKED_SCORE),
             None if seq > 1 => {
@@ -121,7 +123,7 @@ impl LlamaAttention {
             }
             None => scores,
         };
-        let out = softmax(scores, 3).matmul(v);
+        let out = softmax_last(scores).matmul(v);
         let out = out.swap_dims(1, 2).reshape([batch, seq, h * hd]);
         self.o_proj.forward(out)
     }

@@ -1,0 +1,81 @@
+//! The hand-written backward pass of [`FusedTrainingOps`].
+//!
+//! - `softmax_last` keeps its output only; its backward needs nothing else.
+//! - `cross_entropy_sum` keeps the logits (which the head's matmul keeps alive anyway), the
+//!   targets and one log-sum-exp per row; the targets receive no gradient.
+
+use burn::backend::Autodiff;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
+use burn::backend::tensor::{FloatTensor, IntTensor};
+
+use super::FusedTrainingOps;
+use super::ops::{cross_entropy_from_lse, cross_entropy_grad, log_sum_exp, softmax_grad};
+
+#[derive(Debug)]
+struct SoftmaxBackward;
+
+impl<B: FusedTrainingOps> Backward<B, 1> for SoftmaxBackward {
+    /// The softmax output.
+    type State = FloatTensor<B>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let output = ops.state;
+        unary::<B, _>(ops.parents, ops.node, grads, |grad| {
+            softmax_grad::<B>(output, grad)
+        });
+    }
+}
+
+#[derive(Debug)]
+struct CrossEntropyBackward;
+
+impl<B: FusedTrainingOps> Backward<B, 1> for CrossEntropyBackward {
+    /// `(logits, targets, log-sum-exp per row)`.
+    type State = (FloatTensor<B>, IntTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (logits, targets, lse) = ops.state;
+        unary::<B, _>(ops.parents, ops.node, grads, |grad| {
+            cross_entropy_grad::<B>(logits, targets, lse, grad)
+        });
+    }
+}
+
+impl<B: FusedTrainingOps, C: CheckpointStrategy> FusedTrainingOps for Autodiff<B, C> {
+    fn softmax_last(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        let node = x.node();
+        let x = x.into_primitive();
+        match SoftmaxBackward
+            .prepare::<C>([node])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let output = B::softmax_last(x);
+                prep.finish(output.clone(), output)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::softmax_last(x)),
+        }
+    }
+
+    fn cross_entropy_sum(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self> {
+        let node = logits.node();
+        let logits = logits.into_primitive();
+        match CrossEntropyBackward
+            .prepare::<C>([node])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let lse = log_sum_exp::<B>(logits.clone());
+                let loss =
+                    cross_entropy_from_lse::<B>(logits.clone(), targets.clone(), lse.clone());
+                prep.finish((logits, targets, lse), loss)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::cross_entropy_sum(logits, targets)),
+        }
+    }
+}
