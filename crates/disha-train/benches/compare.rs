@@ -468,6 +468,7 @@ impl Side {
 
 fn compare(args: &CompareArgs) -> Result<(), String> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let root = root.canonicalize().unwrap_or(root);
     let script = root.join("benches/python/peft_step.py");
     let python = find_python(args.python.clone(), &script);
     let me = std::env::current_exe().map_err(|e| format!("this binary's path: {e}"))?;
@@ -603,7 +604,7 @@ fn compare(args: &CompareArgs) -> Result<(), String> {
             ));
             groups.push(BarGroup {
                 label: format!("{} {}", config.name, method.name()),
-                values: vec![ours * 1e3, theirs * 1e3],
+                values: vec![ratio, if theirs.is_finite() { 1.0 } else { f64::NAN }],
             });
         }
     }
@@ -643,8 +644,8 @@ fn compare(args: &CompareArgs) -> Result<(), String> {
     let png = out_dir.join("compare.png");
     bar_chart(
         &png,
-        "one training step: disha vs PyTorch + PEFT",
-        "ms / step",
+        "step time relative to PyTorch + PEFT (lower is faster)",
+        "disha step time / PyTorch + PEFT's",
         &["disha", "PyTorch + PEFT"],
         &groups,
     )

@@ -1,6 +1,7 @@
 //! The hand-written backward pass of [`FusedTrainingOps`].
 //!
 //! - `softmax_last` keeps its output only; its backward needs nothing else.
+//! - `silu_mul` keeps `up`, `sigmoid(gate)` and `silu(gate)`, and computes no sigmoid again.
 //! - `cross_entropy_sum` keeps the logits (which the head's matmul keeps alive anyway), the
 //!   targets and one log-sum-exp per row; the targets receive no gradient.
 
@@ -8,11 +9,13 @@ use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, binary, unary};
 use burn::backend::tensor::{FloatTensor, IntTensor};
 
 use super::FusedTrainingOps;
-use super::ops::{cross_entropy_from_lse, cross_entropy_grad, log_sum_exp, softmax_grad};
+use super::ops::{
+    cross_entropy_from_lse, cross_entropy_grad, log_sum_exp, silu_mul_grad_gate, softmax_grad,
+};
 
 #[derive(Debug)]
 struct SoftmaxBackward;
@@ -26,6 +29,28 @@ impl<B: FusedTrainingOps> Backward<B, 1> for SoftmaxBackward {
         unary::<B, _>(ops.parents, ops.node, grads, |grad| {
             softmax_grad::<B>(output, grad)
         });
+    }
+}
+
+#[derive(Debug)]
+struct SiluMulBackward;
+
+impl<B: FusedTrainingOps> Backward<B, 2> for SiluMulBackward {
+    /// `(up, sigmoid(gate), silu(gate))`.
+    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (up, sigmoid, silu) = ops.state;
+        binary::<B, _, _>(
+            ops.parents,
+            ops.node,
+            grads,
+            {
+                let silu = silu.clone();
+                |grad| silu_mul_grad_gate::<B>(grad, up, sigmoid, silu)
+            },
+            |grad| B::float_mul(grad, silu),
+        );
     }
 }
 
@@ -58,6 +83,25 @@ impl<B: FusedTrainingOps, C: CheckpointStrategy> FusedTrainingOps for Autodiff<B
                 prep.finish(output.clone(), output)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::softmax_last(x)),
+        }
+    }
+
+    fn silu_mul(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        let nodes = [gate.node(), up.node()];
+        let gate = gate.into_primitive();
+        let up = up.into_primitive();
+        match SiluMulBackward
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let sigmoid = B::sigmoid(gate.clone());
+                let silu = B::float_mul(gate, sigmoid.clone());
+                let output = B::float_mul(silu.clone(), up.clone());
+                prep.finish((up, sigmoid, silu), output)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::silu_mul(gate, up)),
         }
     }
 

@@ -1,7 +1,7 @@
-//! Fused training ops: softmax over the last dimension and the summed token cross-entropy, each
-//! one autodiff node with a hand-written backward ([`FusedTrainingOps`]). The models use them in
-//! attention and in the causal-LM loss; the training-speed page of the docs has the profile that
-//! motivated them.
+//! Fused training ops: softmax over the last dimension, SwiGLU's `silu(gate) ⊙ up` and the summed
+//! token cross-entropy, each one autodiff node with a hand-written backward
+//! ([`FusedTrainingOps`]). The models use them in attention, in the MLP and in the causal-LM
+//! loss; the benchmarks chapter of the docs has the profile that motivated them.
 
 mod autodiff;
 mod ops;
@@ -20,6 +20,23 @@ pub use ops::{FusedTrainingOps, IGNORE_INDEX};
 pub fn softmax_last<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     Tensor::from_dispatch(<Dispatch as FusedTrainingOps>::softmax_last(
         x.into_dispatch(),
+    ))
+}
+
+/// `silu(gate) ⊙ up` (the gate of a SwiGLU MLP), differentiable in both, with a backward that
+/// computes no sigmoid again.
+///
+/// # Shapes
+/// - `gate`, `up`: the same shape; output: that shape
+pub fn silu_mul<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
+    assert_eq!(
+        gate.dims(),
+        up.dims(),
+        "silu_mul: gate and up differ in shape"
+    );
+    Tensor::from_dispatch(<Dispatch as FusedTrainingOps>::silu_mul(
+        gate.into_dispatch(),
+        up.into_dispatch(),
     ))
 }
 
@@ -72,6 +89,28 @@ mod tests {
         let g_theirs = (theirs * weights).sum().backward();
         let (a, b) = (x.grad(&g_ours).unwrap(), x.grad(&g_theirs).unwrap());
         assert!(max_abs_diff(a, b) <= VALUE_TOL);
+    }
+
+    #[test]
+    fn silu_mul_matches_burn_in_value_and_gradients() {
+        let device = Device::default().autodiff();
+        // Gates of either sign and beyond the sigmoid's linear range.
+        let gate = random(4, [3, 4, 9], &device)
+            .mul_scalar(12.0)
+            .require_grad();
+        let up = random(5, [3, 4, 9], &device).require_grad();
+        let weights = random(6, [3, 4, 9], &device);
+        let ours = silu_mul(gate.clone(), up.clone());
+        let theirs = burn::tensor::activation::silu(gate.clone()) * up.clone();
+        assert!(max_abs_diff(ours.clone().inner(), theirs.clone().inner()) <= VALUE_TOL * 6.0);
+        let g_ours = (ours * weights.clone()).sum().backward();
+        let g_theirs = (theirs * weights).sum().backward();
+        for (name, param) in [("gate", &gate), ("up", &up)] {
+            let d = max_abs_diff(param.grad(&g_ours).unwrap(), param.grad(&g_theirs).unwrap());
+            // Gradients of O(1)-O(6) magnitude, computed by different but exact formulas:
+            // a few ulps of 6.
+            assert!(d <= VALUE_TOL * 6.0, "{name}: {d}");
+        }
     }
 
     #[test]

@@ -8,8 +8,8 @@ use burn::tensor::{FloatDType, IndexingUpdateOp, Shape};
 /// The label of positions that do not count in the loss (PEFT's and transformers' `-100`).
 pub const IGNORE_INDEX: i64 = -100;
 
-/// Two ops every training step runs over large tensors, each one op (one autodiff node) with a
-/// hand-written backward instead of Burn's op-by-op derivation.
+/// Three ops every training step runs over large tensors, each one op (one autodiff node) with
+/// a hand-written backward instead of Burn's op-by-op derivation.
 ///
 /// - [`softmax_last`](Self::softmax_last) runs the backend's own softmax (Flex: one fused,
 ///   row-parallel SIMD pass) and keeps only its output; the backward is
@@ -17,12 +17,16 @@ pub const IGNORE_INDEX: i64 = -100;
 /// - [`cross_entropy_sum`](Self::cross_entropy_sum) keeps the logits and one log-sum-exp per row;
 ///   the backward forms `softmax(z) − onehot(t)` once, in place of the log-softmax, gather and
 ///   reduction chain whose every node holds a vocabulary-sized tensor.
+/// - [`silu_mul`](Self::silu_mul) keeps `up`, `sigmoid(gate)` and `silu(gate)`; the backward
+///   computes no sigmoid again (Burn's derivation of `gate · sigmoid(gate) · up` recomputes it
+///   and keeps one more tensor).
 ///
 /// The bodies are ordinary backend ops, so every backend runs them; the `Autodiff`
 /// implementation adds the backward pass.
 ///
 /// # Shapes
 /// - `softmax_last`: any rank, softmax over the last dimension
+/// - `silu_mul`: `gate` and `up` of one shape; output of that shape
 /// - `cross_entropy_sum`: `logits` `[N, V]`, `targets` `[N]` (ids, or [`IGNORE_INDEX`]) → `[1]`
 #[backend_extension(
     Cube: cfg(any(feature = "wgpu", feature = "cuda")),
@@ -36,6 +40,13 @@ pub trait FusedTrainingOps: Backend {
     fn softmax_last(x: FloatTensor<Self>) -> FloatTensor<Self> {
         let last = x.shape().num_dims() - 1;
         Self::softmax(x, last)
+    }
+
+    /// `silu(gate) ⊙ up` (SwiGLU's gate), with `silu(g) = g · sigmoid(g)`.
+    #[fusion(default)]
+    fn silu_mul(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        let silu = Self::float_mul(gate.clone(), Self::sigmoid(gate));
+        Self::float_mul(silu, up)
     }
 
     /// `Σ_n [t_n ≠ IGNORE] · (logsumexp(z_n) − z_n[t_n])`, the summed token cross-entropy.
@@ -114,6 +125,21 @@ pub(crate) fn softmax_grad<B: Backend>(
     let last = shape.num_dims() - 1;
     let dot = B::float_sum_dim(B::float_mul(grad.clone(), output.clone()), last);
     B::float_mul(output, B::float_sub(grad, B::float_expand(dot, shape)))
+}
+
+/// `∂L/∂gate = δ ⊙ up ⊙ (σ + s − s ⊙ σ)` with `σ = sigmoid(gate)` and `s = gate ⊙ σ`, from
+/// `d silu / dg = σ · (1 + g · (1 − σ)) = σ + s − s · σ`. (`∂L/∂up = δ ⊙ s`.)
+pub(crate) fn silu_mul_grad_gate<B: Backend>(
+    grad: FloatTensor<B>,
+    up: FloatTensor<B>,
+    sigmoid: FloatTensor<B>,
+    silu: FloatTensor<B>,
+) -> FloatTensor<B> {
+    let slope = B::float_sub(
+        B::float_add(sigmoid.clone(), silu.clone()),
+        B::float_mul(silu, sigmoid),
+    );
+    B::float_mul(B::float_mul(grad, up), slope)
 }
 
 #[cfg(feature = "flex")]

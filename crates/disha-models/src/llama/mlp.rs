@@ -2,8 +2,8 @@
 
 use burn::module::Module;
 use burn::tensor::Tensor;
-use burn::tensor::activation::silu;
 use disha_core::AdaptedLinear;
+use disha_core::fused::silu_mul;
 
 /// `down(silu(gate(x)) ⊙ up(x))`, every projection an adaptable linear.
 ///
@@ -22,7 +22,8 @@ pub struct LlamaMlp {
 impl LlamaMlp {
     /// Applies the block.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let gate = silu(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(gate * self.up_proj.forward(x))
+        let gate = self.gate_proj.forward(x.clone());
+        self.down_proj
+            .forward(silu_mul(gate, self.up_proj.forward(x)))
     }
 }
