@@ -602,9 +602,13 @@ fn compare(args: &CompareArgs) -> Result<(), String> {
                 ),
                 fmt_or_dash(ratio, 2),
             ));
+            // Against PyTorch: the ratio (PyTorch = 1). Alone: disha's step time.
             groups.push(BarGroup {
                 label: format!("{} {}", config.name, method.name()),
-                values: vec![ratio, if theirs.is_finite() { 1.0 } else { f64::NAN }],
+                values: match python.is_some() {
+                    true => vec![ratio, 1.0],
+                    false => vec![ours * 1e3],
+                },
             });
         }
     }
@@ -642,13 +646,22 @@ fn compare(args: &CompareArgs) -> Result<(), String> {
     disha_core::write_atomic(&md_path, md.as_bytes())
         .map_err(|e| format!("{}: {e}", md_path.display()))?;
     let png = out_dir.join("compare.png");
-    bar_chart(
-        &png,
-        "step time relative to PyTorch + PEFT (lower is faster)",
-        "disha step time / PyTorch + PEFT's",
-        &["disha", "PyTorch + PEFT"],
-        &groups,
-    )
+    match python.is_some() {
+        true => bar_chart(
+            &png,
+            "step time relative to PyTorch + PEFT (lower is faster)",
+            "disha step time / PyTorch + PEFT's",
+            &["disha", "PyTorch + PEFT"],
+            &groups,
+        ),
+        false => bar_chart(
+            &png,
+            "disha: one training step",
+            "ms / step",
+            &["disha"],
+            &groups,
+        ),
+    }
     .map_err(|e| e.to_string())?;
     println!(
         "\n{md}\nwrote {}, {} and {}",
