@@ -59,6 +59,42 @@ const COLORS: [RGBColor; 6] = [
     RGBColor(23, 190, 207),
 ];
 
+/// A drawing error, as text (plotters' errors are generic over the backend).
+type DrawResult = Result<(), String>;
+
+/// Renders `draw` on a white `size` canvas into the PNG file `path`, atomically (a temporary
+/// file in the same directory, then renamed), with the bundled font registered.
+fn write_png(
+    path: &Path,
+    size: (u32, u32),
+    draw: impl FnOnce(&DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>) -> DrawResult,
+) -> Result<(), TrainError> {
+    register_font();
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    let dir = dir.unwrap_or(Path::new("."));
+    let tmp = tempfile::Builder::new()
+        .prefix(".chart-")
+        .suffix(".png")
+        .tempfile_in(dir)
+        .map_err(|e| TrainError::io(dir, e))?;
+    {
+        let root = BitMapBackend::new(tmp.path(), size).into_drawing_area();
+        root.fill(&WHITE)
+            .map_err(|e| e.to_string())
+            .and_then(|()| draw(&root))
+            .and_then(|()| root.present().map_err(|e| e.to_string()))
+            .map_err(|e| {
+                TrainError::io(
+                    path,
+                    std::io::Error::other(format!("drawing the chart: {e}")),
+                )
+            })?;
+    }
+    tmp.persist(path)
+        .map_err(|e| TrainError::io(path, e.error))?;
+    Ok(())
+}
+
 /// Draws `series` (loss against optimizer step) into the PNG file `path`, written atomically
 /// (a temporary file in the same directory, then renamed).
 ///
@@ -75,26 +111,14 @@ pub fn loss_chart(path: &Path, title: &str, series: &[Series]) -> Result<(), Tra
     let y_min = finite.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
     let y_max = finite.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
     let pad = ((y_max - y_min) * 0.05).max(1e-3);
-    register_font();
-
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
-    let dir = dir.unwrap_or(Path::new("."));
-    let tmp = tempfile::Builder::new()
-        .prefix(".chart-")
-        .suffix(".png")
-        .tempfile_in(dir)
-        .map_err(|e| TrainError::io(dir, e))?;
-    {
-        let root = BitMapBackend::new(tmp.path(), (900, 540)).into_drawing_area();
-        let draw = |e: &dyn std::fmt::Display| fail(format!("drawing the chart: {e}"));
-        root.fill(&WHITE).map_err(|e| draw(&e))?;
-        let mut chart = ChartBuilder::on(&root)
+    write_png(path, (900, 540), |root| {
+        let mut chart = ChartBuilder::on(root)
             .caption(title, ("sans-serif", 22))
             .margin(16)
             .x_label_area_size(40)
             .y_label_area_size(56)
             .build_cartesian_2d(0.0..x_max, (y_min - pad).max(0.0)..y_max + pad)
-            .map_err(|e| draw(&e))?;
+            .map_err(|e| e.to_string())?;
         chart
             .configure_mesh()
             .x_desc("optimizer step")
@@ -102,12 +126,12 @@ pub fn loss_chart(path: &Path, title: &str, series: &[Series]) -> Result<(), Tra
             .label_style(("sans-serif", 14))
             .x_label_formatter(&|x| format!("{x:.0}"))
             .draw()
-            .map_err(|e| draw(&e))?;
+            .map_err(|e| e.to_string())?;
         for (s, color) in series.iter().zip(COLORS.iter().cycle()) {
             let points = s.points.iter().copied().filter(|p| p.1.is_finite());
             chart
                 .draw_series(LineSeries::new(points, color.stroke_width(2)))
-                .map_err(|e| draw(&e))?
+                .map_err(|e| e.to_string())?
                 .label(s.label.clone())
                 .legend(move |(x, y)| {
                     PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2))
@@ -120,12 +144,8 @@ pub fn loss_chart(path: &Path, title: &str, series: &[Series]) -> Result<(), Tra
             .label_font(("sans-serif", 15))
             .position(SeriesLabelPosition::UpperRight)
             .draw()
-            .map_err(|e| draw(&e))?;
-        root.present().map_err(|e| draw(&e))?;
-    }
-    tmp.persist(path)
-        .map_err(|e| TrainError::io(path, e.error))?;
-    Ok(())
+            .map_err(|e| e.to_string())
+    })
 }
 
 /// One group of bars: a label on the x axis and one value per series (`NaN`: no bar).
@@ -158,27 +178,16 @@ pub fn bar_chart(
     if !y_max.is_finite() {
         return Err(fail("no finite value to plot".into()));
     }
-    register_font();
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
-    let dir = dir.unwrap_or(Path::new("."));
-    let tmp = tempfile::Builder::new()
-        .prefix(".chart-")
-        .suffix(".png")
-        .tempfile_in(dir)
-        .map_err(|e| TrainError::io(dir, e))?;
-    {
-        let width = (160 + 90 * groups.len() as u32).max(600);
-        let root = BitMapBackend::new(tmp.path(), (width, 540)).into_drawing_area();
-        let draw = |e: &dyn std::fmt::Display| fail(format!("drawing the chart: {e}"));
-        root.fill(&WHITE).map_err(|e| draw(&e))?;
+    let width = (160 + 90 * groups.len() as u32).max(600);
+    write_png(path, (width, 540), |root| {
         let n = groups.len().max(1);
-        let mut chart = ChartBuilder::on(&root)
+        let mut chart = ChartBuilder::on(root)
             .caption(title, ("sans-serif", 22))
             .margin(16)
             .x_label_area_size(64)
             .y_label_area_size(64)
             .build_cartesian_2d(0.0..n as f64, 0.0..y_max * 1.15)
-            .map_err(|e| draw(&e))?;
+            .map_err(|e| e.to_string())?;
         let labels: Vec<String> = groups.iter().map(|g| g.label.clone()).collect();
         chart
             .configure_mesh()
@@ -194,7 +203,7 @@ pub fn bar_chart(
             .y_desc(y_label)
             .label_style(("sans-serif", 13))
             .draw()
-            .map_err(|e| draw(&e))?;
+            .map_err(|e| e.to_string())?;
         let width = 0.8 / series.len().max(1) as f64;
         for (k, (name, color)) in series.iter().zip(COLORS.iter().cycle()).enumerate() {
             let bars = groups.iter().enumerate().filter_map(|(g, group)| {
@@ -205,7 +214,7 @@ pub fn bar_chart(
             });
             chart
                 .draw_series(bars)
-                .map_err(|e| draw(&e))?
+                .map_err(|e| e.to_string())?
                 .label(name.to_string())
                 .legend(move |(x, y)| {
                     Rectangle::new([(x, y - 6), (x + 14, y + 6)], color.filled())
@@ -218,12 +227,8 @@ pub fn bar_chart(
             .label_font(("sans-serif", 15))
             .position(SeriesLabelPosition::UpperLeft)
             .draw()
-            .map_err(|e| draw(&e))?;
-        root.present().map_err(|e| draw(&e))?;
-    }
-    tmp.persist(path)
-        .map_err(|e| TrainError::io(path, e.error))?;
-    Ok(())
+            .map_err(|e| e.to_string())
+    })
 }
 
 #[cfg(test)]
