@@ -3,18 +3,22 @@
 //! - `softmax_last` keeps its output only; its backward needs nothing else.
 //! - `silu_mul` keeps `up`, `sigmoid(gate)` and `silu(gate)`, and computes no sigmoid again.
 //! - `cross_entropy_sum` keeps the logits (which the head's matmul keeps alive anyway), the
-//!   targets and one log-sum-exp per row; the targets receive no gradient.
+//!   clamped target ids, the row weights and one log-sum-exp per row (each `[N, 1]`, made once in
+//!   the forward); the targets receive no gradient.
 
 use burn::backend::Autodiff;
+use burn::backend::TensorMetadata;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, binary, unary};
 use burn::backend::tensor::{FloatTensor, IntTensor};
+use burn::tensor::FloatDType;
 
 use super::FusedTrainingOps;
 use super::ops::{
-    cross_entropy_from_lse, cross_entropy_grad, log_sum_exp, silu_mul_grad_gate, softmax_grad,
+    cross_entropy_from_parts, cross_entropy_grad, log_sum_exp, silu_mul_grad_gate, softmax_grad,
+    targets_and_weights,
 };
 
 #[derive(Debug)]
@@ -58,13 +62,13 @@ impl<B: FusedTrainingOps> Backward<B, 2> for SiluMulBackward {
 struct CrossEntropyBackward;
 
 impl<B: FusedTrainingOps> Backward<B, 1> for CrossEntropyBackward {
-    /// `(logits, targets, log-sum-exp per row)`.
-    type State = (FloatTensor<B>, IntTensor<B>, FloatTensor<B>);
+    /// `(logits, clamped target ids, row weights, log-sum-exp per row)`.
+    type State = (FloatTensor<B>, IntTensor<B>, FloatTensor<B>, FloatTensor<B>);
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let (logits, targets, lse) = ops.state;
+        let (logits, ids, keep, lse) = ops.state;
         unary::<B, _>(ops.parents, ops.node, grads, |grad| {
-            cross_entropy_grad::<B>(logits, targets, lse, grad)
+            cross_entropy_grad::<B>(logits, ids, keep, lse, grad)
         });
     }
 }
@@ -114,10 +118,16 @@ impl<B: FusedTrainingOps, C: CheckpointStrategy> FusedTrainingOps for Autodiff<B
             .stateful()
         {
             OpsKind::Tracked(prep) => {
+                let dtype = FloatDType::from(logits.dtype());
+                let (ids, keep) = targets_and_weights::<B>(targets, dtype);
                 let lse = log_sum_exp::<B>(logits.clone());
-                let loss =
-                    cross_entropy_from_lse::<B>(logits.clone(), targets.clone(), lse.clone());
-                prep.finish((logits, targets, lse), loss)
+                let loss = cross_entropy_from_parts::<B>(
+                    logits.clone(),
+                    ids.clone(),
+                    keep.clone(),
+                    lse.clone(),
+                );
+                prep.finish((logits, ids, keep, lse), loss)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::cross_entropy_sum(logits, targets)),
         }

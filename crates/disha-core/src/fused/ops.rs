@@ -52,8 +52,9 @@ pub trait FusedTrainingOps: Backend {
     /// `Σ_n [t_n ≠ IGNORE] · (logsumexp(z_n) − z_n[t_n])`, the summed token cross-entropy.
     #[fusion(default)]
     fn cross_entropy_sum(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self> {
+        let (ids, keep) = targets_and_weights::<Self>(targets, FloatDType::from(logits.dtype()));
         let lse = log_sum_exp::<Self>(logits.clone());
-        cross_entropy_from_lse::<Self>(logits, targets, lse)
+        cross_entropy_from_parts::<Self>(logits, ids, keep, lse)
     }
 }
 
@@ -83,13 +84,14 @@ pub(crate) fn targets_and_weights<B: Backend>(
     (ids, keep)
 }
 
-/// The loss from the per-row log-sum-exp.
-pub(crate) fn cross_entropy_from_lse<B: Backend>(
+/// The loss from the clamped ids and row weights of [`targets_and_weights`] and the per-row
+/// log-sum-exp.
+pub(crate) fn cross_entropy_from_parts<B: Backend>(
     logits: FloatTensor<B>,
-    targets: IntTensor<B>,
+    ids: IntTensor<B>,
+    keep: FloatTensor<B>,
     lse: FloatTensor<B>,
 ) -> FloatTensor<B> {
-    let (ids, keep) = targets_and_weights::<B>(targets, FloatDType::from(logits.dtype()));
     let picked = B::float_gather(1, logits, ids);
     B::float_sum(B::float_mul(B::float_sub(lse, picked), keep))
 }
@@ -97,13 +99,13 @@ pub(crate) fn cross_entropy_from_lse<B: Backend>(
 /// `∂L/∂z = g · [t ≠ IGNORE] · (softmax(z) − onehot(t))`.
 pub(crate) fn cross_entropy_grad<B: Backend>(
     logits: FloatTensor<B>,
-    targets: IntTensor<B>,
+    ids: IntTensor<B>,
+    keep: FloatTensor<B>,
     lse: FloatTensor<B>,
     grad: FloatTensor<B>,
 ) -> FloatTensor<B> {
     let shape = logits.shape();
     let n = shape[0];
-    let (ids, keep) = targets_and_weights::<B>(targets, FloatDType::from(logits.dtype()));
     let row_grad = B::float_mul(keep, B::float_expand(grad, Shape::new([n, 1])));
     let probs = B::float_exp(B::float_sub(logits, B::float_expand(lse, shape.clone())));
     let scaled = B::float_mul(probs, B::float_expand(row_grad.clone(), shape));
