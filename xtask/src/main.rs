@@ -47,8 +47,9 @@ enum Task {
         /// mini, LoRA; one training step side by side, JSON / markdown / PNG in target/bench/).
         #[arg(default_value = "adapters")]
         which: String,
-        /// Arguments for the benchmark binary, after `--` (`compare`: `--python`, `--configs`,
-        /// `--methods`, `--rounds`, `--steps`, …; see `benches/compare.rs` of disha-train).
+        /// Arguments for the benchmark binary, after `--` (criterion's for the others;
+        /// `compare`: `--python`, `--configs`, `--methods`, `--rounds`, `--steps`, …; see
+        /// `benches/compare.rs` of disha-train).
         #[arg(last = true)]
         args: Vec<String>,
     },
@@ -173,10 +174,6 @@ fn run(step: &Step) -> bool {
     run_with_env(step.label, step.args, step.env)
 }
 
-fn run_args(label: &str, args: &[&str]) -> bool {
-    run_with_env(label, args, &[])
-}
-
 fn run_with_env(label: &str, args: &[&str], env: &[(&str, &str)]) -> bool {
     println!("\n==> {label} : cargo {}", args.join(" "));
     let start = Instant::now();
@@ -286,45 +283,51 @@ fn main() -> ExitCode {
         Task::Converge { .. } | Task::MakeDemo { .. } | Task::Fuzz { .. } => {
             unreachable!("handled above")
         }
-        Task::Bench { which, args } => match which.as_str() {
-            "adapters" => vec![&Step {
-                label: "bench: adapted linear, every method",
-                args: &["bench", "-p", "disha-core", "--bench", "adapted_linear"],
-                env: &[],
-            }],
-            "models" => vec![&Step {
-                label: "bench: SmolLM2-135M prefill, decode, Bone/LoRA train step",
-                args: &["bench", "-p", "disha-models", "--bench", "llama"],
-                env: &[],
-            }],
-            "rwkv" => vec![&Step {
-                label: "bench: RWKV-7 834K and 0.1B shape: prefill, decode, Bone/LoRA/BAT train step, memory",
-                args: &["bench", "-p", "disha-models", "--bench", "rwkv"],
-                env: &[],
-            }],
-            "compare" => {
-                let mut command = vec!["bench", "-p", "disha-train", "--bench", "compare", "--"];
-                command.extend(args.iter().map(String::as_str));
-                return match run_args(
+        Task::Bench { which, args } => {
+            let (label, package, bench) = match which.as_str() {
+                "adapters" => (
+                    "bench: adapted linear, every method",
+                    "disha-core",
+                    "adapted_linear",
+                ),
+                "models" => (
+                    "bench: SmolLM2-135M prefill, decode, Bone/LoRA train step",
+                    "disha-models",
+                    "llama",
+                ),
+                "rwkv" => (
+                    "bench: RWKV-7 834K and 0.1B shape: prefill, decode, Bone/LoRA/BAT train step, memory",
+                    "disha-models",
+                    "rwkv",
+                ),
+                "kernels" => (
+                    "bench: fused vs unfused Bone / BAT, fwd+bwd, default device",
+                    "disha-core",
+                    "kernels",
+                ),
+                "compare" => (
                     "bench: disha vs PyTorch + PEFT, one training step",
-                    &command,
-                ) {
-                    true => ExitCode::SUCCESS,
-                    false => ExitCode::FAILURE,
-                };
+                    "disha-train",
+                    "compare",
+                ),
+                other => {
+                    eprintln!(
+                        "unknown benchmark `{other}` (available: adapters, models, rwkv, kernels, compare)"
+                    );
+                    return ExitCode::from(2);
+                }
+            };
+            // Everything after `--` goes to the benchmark binary.
+            let mut command = vec!["bench", "-p", package, "--bench", bench];
+            if !args.is_empty() {
+                command.push("--");
+                command.extend(args.iter().map(String::as_str));
             }
-            "kernels" => vec![&Step {
-                label: "bench: fused vs unfused Bone / BAT, fwd+bwd, default device",
-                args: &["bench", "-p", "disha-core", "--bench", "kernels"],
-                env: &[],
-            }],
-            other => {
-                eprintln!(
-                    "unknown benchmark `{other}` (available: adapters, models, rwkv, kernels, compare)"
-                );
-                return ExitCode::from(2);
-            }
-        },
+            return match run_with_env(label, &command, &[]) {
+                true => ExitCode::SUCCESS,
+                false => ExitCode::FAILURE,
+            };
+        }
     };
     let start = Instant::now();
     for step in steps {
