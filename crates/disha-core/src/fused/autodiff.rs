@@ -1,25 +1,24 @@
-//! The hand-written backward pass of [`FusedTrainingOps`].
+//! The hand-written backward pass of [`FusedTrainingOps`]; each backward is itself an op of the
+//! trait, so a backend runs it as one pass.
 //!
-//! - `softmax_last` keeps its output only; its backward needs nothing else.
-//! - `silu_mul` keeps `up`, `sigmoid(gate)` and `silu(gate)`, and computes no sigmoid again.
+//! - `softmax_last` keeps its output only.
+//! - `silu_mul` keeps `gate` and `up` (the backward recomputes the sigmoid inside its one pass).
 //! - `cross_entropy_sum` keeps the logits (which the head's matmul keeps alive anyway), the
-//!   clamped target ids, the row weights and one log-sum-exp per row (each `[N, 1]`, made once in
-//!   the forward); the targets receive no gradient.
+//!   targets and one log-sum-exp per row; the targets receive no gradient.
+//! - `rms_norm` keeps `x` and `gamma`; the backward recomputes one reciprocal RMS per row.
+//! - `rotary` keeps `cos` and `−[sin₂, sin₁]` (`[.., seq, head_dim]`, small): its backward is the
+//!   rotation by the opposite angle (for RoPE's tables, whose halves are equal, `−sin`). `cos`
+//!   and `sin` receive no gradient.
 
 use burn::backend::Autodiff;
-use burn::backend::TensorMetadata;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, binary, unary};
 use burn::backend::tensor::{FloatTensor, IntTensor};
-use burn::tensor::FloatDType;
 
 use super::FusedTrainingOps;
-use super::ops::{
-    cross_entropy_from_parts, cross_entropy_grad, log_sum_exp, silu_mul_grad_gate, softmax_grad,
-    targets_and_weights,
-};
+use super::ops::inverse_rotation_sin;
 
 #[derive(Debug)]
 struct SoftmaxBackward;
@@ -31,7 +30,7 @@ impl<B: FusedTrainingOps> Backward<B, 1> for SoftmaxBackward {
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let output = ops.state;
         unary::<B, _>(ops.parents, ops.node, grads, |grad| {
-            softmax_grad::<B>(output, grad)
+            B::softmax_last_backward(output, grad)
         });
     }
 }
@@ -40,21 +39,23 @@ impl<B: FusedTrainingOps> Backward<B, 1> for SoftmaxBackward {
 struct SiluMulBackward;
 
 impl<B: FusedTrainingOps> Backward<B, 2> for SiluMulBackward {
-    /// `(up, sigmoid(gate), silu(gate))`.
-    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
+    /// `(gate, up)`.
+    type State = (FloatTensor<B>, FloatTensor<B>);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let (up, sigmoid, silu) = ops.state;
-        binary::<B, _, _>(
-            ops.parents,
-            ops.node,
-            grads,
-            {
-                let silu = silu.clone();
-                |grad| silu_mul_grad_gate::<B>(grad, up, sigmoid, silu)
-            },
-            |grad| B::float_mul(grad, silu),
-        );
+        let (gate, up) = ops.state;
+        let [grad_gate, grad_up] = {
+            let grad = grads.consume::<B>(&ops.node);
+            let (a, b) = B::silu_mul_backward(gate, up, grad);
+            [a, b]
+        };
+        let [gate_parent, up_parent] = ops.parents;
+        if let Some(node) = gate_parent {
+            grads.register::<B>(node.id, grad_gate);
+        }
+        if let Some(node) = up_parent {
+            grads.register::<B>(node.id, grad_up);
+        }
     }
 }
 
@@ -62,13 +63,50 @@ impl<B: FusedTrainingOps> Backward<B, 2> for SiluMulBackward {
 struct CrossEntropyBackward;
 
 impl<B: FusedTrainingOps> Backward<B, 1> for CrossEntropyBackward {
-    /// `(logits, clamped target ids, row weights, log-sum-exp per row)`.
-    type State = (FloatTensor<B>, IntTensor<B>, FloatTensor<B>, FloatTensor<B>);
+    /// `(logits, targets, log-sum-exp per row)`.
+    type State = (FloatTensor<B>, IntTensor<B>, FloatTensor<B>);
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let (logits, ids, keep, lse) = ops.state;
+        let (logits, targets, lse) = ops.state;
         unary::<B, _>(ops.parents, ops.node, grads, |grad| {
-            cross_entropy_grad::<B>(logits, ids, keep, lse, grad)
+            B::cross_entropy_backward(logits, targets, lse, grad)
+        });
+    }
+}
+
+#[derive(Debug)]
+struct RmsNormBackward;
+
+impl<B: FusedTrainingOps> Backward<B, 2> for RmsNormBackward {
+    /// `(x, gamma, epsilon)`.
+    type State = (FloatTensor<B>, FloatTensor<B>, f64);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (x, gamma, epsilon) = ops.state;
+        binary::<B, _, _>(
+            ops.parents,
+            ops.node,
+            grads,
+            {
+                let x = x.clone();
+                |grad| B::rms_norm_backward(x, gamma, grad, epsilon)
+            },
+            |grad| B::rms_norm_gamma_backward(x, grad, epsilon),
+        );
+    }
+}
+
+#[derive(Debug)]
+struct RotaryBackward;
+
+impl<B: FusedTrainingOps> Backward<B, 1> for RotaryBackward {
+    /// `(cos, −[sin₂, sin₁])` (the inverse rotation's table).
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (cos, neg_sin) = ops.state;
+        unary::<B, _>(ops.parents, ops.node, grads, |grad| {
+            B::rotary(grad, cos, neg_sin)
         });
     }
 }
@@ -100,10 +138,8 @@ impl<B: FusedTrainingOps, C: CheckpointStrategy> FusedTrainingOps for Autodiff<B
             .stateful()
         {
             OpsKind::Tracked(prep) => {
-                let sigmoid = B::sigmoid(gate.clone());
-                let silu = B::float_mul(gate, sigmoid.clone());
-                let output = B::float_mul(silu.clone(), up.clone());
-                prep.finish((up, sigmoid, silu), output)
+                let output = B::silu_mul(gate.clone(), up.clone());
+                prep.finish((gate, up), output)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::silu_mul(gate, up)),
         }
@@ -118,18 +154,48 @@ impl<B: FusedTrainingOps, C: CheckpointStrategy> FusedTrainingOps for Autodiff<B
             .stateful()
         {
             OpsKind::Tracked(prep) => {
-                let dtype = FloatDType::from(logits.dtype());
-                let (ids, keep) = targets_and_weights::<B>(targets, dtype);
-                let lse = log_sum_exp::<B>(logits.clone());
-                let loss = cross_entropy_from_parts::<B>(
-                    logits.clone(),
-                    ids.clone(),
-                    keep.clone(),
-                    lse.clone(),
-                );
-                prep.finish((logits, ids, keep, lse), loss)
+                let (loss, lse) = B::cross_entropy_forward(logits.clone(), targets.clone());
+                prep.finish((logits, targets, lse), loss)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::cross_entropy_sum(logits, targets)),
+        }
+    }
+
+    fn rms_norm(x: FloatTensor<Self>, gamma: FloatTensor<Self>, epsilon: f64) -> FloatTensor<Self> {
+        let nodes = [x.node(), gamma.node()];
+        let x = x.into_primitive();
+        let gamma = gamma.into_primitive();
+        match RmsNormBackward
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let output = B::rms_norm(x.clone(), gamma.clone(), epsilon);
+                prep.finish((x, gamma, epsilon), output)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::rms_norm(x, gamma, epsilon)),
+        }
+    }
+
+    fn rotary(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let node = x.node();
+        let x = x.into_primitive();
+        let (cos, sin) = (cos.into_primitive(), sin.into_primitive());
+        match RotaryBackward
+            .prepare::<C>([node])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let output = B::rotary(x, cos.clone(), sin.clone());
+                prep.finish((cos, inverse_rotation_sin::<B>(sin)), output)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::rotary(x, cos, sin)),
         }
     }
 }

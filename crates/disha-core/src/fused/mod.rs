@@ -1,9 +1,12 @@
-//! Fused training ops: softmax over the last dimension, SwiGLU's `silu(gate) ⊙ up` and the summed
-//! token cross-entropy, each one autodiff node with a hand-written backward
-//! ([`FusedTrainingOps`]). The models use them in attention, in the MLP and in the causal-LM
-//! loss; the benchmarks chapter of the docs has the profile that motivated them.
+//! Fused training ops: softmax over the last dimension, SwiGLU's `silu(gate) ⊙ up`, the summed
+//! token cross-entropy, RMS norm and rotate-half RoPE, each one autodiff node with a
+//! hand-written backward ([`FusedTrainingOps`]), and each one multi-threaded pass on Flex. The
+//! models use them in attention, in the MLP, in the norms and in the causal-LM loss; the
+//! benchmarks chapter of the docs has the profile that motivated them.
 
 mod autodiff;
+#[cfg(feature = "flex")]
+mod flex;
 mod ops;
 
 use burn::backend::Dispatch;
@@ -56,6 +59,49 @@ pub fn cross_entropy_sum(logits: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<1
     Tensor::from_dispatch(<Dispatch as FusedTrainingOps>::cross_entropy_sum(
         logits.into_dispatch(),
         targets.into_dispatch(),
+    ))
+}
+
+/// RMS norm over the last dimension, `x / sqrt(mean(x²) + ε) ⊙ γ` (transformers' `LlamaRMSNorm`
+/// and Burn's `RmsNorm`), differentiable in `x` and `gamma`.
+///
+/// # Shapes
+/// - `x`: `[..., d]`; `gamma`: `[d]`; output: like `x`
+pub fn rms_norm<const D: usize>(x: Tensor<D>, gamma: Tensor<1>, epsilon: f64) -> Tensor<D> {
+    assert_eq!(
+        x.dims()[D - 1],
+        gamma.dims()[0],
+        "rms_norm: input width and scale length differ"
+    );
+    Tensor::from_dispatch(<Dispatch as FusedTrainingOps>::rms_norm(
+        x.into_dispatch(),
+        gamma.into_dispatch(),
+        epsilon,
+    ))
+}
+
+/// Rotate-half RoPE (the HF layout: dimension `i` pairs with `i + head_dim / 2`),
+/// `x ⊙ cos + [−x₂, x₁] ⊙ sin`, differentiable in `x` (the backward rotates back).
+///
+/// # Shapes
+/// - `x`: `[batch, heads, seq, head_dim]` (any strides, e.g. heads swapped out of
+///   `[batch, seq, heads, head_dim]`); `cos`, `sin`: `[1 or batch, 1, seq, head_dim]`;
+///   output: like `x`, contiguous
+pub fn rotary(x: Tensor<4>, cos: Tensor<4>, sin: Tensor<4>) -> Tensor<4> {
+    let [b, _, s, d] = x.dims();
+    for (name, t) in [("cos", &cos), ("sin", &sin)] {
+        let [tb, one, ts, td] = t.dims();
+        assert!(
+            (tb == 1 || tb == b) && one == 1 && ts == s && td == d,
+            "rotary: {name} of shape {:?} for x of shape {:?}",
+            t.dims(),
+            x.dims()
+        );
+    }
+    Tensor::from_dispatch(<Dispatch as FusedTrainingOps>::rotary(
+        x.into_dispatch(),
+        cos.into_dispatch(),
+        sin.into_dispatch(),
     ))
 }
 
@@ -143,6 +189,174 @@ mod tests {
         for r in ga.sum_dim(1).into_data().try_to_vec::<f32>().unwrap() {
             assert!(r.abs() <= VALUE_TOL, "row gradient sums to {r}");
         }
+    }
+
+    #[test]
+    fn rms_norm_matches_burn_in_value_and_gradients() {
+        let device = Device::default().autodiff();
+        // 150 rows: more than two of the kernel's fixed reduction blocks for the scale's gradient.
+        let x = random(7, [3, 50, 16], &device)
+            .mul_scalar(3.0)
+            .require_grad();
+        let gamma = random(8, [16], &device).require_grad();
+        let weights = random(9, [3, 50, 16], &device);
+        let mut module = burn::nn::RmsNormConfig::new(16)
+            .with_epsilon(1e-5)
+            .init(&device);
+        module.gamma = burn::module::Param::from_tensor(gamma.clone());
+        let ours = rms_norm(x.clone(), gamma.clone(), 1e-5);
+        let theirs = module.forward(x.clone());
+        // O(1) outputs; Burn divides by the RMS where the kernel multiplies by its reciprocal.
+        assert!(max_abs_diff(ours.clone().inner(), theirs.clone().inner()) <= VALUE_TOL * 4.0);
+        let g_ours = (ours * weights.clone()).sum().backward();
+        let g_theirs = (theirs * weights).sum().backward();
+        let dx = max_abs_diff(x.grad(&g_ours).unwrap(), x.grad(&g_theirs).unwrap());
+        // O(1) per-element gradients from a 16-term row sum each.
+        assert!(dx <= 1e-5, "x: {dx}");
+        let (a, b) = (gamma.grad(&g_ours).unwrap(), gamma.grad(&g_theirs).unwrap());
+        let scale = b.clone().abs().max().into_scalar::<f32>();
+        // Sums over 150 rows of O(1) terms: relative to the largest.
+        let dg = max_abs_diff(a.clone(), b);
+        assert!(dg <= 1e-5 * scale.max(1.0), "gamma: {dg} of {scale}");
+        // The cross-row sum is reduced in fixed blocks: the same bits on a second run.
+        let again = rms_norm(x.clone(), gamma.clone(), 1e-5);
+        let g_again = (again * random(9, [3, 50, 16], &device)).sum().backward();
+        assert_eq!(
+            gamma.grad(&g_again).unwrap().into_data(),
+            a.into_data(),
+            "the scale's gradient changed between two identical runs"
+        );
+    }
+
+    /// The unfused rotate-half formula, in Burn's ops.
+    fn rotary_reference(x: Tensor<4>, cos: Tensor<4>, sin: Tensor<4>) -> Tensor<4> {
+        let half = x.dims()[3] / 2;
+        let x1 = x.clone().narrow(3, 0, half);
+        let x2 = x.clone().narrow(3, half, half);
+        x * cos + Tensor::cat(vec![x2.neg(), x1], 3) * sin
+    }
+
+    #[test]
+    fn rotary_matches_the_rotate_half_formula_for_strided_inputs_and_gradients() {
+        let device = Device::default().autodiff();
+        let (b, s, h, d) = (2, 5, 3, 8);
+        for table_rows in [1, b] {
+            // Heads swapped out of `[b, s, h, d]`, as attention produces them.
+            // Each side its own graph (one backward per graph).
+            let base = random(10, [b, s, h, d], &device).require_grad();
+            let base_ref = random(10, [b, s, h, d], &device).require_grad();
+            let angles = random(11, [table_rows, 1, s, d], &device).mul_scalar(3.0);
+            let (cos, sin) = (angles.clone().cos(), angles.sin());
+            // The upstream gradient arrives strided too (swapped back).
+            let weights = random(12, [b, s, h, d], &device);
+            let ours = rotary(base.clone().swap_dims(1, 2), cos.clone(), sin.clone());
+            let theirs = rotary_reference(base_ref.clone().swap_dims(1, 2), cos, sin);
+            // The same products and one addition per element: bit-for-bit up to the order of
+            // one negation, which is exact.
+            assert_eq!(
+                max_abs_diff(ours.clone().inner(), theirs.clone().inner()),
+                0.0
+            );
+            let g_ours = (ours.swap_dims(1, 2) * weights.clone()).sum().backward();
+            let g_theirs = (theirs.swap_dims(1, 2) * weights).sum().backward();
+            let dx = max_abs_diff(
+                base.grad(&g_ours).unwrap(),
+                base_ref.grad(&g_theirs).unwrap(),
+            );
+            // Two O(1) products per element, summed in possibly another order.
+            assert!(dx <= VALUE_TOL * 2.0, "table rows {table_rows}: {dx}");
+        }
+    }
+
+    /// The backend's ops (Flex's kernels in the default build) against the reference bodies
+    /// every other backend runs, op by op, backward ops included.
+    #[test]
+    fn backend_ops_match_the_reference_bodies() {
+        use super::ops::reference;
+        type B = Dispatch;
+        let device = Device::default();
+        let t = |seed, shape: [usize; 3]| random(seed, shape, &device).into_dispatch();
+        let close = |name: &str, a: Tensor<3>, b: Tensor<3>, tol: f32| {
+            let d = max_abs_diff(a, b);
+            assert!(d <= tol, "{name}: {d}");
+        };
+        let back = |p| Tensor::<3>::from_dispatch(p);
+        let (x, g, w) = (t(20, [4, 6, 10]), t(21, [4, 6, 10]), t(22, [4, 6, 10]));
+        let y = B::softmax_last(x.clone());
+        close(
+            "softmax_last_backward",
+            back(B::softmax_last_backward(y.clone(), g.clone())),
+            back(reference::softmax_last_backward::<B>(y, g.clone())),
+            VALUE_TOL,
+        );
+        let (a, b) = B::silu_mul_backward(x.clone(), w.clone(), g.clone());
+        let (ra, rb) = reference::silu_mul_backward::<B>(x.clone(), w.clone(), g.clone());
+        close("silu_mul_backward gate", back(a), back(ra), VALUE_TOL * 4.0);
+        close("silu_mul_backward up", back(b), back(rb), VALUE_TOL);
+        let gamma = random(23, [10], &device).into_dispatch();
+        close(
+            "rms_norm_backward",
+            back(B::rms_norm_backward(
+                x.clone(),
+                gamma.clone(),
+                g.clone(),
+                1e-6,
+            )),
+            back(reference::rms_norm_backward::<B>(
+                x.clone(),
+                gamma,
+                g.clone(),
+                1e-6,
+            )),
+            1e-5,
+        );
+        let gg = |p| Tensor::<1>::from_dispatch(p).unsqueeze::<3>();
+        close(
+            "rms_norm_gamma_backward",
+            gg(B::rms_norm_gamma_backward(x.clone(), g.clone(), 1e-6)),
+            gg(reference::rms_norm_gamma_backward::<B>(
+                x.clone(),
+                g.clone(),
+                1e-6,
+            )),
+            1e-5,
+        );
+        let logits = random(24, [6, 10], &device).mul_scalar(5.0).into_dispatch();
+        let ids = Tensor::<1, Int>::from_data(
+            TensorData::new(vec![3i64, IGNORE_INDEX, 0, 9, 9, 1], [6]),
+            &device,
+        )
+        .into_dispatch();
+        let (loss, lse) = B::cross_entropy_forward(logits.clone(), ids.clone());
+        let (rloss, rlse) = reference::cross_entropy_forward::<B>(logits.clone(), ids.clone());
+        let scalar = |p| Tensor::<1>::from_dispatch(p).into_scalar::<f32>();
+        let (l, r) = (scalar(loss), scalar(rloss));
+        assert!(
+            (l - r).abs() <= 4e-6 * r.abs(),
+            "cross_entropy_forward: {l} vs {r}"
+        );
+        let two = |p| Tensor::<2>::from_dispatch(p).unsqueeze::<3>();
+        close(
+            "cross_entropy lse",
+            two(lse.clone()),
+            two(rlse),
+            VALUE_TOL * 8.0,
+        );
+        let seed =
+            Tensor::<1>::from_data(TensorData::new(vec![0.5f32], [1]), &device).into_dispatch();
+        close(
+            "cross_entropy_backward",
+            two(B::cross_entropy_backward(
+                logits.clone(),
+                ids.clone(),
+                lse.clone(),
+                seed.clone(),
+            )),
+            two(reference::cross_entropy_backward::<B>(
+                logits, ids, lse, seed,
+            )),
+            VALUE_TOL,
+        );
     }
 
     /// The largest |gradient| over the rows whose target is ignored.

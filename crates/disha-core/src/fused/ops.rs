@@ -3,31 +3,40 @@
 
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{Backend, TensorMetadata, backend_extension, get_or_init_device_settings};
-use burn::tensor::{FloatDType, IndexingUpdateOp, Shape};
+use burn::tensor::{FloatDType, IndexingUpdateOp, Shape, Slice};
 
 /// The label of positions that do not count in the loss (PEFT's and transformers' `-100`).
 pub const IGNORE_INDEX: i64 = -100;
 
-/// Three ops every training step runs over large tensors, each one op (one autodiff node) with
-/// a hand-written backward instead of Burn's op-by-op derivation.
+/// The element-wise and row-wise work of a training step, each op one autodiff node with a
+/// hand-written backward instead of Burn's op-by-op derivation, and each backward itself an op
+/// so that a backend can run it as one pass.
 ///
-/// - [`softmax_last`](Self::softmax_last) runs the backend's own softmax (Flex: one fused,
-///   row-parallel SIMD pass) and keeps only its output; the backward is
-///   `y ⊙ (δy − Σ δy ⊙ y)`, with no exponential recomputed.
-/// - [`cross_entropy_sum`](Self::cross_entropy_sum) keeps the logits and one log-sum-exp per row;
-///   the backward forms `softmax(z) − onehot(t)` once, in place of the log-softmax, gather and
-///   reduction chain whose every node holds a vocabulary-sized tensor.
-/// - [`silu_mul`](Self::silu_mul) keeps `up`, `sigmoid(gate)` and `silu(gate)`; the backward
-///   computes no sigmoid again (Burn's derivation of `gate · sigmoid(gate) · up` recomputes it
-///   and keeps one more tensor).
+/// - [`softmax_last`](Self::softmax_last) keeps only its output; the backward
+///   ([`softmax_last_backward`](Self::softmax_last_backward)) is `y ⊙ (δy − Σ δy ⊙ y)`.
+/// - [`silu_mul`](Self::silu_mul) (SwiGLU's gate) keeps `gate` and `up`; the backward
+///   ([`silu_mul_backward`](Self::silu_mul_backward)) forms both input gradients in one pass.
+/// - [`cross_entropy_forward`](Self::cross_entropy_forward) keeps the logits and one
+///   log-sum-exp per row; the backward forms `softmax(z) − onehot(t)` once, in place of the
+///   log-softmax, gather and reduction chain whose every node holds a vocabulary-sized tensor.
+/// - [`rms_norm`](Self::rms_norm) keeps its input and scale; the backward recomputes one
+///   reciprocal RMS per row.
+/// - [`rotary`](Self::rotary) (rotate-half RoPE) keeps `cos` and the inverse rotation's `sin`
+///   table: its backward is the rotation by the opposite angle, the same op.
 ///
-/// The bodies are ordinary backend ops, so every backend runs them; the `Autodiff`
-/// implementation adds the backward pass.
+/// The default bodies are ordinary backend ops (every backend runs them; they are the
+/// reference the tests hold the faster implementations to). Flex overrides each with one
+/// multi-threaded pass over contiguous `f32` rows (the `flex` module of this directory). The
+/// `Autodiff` implementation adds the backward pass.
 ///
 /// # Shapes
 /// - `softmax_last`: any rank, softmax over the last dimension
 /// - `silu_mul`: `gate` and `up` of one shape; output of that shape
-/// - `cross_entropy_sum`: `logits` `[N, V]`, `targets` `[N]` (ids, or [`IGNORE_INDEX`]) → `[1]`
+/// - `cross_entropy_*`: `logits` `[N, V]`, `targets` `[N]` (ids, or [`IGNORE_INDEX`]); loss
+///   `[1]`, log-sum-exp `[N, 1]`
+/// - `rms_norm`: `x` `[..., d]`, `gamma` `[d]`; output like `x`
+/// - `rotary`: `x` `[batch, heads, seq, head_dim]`; `cos`, `sin` `[1 or batch, 1, seq,
+///   head_dim]`; output like `x`
 #[backend_extension(
     Cube: cfg(any(feature = "wgpu", feature = "cuda")),
     Flex: cfg(feature = "flex"),
@@ -38,31 +47,295 @@ pub trait FusedTrainingOps: Backend {
     /// Softmax over the last dimension.
     #[fusion(default)]
     fn softmax_last(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        let last = x.shape().num_dims() - 1;
-        Self::softmax(x, last)
+        reference::softmax_last::<Self>(x)
+    }
+
+    /// `∂L/∂x = y ⊙ (δy − Σ_last δy ⊙ y)` for `y = softmax_last(x)`.
+    #[fusion(default)]
+    fn softmax_last_backward(
+        output: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        reference::softmax_last_backward::<Self>(output, grad)
     }
 
     /// `silu(gate) ⊙ up` (SwiGLU's gate), with `silu(g) = g · sigmoid(g)`.
     #[fusion(default)]
     fn silu_mul(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
-        let silu = Self::float_mul(gate.clone(), Self::sigmoid(gate));
-        Self::float_mul(silu, up)
+        reference::silu_mul::<Self>(gate, up)
+    }
+
+    /// `(∂L/∂gate, ∂L/∂up) = (δ ⊙ up ⊙ (σ + s − s ⊙ σ), δ ⊙ s)` with `σ = sigmoid(gate)` and
+    /// `s = gate ⊙ σ`, from `d silu / dg = σ · (1 + g · (1 − σ)) = σ + s − s · σ`.
+    #[fusion(default)]
+    fn silu_mul_backward(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        reference::silu_mul_backward::<Self>(gate, up, grad)
     }
 
     /// `Σ_n [t_n ≠ IGNORE] · (logsumexp(z_n) − z_n[t_n])`, the summed token cross-entropy.
     #[fusion(default)]
     fn cross_entropy_sum(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self> {
-        let (ids, keep) = targets_and_weights::<Self>(targets, FloatDType::from(logits.dtype()));
-        let lse = log_sum_exp::<Self>(logits.clone());
-        cross_entropy_from_parts::<Self>(logits, ids, keep, lse)
+        reference::cross_entropy_sum::<Self>(logits, targets)
     }
+
+    /// The summed token cross-entropy and the log-sum-exp of every row (`[N, 1]`, what the
+    /// backward needs besides the logits).
+    #[fusion(default)]
+    fn cross_entropy_forward(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        reference::cross_entropy_forward::<Self>(logits, targets)
+    }
+
+    /// `∂L/∂z = g · [t ≠ IGNORE] · (softmax(z) − onehot(t))`, `g` the loss's gradient (`[1]`).
+    #[fusion(default)]
+    fn cross_entropy_backward(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        lse: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        reference::cross_entropy_backward::<Self>(logits, targets, lse, grad)
+    }
+
+    /// `x / sqrt(mean(x²) + ε) ⊙ γ` over the last dimension (Burn's `RmsNorm` formula).
+    #[fusion(default)]
+    fn rms_norm(x: FloatTensor<Self>, gamma: FloatTensor<Self>, epsilon: f64) -> FloatTensor<Self> {
+        reference::rms_norm::<Self>(x, gamma, epsilon)
+    }
+
+    /// `∂L/∂x = r · δγ − x · r³ · mean(δγ ⊙ x)` per row, with `δγ = δ ⊙ γ` and
+    /// `r = 1 / sqrt(mean(x²) + ε)`.
+    #[fusion(default)]
+    fn rms_norm_backward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> FloatTensor<Self> {
+        reference::rms_norm_backward::<Self>(x, gamma, grad, epsilon)
+    }
+
+    /// `∂L/∂γ = Σ_rows δ ⊙ x · r`.
+    #[fusion(default)]
+    fn rms_norm_gamma_backward(
+        x: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> FloatTensor<Self> {
+        reference::rms_norm_gamma_backward::<Self>(x, grad, epsilon)
+    }
+
+    /// Rotate-half RoPE, `x ⊙ cos + [−x₂, x₁] ⊙ sin` (`x₁`, `x₂` the two halves of the last
+    /// dimension). With `sin` replaced by `−[sin₂, sin₁]` it is the inverse rotation — the
+    /// backward.
+    #[fusion(default)]
+    fn rotary(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        reference::rotary::<Self>(x, cos, sin)
+    }
+}
+
+/// The default bodies of [`FusedTrainingOps`] in ordinary backend ops: what every backend
+/// runs unless it overrides an op, and the fallback of the faster implementations.
+pub(crate) mod reference {
+    use super::*;
+
+    pub(crate) fn softmax_last<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> {
+        let last = x.shape().num_dims() - 1;
+        B::softmax(x, last)
+    }
+
+    pub(crate) fn softmax_last_backward<B: Backend>(
+        output: FloatTensor<B>,
+        grad: FloatTensor<B>,
+    ) -> FloatTensor<B> {
+        let shape = output.shape();
+        let last = shape.num_dims() - 1;
+        let dot = B::float_sum_dim(B::float_mul(grad.clone(), output.clone()), last);
+        B::float_mul(output, B::float_sub(grad, B::float_expand(dot, shape)))
+    }
+
+    pub(crate) fn silu_mul<B: Backend>(gate: FloatTensor<B>, up: FloatTensor<B>) -> FloatTensor<B> {
+        let silu = B::float_mul(gate.clone(), B::sigmoid(gate));
+        B::float_mul(silu, up)
+    }
+
+    pub(crate) fn silu_mul_backward<B: Backend>(
+        gate: FloatTensor<B>,
+        up: FloatTensor<B>,
+        grad: FloatTensor<B>,
+    ) -> (FloatTensor<B>, FloatTensor<B>) {
+        let sigmoid = B::sigmoid(gate.clone());
+        let silu = B::float_mul(gate, sigmoid.clone());
+        let slope = B::float_sub(
+            B::float_add(sigmoid.clone(), silu.clone()),
+            B::float_mul(silu.clone(), sigmoid),
+        );
+        let grad_gate = B::float_mul(B::float_mul(grad.clone(), up), slope);
+        (grad_gate, B::float_mul(grad, silu))
+    }
+
+    pub(crate) fn cross_entropy_sum<B: Backend>(
+        logits: FloatTensor<B>,
+        targets: IntTensor<B>,
+    ) -> FloatTensor<B> {
+        cross_entropy_forward::<B>(logits, targets).0
+    }
+
+    pub(crate) fn cross_entropy_forward<B: Backend>(
+        logits: FloatTensor<B>,
+        targets: IntTensor<B>,
+    ) -> (FloatTensor<B>, FloatTensor<B>) {
+        let (ids, keep) = targets_and_weights::<B>(targets, FloatDType::from(logits.dtype()));
+        let lse = log_sum_exp::<B>(logits.clone());
+        let picked = B::float_gather(1, logits, ids);
+        let loss = B::float_sum(B::float_mul(B::float_sub(lse.clone(), picked), keep));
+        (loss, lse)
+    }
+
+    pub(crate) fn cross_entropy_backward<B: Backend>(
+        logits: FloatTensor<B>,
+        targets: IntTensor<B>,
+        lse: FloatTensor<B>,
+        grad: FloatTensor<B>,
+    ) -> FloatTensor<B> {
+        let (ids, keep) = targets_and_weights::<B>(targets, FloatDType::from(logits.dtype()));
+        let shape = logits.shape();
+        let n = shape[0];
+        let row_grad = B::float_mul(keep, B::float_expand(grad, Shape::new([n, 1])));
+        let probs = B::float_exp(B::float_sub(logits, B::float_expand(lse, shape.clone())));
+        let scaled = B::float_mul(probs, B::float_expand(row_grad.clone(), shape));
+        B::float_scatter(
+            1,
+            scaled,
+            ids,
+            B::float_neg(row_grad),
+            IndexingUpdateOp::Add,
+        )
+    }
+
+    pub(crate) fn rms_norm<B: Backend>(
+        x: FloatTensor<B>,
+        gamma: FloatTensor<B>,
+        epsilon: f64,
+    ) -> FloatTensor<B> {
+        let shape = x.shape();
+        let (rows, d) = rows_and_width(&shape);
+        let x2 = B::float_reshape(x, Shape::new([rows, d]));
+        let r = reciprocal_rms::<B>(x2.clone(), epsilon);
+        let normed = B::float_mul(x2, B::float_expand(r, Shape::new([rows, d])));
+        let gamma = B::float_expand(
+            B::float_reshape(gamma, Shape::new([1, d])),
+            Shape::new([rows, d]),
+        );
+        B::float_reshape(B::float_mul(normed, gamma), shape)
+    }
+
+    pub(crate) fn rms_norm_backward<B: Backend>(
+        x: FloatTensor<B>,
+        gamma: FloatTensor<B>,
+        grad: FloatTensor<B>,
+        epsilon: f64,
+    ) -> FloatTensor<B> {
+        let shape = x.shape();
+        let (rows, d) = rows_and_width(&shape);
+        let wide = Shape::new([rows, d]);
+        let x = B::float_reshape(x, wide.clone());
+        let gamma = B::float_expand(B::float_reshape(gamma, Shape::new([1, d])), wide.clone());
+        let dg = B::float_mul(B::float_reshape(grad, wide.clone()), gamma);
+        let r = reciprocal_rms::<B>(x.clone(), epsilon);
+        let dot = B::float_mean_dim(B::float_mul(dg.clone(), x.clone()), 1);
+        let r3 = B::float_mul(B::float_mul(r.clone(), r.clone()), r.clone());
+        let coef = B::float_expand(B::float_mul(dot, r3), wide.clone());
+        let dx = B::float_sub(
+            B::float_mul(dg, B::float_expand(r, wide)),
+            B::float_mul(x, coef),
+        );
+        B::float_reshape(dx, shape)
+    }
+
+    pub(crate) fn rms_norm_gamma_backward<B: Backend>(
+        x: FloatTensor<B>,
+        grad: FloatTensor<B>,
+        epsilon: f64,
+    ) -> FloatTensor<B> {
+        let (rows, d) = rows_and_width(&x.shape());
+        let wide = Shape::new([rows, d]);
+        let x = B::float_reshape(x, wide.clone());
+        let r = B::float_expand(reciprocal_rms::<B>(x.clone(), epsilon), wide.clone());
+        let terms = B::float_mul(B::float_mul(B::float_reshape(grad, wide), x), r);
+        B::float_reshape(B::float_sum_dim(terms, 0), Shape::new([d]))
+    }
+
+    pub(crate) fn rotary<B: Backend>(
+        x: FloatTensor<B>,
+        cos: FloatTensor<B>,
+        sin: FloatTensor<B>,
+    ) -> FloatTensor<B> {
+        let shape = x.shape();
+        let last = shape.num_dims() - 1;
+        let (x1, x2) = halves::<B>(x.clone());
+        let rotated = B::float_cat(vec![B::float_neg(x2), x1], last);
+        B::float_add(
+            B::float_mul(x, B::float_expand(cos, shape.clone())),
+            B::float_mul(rotated, B::float_expand(sin, shape)),
+        )
+    }
+}
+
+/// The two halves of the last dimension.
+fn halves<B: Backend>(x: FloatTensor<B>) -> (FloatTensor<B>, FloatTensor<B>) {
+    let shape = x.shape();
+    let last = shape.num_dims() - 1;
+    let half = shape[last] / 2;
+    let slices = |start: usize| -> Vec<Slice> {
+        (0..=last)
+            .map(|dim| match dim == last {
+                true => Slice::new(start as isize, Some((start + half) as isize), 1),
+                false => Slice::new(0, Some(shape[dim] as isize), 1),
+            })
+            .collect()
+    };
+    (
+        B::float_slice(x.clone(), &slices(0)),
+        B::float_slice(x, &slices(half)),
+    )
+}
+
+/// The `sin` table of the inverse rotation: `rotary(δ, cos, −[sin₂, sin₁])` is the gradient of
+/// `rotary(x, cos, sin)` (for RoPE's tables, whose halves are equal, simply `−sin`).
+pub(crate) fn inverse_rotation_sin<B: Backend>(sin: FloatTensor<B>) -> FloatTensor<B> {
+    let last = sin.shape().num_dims() - 1;
+    let (s1, s2) = halves::<B>(sin);
+    B::float_neg(B::float_cat(vec![s2, s1], last))
+}
+
+/// `(rows, d)` of a tensor whose last dimension is the feature dimension.
+pub(crate) fn rows_and_width(shape: &Shape) -> (usize, usize) {
+    let d = shape[shape.num_dims() - 1];
+    (shape.num_elements() / d.max(1), d)
+}
+
+/// `1 / sqrt(mean(x²) + ε)` per row of `[rows, d]` → `[rows, 1]`.
+fn reciprocal_rms<B: Backend>(x: FloatTensor<B>, epsilon: f64) -> FloatTensor<B> {
+    let mean = B::float_mean_dim(B::float_mul(x.clone(), x), 1);
+    B::float_recip(B::float_sqrt(B::float_add_scalar(mean, epsilon.into())))
 }
 
 /// `log Σ_v exp(z[n, v])` per row, stable (the row maximum is subtracted first).
 ///
 /// # Shapes
 /// - `logits`: `[N, V]`; output: `[N, 1]`
-pub(crate) fn log_sum_exp<B: Backend>(logits: FloatTensor<B>) -> FloatTensor<B> {
+fn log_sum_exp<B: Backend>(logits: FloatTensor<B>) -> FloatTensor<B> {
     let shape = logits.shape();
     let max = B::float_max_dim(logits.clone(), 1);
     let shifted = B::float_sub(logits, B::float_expand(max.clone(), shape));
@@ -72,7 +345,7 @@ pub(crate) fn log_sum_exp<B: Backend>(logits: FloatTensor<B>) -> FloatTensor<B> 
 
 /// Targets clamped to valid ids (`[N, 1]`, for gather / scatter) and the row weights
 /// `[t ≠ IGNORE]` (`[N, 1]`, in `dtype`).
-pub(crate) fn targets_and_weights<B: Backend>(
+fn targets_and_weights<B: Backend>(
     targets: IntTensor<B>,
     dtype: FloatDType,
 ) -> (IntTensor<B>, FloatTensor<B>) {
@@ -83,69 +356,6 @@ pub(crate) fn targets_and_weights<B: Backend>(
     let ids = B::int_reshape(B::int_clamp_min(targets, 0.into()), Shape::new([n, 1]));
     (ids, keep)
 }
-
-/// The loss from the clamped ids and row weights of [`targets_and_weights`] and the per-row
-/// log-sum-exp.
-pub(crate) fn cross_entropy_from_parts<B: Backend>(
-    logits: FloatTensor<B>,
-    ids: IntTensor<B>,
-    keep: FloatTensor<B>,
-    lse: FloatTensor<B>,
-) -> FloatTensor<B> {
-    let picked = B::float_gather(1, logits, ids);
-    B::float_sum(B::float_mul(B::float_sub(lse, picked), keep))
-}
-
-/// `∂L/∂z = g · [t ≠ IGNORE] · (softmax(z) − onehot(t))`.
-pub(crate) fn cross_entropy_grad<B: Backend>(
-    logits: FloatTensor<B>,
-    ids: IntTensor<B>,
-    keep: FloatTensor<B>,
-    lse: FloatTensor<B>,
-    grad: FloatTensor<B>,
-) -> FloatTensor<B> {
-    let shape = logits.shape();
-    let n = shape[0];
-    let row_grad = B::float_mul(keep, B::float_expand(grad, Shape::new([n, 1])));
-    let probs = B::float_exp(B::float_sub(logits, B::float_expand(lse, shape.clone())));
-    let scaled = B::float_mul(probs, B::float_expand(row_grad.clone(), shape));
-    B::float_scatter(
-        1,
-        scaled,
-        ids,
-        B::float_neg(row_grad),
-        IndexingUpdateOp::Add,
-    )
-}
-
-/// `∂L/∂x = y ⊙ (δy − Σ_last δy ⊙ y)` for `y = softmax(x)`.
-pub(crate) fn softmax_grad<B: Backend>(
-    output: FloatTensor<B>,
-    grad: FloatTensor<B>,
-) -> FloatTensor<B> {
-    let shape = output.shape();
-    let last = shape.num_dims() - 1;
-    let dot = B::float_sum_dim(B::float_mul(grad.clone(), output.clone()), last);
-    B::float_mul(output, B::float_sub(grad, B::float_expand(dot, shape)))
-}
-
-/// `∂L/∂gate = δ ⊙ up ⊙ (σ + s − s ⊙ σ)` with `σ = sigmoid(gate)` and `s = gate ⊙ σ`, from
-/// `d silu / dg = σ · (1 + g · (1 − σ)) = σ + s − s · σ`. (`∂L/∂up = δ ⊙ s`.)
-pub(crate) fn silu_mul_grad_gate<B: Backend>(
-    grad: FloatTensor<B>,
-    up: FloatTensor<B>,
-    sigmoid: FloatTensor<B>,
-    silu: FloatTensor<B>,
-) -> FloatTensor<B> {
-    let slope = B::float_sub(
-        B::float_add(sigmoid.clone(), silu.clone()),
-        B::float_mul(silu, sigmoid),
-    );
-    B::float_mul(B::float_mul(grad, up), slope)
-}
-
-#[cfg(feature = "flex")]
-impl FusedTrainingOps for burn::backend::Flex {}
 
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 impl FusedTrainingOps for burn_cubecl::CubeBackend {}

@@ -94,10 +94,12 @@ impl LlamaAttention {
         let [batch, seq, _] = x.dims();
         let (h, kvh, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let heads = |t: Tensor<3>, n: usize| t.reshape([batch, seq, n, hd]).swap_dims(1, 2);
-        // The 1/√d scale goes on the queries (`[.., seq, hd]`) rather than on the scores
-        // (`[.., seq, seq + past]`): the same product, one smaller pass forward and backward.
+        // The 1/√d scale goes into the queries' rotation (`cos` and `sin` are `[.., seq, hd]`)
+        // rather than on the scores (`[.., seq, seq + past]`): the same product, with no pass of
+        // its own forward or backward.
         let scale = (hd as f64).powf(-0.5);
-        let q = apply_rotary(heads(self.q_proj.forward(x.clone()), h), cos, sin).mul_scalar(scale);
+        let (q_cos, q_sin) = (cos.clone().mul_scalar(scale), sin.clone().mul_scalar(scale));
+        let q = apply_rotary(heads(self.q_proj.forward(x.clone()), h), &q_cos, &q_sin);
         let mut k = apply_rotary(heads(self.k_proj.forward(x.clone()), kvh), cos, sin);
         let mut v = heads(self.v_proj.forward(x), kvh);
         let mut past = 0;

@@ -3,6 +3,7 @@
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, RmsNorm, RmsNormConfig};
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use disha_core::fused::rms_norm;
 use disha_core::{AdaptableModel, AdaptedLinear, LinearSite};
 
 use super::attention::{LayerKv, LlamaAttention, PositionContext};
@@ -35,8 +36,8 @@ impl LlamaDecoderLayer {
         let h = x.clone()
             + self
                 .self_attn
-                .forward(self.input_layernorm.forward(x), positions, cache);
-        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+                .forward(norm(&self.input_layernorm, x), positions, cache);
+        h.clone() + self.mlp.forward(norm(&self.post_attention_layernorm, h))
     }
 }
 
@@ -115,7 +116,13 @@ pub(crate) fn layer_projections(config: &LlamaConfig, i: usize) -> [(String, [us
     })
 }
 
-fn rms_norm(
+/// `module`'s RMS norm as one fused op (the same formula as `RmsNorm::forward`, one pass each way
+/// on Flex).
+fn norm(module: &RmsNorm, x: Tensor<3>) -> Tensor<3> {
+    rms_norm(x, module.gamma.val(), module.epsilon)
+}
+
+fn load_rms_norm(
     source: &mut dyn WeightSource,
     name: &str,
     config: &LlamaConfig,
@@ -162,13 +169,13 @@ impl Llama {
                     up_proj: up?,
                     down_proj: down?,
                 },
-                input_layernorm: rms_norm(
+                input_layernorm: load_rms_norm(
                     source,
                     &format!("model.layers.{i}.input_layernorm.weight"),
                     config,
                     device,
                 )?,
-                post_attention_layernorm: rms_norm(
+                post_attention_layernorm: load_rms_norm(
                     source,
                     &format!("model.layers.{i}.post_attention_layernorm.weight"),
                     config,
@@ -176,7 +183,7 @@ impl Llama {
                 )?,
             });
         }
-        let norm = rms_norm(source, "model.norm.weight", config, device)?;
+        let norm = load_rms_norm(source, "model.norm.weight", config, device)?;
         let lm_head = if config.tie_word_embeddings {
             // Some tied checkpoints still store a copy of the head; it is the embedding.
             source.take("lm_head.weight")?;
@@ -355,7 +362,7 @@ impl Llama {
         if let Some(c) = slots {
             c.len += seq;
         }
-        self.norm.forward(x)
+        norm(&self.norm, x)
     }
 
     /// Checks that every id is inside the vocabulary.

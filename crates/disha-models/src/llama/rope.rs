@@ -100,13 +100,11 @@ impl RotaryEmbedding {
 /// - x: `[batch, heads, seq, head_dim]`
 /// - cos, sin: `[1, 1, seq, head_dim]`, or `[batch, 1, seq, head_dim]` when each row has its
 ///   own positions (packed rows)
+///
+/// One fused op ([`disha_core::fused::rotary`]): one pass forward, one backward (the rotation by
+/// the opposite angle), and `x` may be strided (heads swapped out of `[batch, seq, heads, d]`).
 pub fn apply_rotary(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
-    let [_, _, _, d] = x.dims();
-    let half = d / 2;
-    let x1 = x.clone().narrow(3, 0, half);
-    let x2 = x.clone().narrow(3, half, half);
-    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-    x * cos.clone() + rotated * sin.clone()
+    disha_core::fused::rotary(x, cos.clone(), sin.clone())
 }
 
 #[cfg(test)]
