@@ -693,6 +693,8 @@ fn cpu_model() -> String {
 }
 
 fn main() -> std::process::ExitCode {
+    // The same allocator settings as `disha train` (each `compare step` process applies them).
+    disha_train::allocator::tune_and_reexec();
     let cli = Cli::parse();
     let result = match &cli.command {
         Some(Mode::Step(args)) => step(args).map(|json| println!("{json}")),

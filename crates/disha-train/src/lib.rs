@@ -8,6 +8,7 @@
 //! crate) drives it.
 #![warn(missing_docs)]
 
+pub mod allocator;
 pub mod checkpoint;
 pub mod data;
 pub mod demo;

@@ -12,6 +12,8 @@ mod embedded_demo;
 mod error;
 
 fn main() -> ExitCode {
+    // Allocator settings for the per-step buffers (returns at once when already applied).
+    disha_train::allocator::tune_and_reexec();
     let cli = cli::Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
