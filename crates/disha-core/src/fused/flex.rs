@@ -386,7 +386,9 @@ fn exp(x: f32) -> f32 {
 }
 
 /// `f(row, out_row)` for every row of `out` (`width` elements each), rows shared out across
-/// threads in runs of at least [`CHUNK`] elements of work (`row_cost` per row).
+/// threads in runs of at least [`CHUNK`] elements of work (`row_cost` per row). Work that fits in
+/// one run stays on the calling thread: handing it to the pool (a wake-up and a wait) would cost
+/// more than the work itself, as in a decode step's one-token rows.
 fn for_each_row(
     out: &mut [f32],
     width: usize,
@@ -396,22 +398,21 @@ fn for_each_row(
     if width == 0 {
         return;
     }
+    let rows = out.len() / width;
     let rows_per_task = (CHUNK / row_cost.max(1)).max(1);
     #[cfg(feature = "fast-cpu")]
-    {
+    if rows > rows_per_task {
         use rayon::prelude::*;
         out.par_chunks_mut(width)
             .with_min_len(rows_per_task)
             .enumerate()
-            .for_each(|(row, r)| f(row, r));
+            .for_each(|(row, r)| simd(|| f(row, r)));
+        return;
     }
-    #[cfg(not(feature = "fast-cpu"))]
-    {
-        let _ = rows_per_task;
-        out.chunks_mut(width)
-            .enumerate()
-            .for_each(|(row, r)| f(row, r));
-    }
+    let _ = (rows, rows_per_task);
+    out.chunks_mut(width)
+        .enumerate()
+        .for_each(|(row, r)| simd(|| f(row, r)));
 }
 
 /// `f(start, chunk)` for consecutive chunks of `out`, `start` the chunk's first index.
@@ -427,18 +428,27 @@ fn for_each_chunk_pair(
 ) {
     assert_eq!(a.len(), b.len());
     #[cfg(feature = "fast-cpu")]
-    {
+    if a.len() > CHUNK {
         use rayon::prelude::*;
         a.par_chunks_mut(CHUNK)
             .zip(b.par_chunks_mut(CHUNK))
             .enumerate()
-            .for_each(|(i, (a, b))| f(i * CHUNK, a, b));
+            .for_each(|(i, (a, b))| simd(|| f(i * CHUNK, a, b)));
+        return;
     }
-    #[cfg(not(feature = "fast-cpu"))]
     a.chunks_mut(CHUNK)
         .zip(b.chunks_mut(CHUNK))
         .enumerate()
-        .for_each(|(i, (a, b))| f(i * CHUNK, a, b));
+        .for_each(|(i, (a, b))| simd(|| f(i * CHUNK, a, b)));
+}
+
+/// Runs `f` compiled for the widest vector instructions the CPU has (AVX-512 or AVX2 + FMA,
+/// detected at run time; baseline x86-64 otherwise), so that the kernels' element loops —
+/// [`exp`] included — vectorize beyond SSE2. Only instruction selection changes: without
+/// fast-math no operation is reordered or fused, so the results are the same bits.
+#[inline(always)]
+fn simd<R>(f: impl FnOnce() -> R) -> R {
+    pulp::Arch::new().dispatch(f)
 }
 
 #[cfg(test)]
