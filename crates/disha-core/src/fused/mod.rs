@@ -294,6 +294,28 @@ mod tests {
         close("silu_mul_backward gate", back(a), back(ra), VALUE_TOL * 4.0);
         close("silu_mul_backward up", back(b), back(rb), VALUE_TOL);
         let gamma = random(23, [10], &device).into_dispatch();
+        // O(1) outputs; the reference multiplies by a reciprocal RMS as the kernel does.
+        close(
+            "rms_norm",
+            back(B::rms_norm(x.clone(), gamma.clone(), 1e-6)),
+            back(reference::rms_norm::<B>(x.clone(), gamma.clone(), 1e-6)),
+            VALUE_TOL * 4.0,
+        );
+        // RoPE on one head of `[4, 1, 6, 10]` with a random `[1, 1, 6, 10]` table: the same
+        // products and sums.
+        let heads = |p| {
+            Tensor::<3>::from_dispatch(p)
+                .unsqueeze_dim::<4>(1)
+                .into_dispatch()
+        };
+        let four = |p| Tensor::<4>::from_dispatch(p).squeeze_dim::<3>(1);
+        let (cos, sin) = (heads(t(25, [1, 6, 10])), heads(t(26, [1, 6, 10])));
+        close(
+            "rotary",
+            four(B::rotary(heads(x.clone()), cos.clone(), sin.clone())),
+            four(reference::rotary::<B>(heads(x.clone()), cos, sin)),
+            0.0,
+        );
         close(
             "rms_norm_backward",
             back(B::rms_norm_backward(

@@ -233,11 +233,7 @@ pub(crate) mod reference {
         let x2 = B::float_reshape(x, Shape::new([rows, d]));
         let r = reciprocal_rms::<B>(x2.clone(), epsilon);
         let normed = B::float_mul(x2, B::float_expand(r, Shape::new([rows, d])));
-        let gamma = B::float_expand(
-            B::float_reshape(gamma, Shape::new([1, d])),
-            Shape::new([rows, d]),
-        );
-        B::float_reshape(B::float_mul(normed, gamma), shape)
+        B::float_reshape(B::float_mul(normed, gamma_rows::<B>(gamma, rows, d)), shape)
     }
 
     pub(crate) fn rms_norm_backward<B: Backend>(
@@ -250,8 +246,10 @@ pub(crate) mod reference {
         let (rows, d) = rows_and_width(&shape);
         let wide = Shape::new([rows, d]);
         let x = B::float_reshape(x, wide.clone());
-        let gamma = B::float_expand(B::float_reshape(gamma, Shape::new([1, d])), wide.clone());
-        let dg = B::float_mul(B::float_reshape(grad, wide.clone()), gamma);
+        let dg = B::float_mul(
+            B::float_reshape(grad, wide.clone()),
+            gamma_rows::<B>(gamma, rows, d),
+        );
         let r = reciprocal_rms::<B>(x.clone(), epsilon);
         let dot = B::float_mean_dim(B::float_mul(dg.clone(), x.clone()), 1);
         let r3 = B::float_mul(B::float_mul(r.clone(), r.clone()), r.clone());
@@ -301,7 +299,7 @@ fn halves<B: Backend>(x: FloatTensor<B>) -> (FloatTensor<B>, FloatTensor<B>) {
         (0..=last)
             .map(|dim| match dim == last {
                 true => Slice::new(start as isize, Some((start + half) as isize), 1),
-                false => Slice::new(0, Some(shape[dim] as isize), 1),
+                false => Slice::full(),
             })
             .collect()
     };
@@ -317,6 +315,14 @@ pub(crate) fn inverse_rotation_sin<B: Backend>(sin: FloatTensor<B>) -> FloatTens
     let last = sin.shape().num_dims() - 1;
     let (s1, s2) = halves::<B>(sin);
     B::float_neg(B::float_cat(vec![s2, s1], last))
+}
+
+/// The scale `[d]` broadcast to every row of `[rows, d]`.
+fn gamma_rows<B: Backend>(gamma: FloatTensor<B>, rows: usize, d: usize) -> FloatTensor<B> {
+    B::float_expand(
+        B::float_reshape(gamma, Shape::new([1, d])),
+        Shape::new([rows, d]),
+    )
 }
 
 /// `(rows, d)` of a tensor whose last dimension is the feature dimension.
