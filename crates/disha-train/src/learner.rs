@@ -8,15 +8,14 @@ use std::path::Path;
 use std::time::Instant;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
-use burn::optim::{
-    AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer, OptimizerRecord,
-};
+use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer, OptimizerRecord};
 use burn::tensor::{Bytes, Int, Tensor, TensorData};
 use disha_core::freeze_all_but_active_adapters;
 use disha_models::{CausalLm, causal_lm_loss_sum};
 use serde::{Deserialize, Serialize};
 
 use crate::TrainError;
+use crate::adamw::FusedAdamW;
 use crate::data::{DataLoader, HostBatch, IGNORE_INDEX};
 use crate::schedule::LrSchedule;
 use crate::settings::TrainPart;
@@ -363,12 +362,8 @@ impl Learner {
     /// An invalid config.
     pub fn new(model: CausalLm, config: LearnerConfig) -> Result<Self, TrainError> {
         config.validate()?;
-        let optim = AdamWConfig::new()
-            .with_beta_1(config.beta1)
-            .with_beta_2(config.beta2)
-            .with_epsilon(config.eps)
-            .with_weight_decay(config.weight_decay)
-            .init();
+        let optim =
+            FusedAdamW::new(config.beta1, config.beta2, config.eps, config.weight_decay).init();
         Ok(Self {
             model: Some(model),
             optim,

@@ -8,6 +8,7 @@
 //! crate) drives it.
 #![warn(missing_docs)]
 
+pub mod adamw;
 pub mod allocator;
 pub mod checkpoint;
 pub mod data;

@@ -10,14 +10,15 @@
 //!   rotation by the opposite angle (for RoPE's tables, whose halves are equal, `−sin`). `cos`
 //!   and `sin` receive no gradient.
 
-use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, binary, unary};
 use burn::backend::tensor::{FloatTensor, IntTensor};
+use burn::backend::{Autodiff, AutodiffBackend};
 
 use super::FusedTrainingOps;
+use super::ops::AdamWStep;
 use super::ops::inverse_rotation_sin;
 
 #[derive(Debug)]
@@ -112,6 +113,28 @@ impl<B: FusedTrainingOps> Backward<B, 1> for RotaryBackward {
 }
 
 impl<B: FusedTrainingOps, C: CheckpointStrategy> FusedTrainingOps for Autodiff<B, C> {
+    /// An optimizer step is not differentiated: the inner backend's op on the inner tensors.
+    fn adamw_step(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        moment_1: FloatTensor<Self>,
+        moment_2: FloatTensor<Self>,
+        step: AdamWStep,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let (param, moment_1, moment_2) = B::adamw_step(
+            <Self as AutodiffBackend>::inner(param),
+            <Self as AutodiffBackend>::inner(grad),
+            <Self as AutodiffBackend>::inner(moment_1),
+            <Self as AutodiffBackend>::inner(moment_2),
+            step,
+        );
+        (
+            <Self as AutodiffBackend>::from_inner(param),
+            <Self as AutodiffBackend>::from_inner(moment_1),
+            <Self as AutodiffBackend>::from_inner(moment_2),
+        )
+    }
+
     fn softmax_last(x: FloatTensor<Self>) -> FloatTensor<Self> {
         let node = x.node();
         let x = x.into_primitive();

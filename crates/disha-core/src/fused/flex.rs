@@ -16,7 +16,9 @@ use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::tensor::{Bytes, DType, Shape};
 use burn_flex::{FlexTensor, Layout};
 
-use super::ops::{FusedTrainingOps, IGNORE_INDEX, reference, rows_and_width};
+use super::ops::{
+    AdamWFactors, AdamWStep, FusedTrainingOps, IGNORE_INDEX, reference, rows_and_width,
+};
 
 /// Elements per task of the element-wise ops (large enough to amortize a task, small enough to
 /// balance two to a few dozen threads over one `[512, 1376]` activation).
@@ -241,6 +243,57 @@ impl FusedTrainingOps for Flex {
         tensor(total, Shape::new([d]))
     }
 
+    fn adamw_step(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        moment_1: FloatTensor<Self>,
+        moment_2: FloatTensor<Self>,
+        step: AdamWStep,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let shape = param.layout().shape().clone();
+        let all_f32 = [&param, &grad, &moment_1, &moment_2]
+            .iter()
+            .all(|t| t.dtype() == DType::F32);
+        if !all_f32 {
+            return reference::adamw_step::<Self>(param, grad, moment_1, moment_2, step);
+        }
+        for (name, t) in [
+            ("grad", &grad),
+            ("moment_1", &moment_1),
+            ("moment_2", &moment_2),
+        ] {
+            assert_eq!(
+                t.layout().shape(),
+                &shape,
+                "adamw_step: {name} and the parameter differ in shape"
+            );
+        }
+        let n = shape.num_elements();
+        let grad = grad.to_contiguous();
+        let g = slice(&grad);
+        let (mut param, mut m, mut v) = (
+            writable_f32(param),
+            writable_f32(moment_1),
+            writable_f32(moment_2),
+        );
+        let f = step.factors();
+        let (ps, ms, vs) = (
+            slice_mut(&mut param, n),
+            slice_mut(&mut m, n),
+            slice_mut(&mut v, n),
+        );
+        for_each_chunk_triple(ps, ms, vs, |start, p, m, v| {
+            let g = &g[start..start + p.len()];
+            match (f.first, f.decay.is_some()) {
+                (true, true) => adamw_chunk::<true, true>(&f, g, p, m, v),
+                (true, false) => adamw_chunk::<true, false>(&f, g, p, m, v),
+                (false, true) => adamw_chunk::<false, true>(&f, g, p, m, v),
+                (false, false) => adamw_chunk::<false, false>(&f, g, p, m, v),
+            }
+        });
+        (param, m, v)
+    }
+
     fn rotary(
         x: FloatTensor<Self>,
         cos: FloatTensor<Self>,
@@ -291,6 +344,56 @@ impl FusedTrainingOps for Flex {
         });
         tensor(out, shape)
     }
+}
+
+/// [`FusedTrainingOps::adamw_step`]'s element loop over one chunk. `FIRST` and `DECAY` are
+/// constants so that each of the four variants is a branch-free loop the compiler vectorizes;
+/// the operations are Burn's `AdamW`'s, in its order (see the op's documentation).
+#[inline(always)]
+fn adamw_chunk<const FIRST: bool, const DECAY: bool>(
+    f: &AdamWFactors,
+    grad: &[f32],
+    param: &mut [f32],
+    moment_1: &mut [f32],
+    moment_2: &mut [f32],
+) {
+    let decay = f.decay.unwrap_or(1.0);
+    for i in 0..param.len() {
+        let g = grad[i];
+        let (m, v) = if FIRST {
+            (g * f.one_minus_beta_1, (g * g) * f.one_minus_beta_2)
+        } else {
+            (
+                moment_1[i] * f.beta_1 + g * f.one_minus_beta_1,
+                moment_2[i] * f.beta_2 + (g * g) * f.one_minus_beta_2,
+            )
+        };
+        moment_1[i] = m;
+        moment_2[i] = v;
+        let delta = (m / f.correction_1) / ((v / f.correction_2).sqrt() + f.epsilon);
+        let p = if DECAY { param[i] * decay } else { param[i] };
+        param[i] = p - delta * f.lr;
+    }
+}
+
+/// `t` as a contiguous `f32` tensor this op may write into: `t` itself when it owns its
+/// buffer alone and starts at its beginning (the optimizer's state and parameters, each step),
+/// else a copy.
+fn writable_f32(t: FlexTensor) -> FlexTensor {
+    let n = t.layout().shape().num_elements();
+    if t.is_unique() && t.layout().contiguous_offsets() == Some((0, n)) {
+        return t;
+    }
+    let shape = t.layout().shape().clone();
+    tensor(slice(&t.to_contiguous()).to_vec(), shape)
+}
+
+/// The first `n` elements of a tensor made by [`writable_f32`].
+fn slice_mut(t: &mut FlexTensor, n: usize) -> &mut [f32] {
+    let storage = t
+        .try_storage_mut::<f32>()
+        .expect("writable_f32 returns tensors that own their buffer");
+    &mut storage[..n]
 }
 
 /// `t` as a contiguous `f32` tensor (a copy when it is strided), or `None` for other dtypes.
@@ -440,6 +543,31 @@ fn for_each_chunk_pair(
         .zip(b.chunks_mut(CHUNK))
         .enumerate()
         .for_each(|(i, (a, b))| simd(|| f(i * CHUNK, a, b)));
+}
+
+/// [`for_each_chunk`] over three outputs of one length at once.
+fn for_each_chunk_triple(
+    a: &mut [f32],
+    b: &mut [f32],
+    c: &mut [f32],
+    f: impl Fn(usize, &mut [f32], &mut [f32], &mut [f32]) + Send + Sync,
+) {
+    assert!(a.len() == b.len() && a.len() == c.len());
+    #[cfg(feature = "fast-cpu")]
+    if a.len() > CHUNK {
+        use rayon::prelude::*;
+        a.par_chunks_mut(CHUNK)
+            .zip(b.par_chunks_mut(CHUNK))
+            .zip(c.par_chunks_mut(CHUNK))
+            .enumerate()
+            .for_each(|(i, ((a, b), c))| simd(|| f(i * CHUNK, a, b, c)));
+        return;
+    }
+    a.chunks_mut(CHUNK)
+        .zip(b.chunks_mut(CHUNK))
+        .zip(c.chunks_mut(CHUNK))
+        .enumerate()
+        .for_each(|(i, ((a, b), c))| simd(|| f(i * CHUNK, a, b, c)));
 }
 
 /// Runs `f` compiled for the widest vector instructions the CPU has (AVX-512 or AVX2 + FMA,

@@ -12,7 +12,7 @@ mod ops;
 use burn::backend::Dispatch;
 use burn::tensor::{Int, Tensor};
 
-pub use ops::{FusedTrainingOps, IGNORE_INDEX};
+pub use ops::{AdamWStep, FusedTrainingOps, IGNORE_INDEX};
 
 /// Softmax over the last dimension, differentiable with a backward that needs only the output.
 ///
@@ -103,6 +103,46 @@ pub fn rotary(x: Tensor<4>, cos: Tensor<4>, sin: Tensor<4>) -> Tensor<4> {
         cos.into_dispatch(),
         sin.into_dispatch(),
     ))
+}
+
+/// One AdamW step of one parameter (Burn's `AdamW` update, the same bits; see
+/// [`FusedTrainingOps::adamw_step`]), one pass over the four tensors on Flex, updating the
+/// parameter and the moments in place where it holds their only reference. Not differentiated
+/// (an optimizer works on the inner tensors).
+///
+/// # Shapes
+/// - `param`, `grad`, `moment_1`, `moment_2`: one shape; outputs `(param, moment_1,
+///   moment_2)` of that shape
+pub fn adamw_step<const D: usize>(
+    param: Tensor<D>,
+    grad: Tensor<D>,
+    moment_1: Tensor<D>,
+    moment_2: Tensor<D>,
+    step: AdamWStep,
+) -> (Tensor<D>, Tensor<D>, Tensor<D>) {
+    for (name, t) in [
+        ("grad", &grad),
+        ("moment_1", &moment_1),
+        ("moment_2", &moment_2),
+    ] {
+        assert_eq!(
+            t.dims(),
+            param.dims(),
+            "adamw_step: {name} and the parameter differ in shape"
+        );
+    }
+    let (param, moment_1, moment_2) = <Dispatch as FusedTrainingOps>::adamw_step(
+        param.into_dispatch(),
+        grad.into_dispatch(),
+        moment_1.into_dispatch(),
+        moment_2.into_dispatch(),
+        step,
+    );
+    (
+        Tensor::from_dispatch(param),
+        Tensor::from_dispatch(moment_1),
+        Tensor::from_dispatch(moment_2),
+    )
 }
 
 #[cfg(test)]
@@ -316,6 +356,26 @@ mod tests {
             four(reference::rotary::<B>(heads(x.clone()), cos, sin)),
             0.0,
         );
+        // AdamW, first and a later step: the same operations in the same order, so the same
+        // bits. The inputs are shared with the reference's, so an in-place write of a shared
+        // buffer would show up as a difference too.
+        for time in [1, 3] {
+            let step = AdamWStep {
+                lr: 1e-2,
+                beta_1: 0.9,
+                beta_2: 0.999,
+                epsilon: 1e-8,
+                weight_decay: 0.1,
+                time,
+            };
+            let v = (back(w.clone()) * back(w.clone())).into_dispatch();
+            let (p, m1, m2) = B::adamw_step(x.clone(), g.clone(), w.clone(), v.clone(), step);
+            let (rp, rm1, rm2) =
+                reference::adamw_step::<B>(x.clone(), g.clone(), w.clone(), v, step);
+            close("adamw_step param", back(p), back(rp), 0.0);
+            close("adamw_step moment_1", back(m1), back(rm1), 0.0);
+            close("adamw_step moment_2", back(m2), back(rm2), 0.0);
+        }
         close(
             "rms_norm_backward",
             back(B::rms_norm_backward(

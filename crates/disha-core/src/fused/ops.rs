@@ -142,6 +142,80 @@ pub trait FusedTrainingOps: Backend {
     ) -> FloatTensor<Self> {
         reference::rotary::<Self>(x, cos, sin)
     }
+
+    /// One AdamW step of one parameter — Burn's `AdamW` update (no AMSGrad, plain weight
+    /// decay), the same `f32` operations in the same order, so the same bits:
+    ///
+    /// `m ← β₁m + (1−β₁)g`, `v ← β₂v + (1−β₂)g²`,
+    /// `p ← p·(1 − lr·λ) − lr · (m / (1−β₁ᵗ)) / (sqrt(v / (1−β₂ᵗ)) + ε)`.
+    ///
+    /// At `step.time == 1` the moments start from zero (`m = (1−β₁)g`, `v = (1−β₂)g²`); the
+    /// `moment_1` / `moment_2` passed in are then only buffers of the right shape.
+    /// Returns `(param, moment_1, moment_2)`, updated.
+    #[fusion(default)]
+    fn adamw_step(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        moment_1: FloatTensor<Self>,
+        moment_2: FloatTensor<Self>,
+        step: AdamWStep,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        reference::adamw_step::<Self>(param, grad, moment_1, moment_2, step)
+    }
+}
+
+/// The hyper-parameters of one [`FusedTrainingOps::adamw_step`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWStep {
+    /// The learning rate.
+    pub lr: f64,
+    /// `β₁`, the first moment's decay.
+    pub beta_1: f32,
+    /// `β₂`, the second moment's decay.
+    pub beta_2: f32,
+    /// `ε`, added to the root of the second moment.
+    pub epsilon: f32,
+    /// `λ`, the decoupled weight decay (the parameter shrinks by `lr · λ`).
+    pub weight_decay: f32,
+    /// The step count after this step (`1` for the first): the bias corrections' exponent.
+    pub time: usize,
+}
+
+/// [`AdamWStep`] as the `f32` factors Burn's `AdamW` applies, each rounded as Burn rounds it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct AdamWFactors {
+    pub(crate) first: bool,
+    pub(crate) beta_1: f32,
+    pub(crate) beta_2: f32,
+    /// `1 − β₁`, `1 − β₂`.
+    pub(crate) one_minus_beta_1: f32,
+    pub(crate) one_minus_beta_2: f32,
+    /// The bias corrections `1 − β₁ᵗ`, `1 − β₂ᵗ`.
+    pub(crate) correction_1: f32,
+    pub(crate) correction_2: f32,
+    pub(crate) epsilon: f32,
+    /// `1 − lr·λ` (computed in `f64`, as Burn does), or `None` when `lr·λ = 0`.
+    pub(crate) decay: Option<f32>,
+    pub(crate) lr: f32,
+}
+
+impl AdamWStep {
+    pub(crate) fn factors(&self) -> AdamWFactors {
+        let time = i32::try_from(self.time).unwrap_or(i32::MAX);
+        let decay_rate = self.lr * f64::from(self.weight_decay);
+        AdamWFactors {
+            first: self.time <= 1,
+            beta_1: self.beta_1,
+            beta_2: self.beta_2,
+            one_minus_beta_1: 1.0 - self.beta_1,
+            one_minus_beta_2: 1.0 - self.beta_2,
+            correction_1: 1.0 - self.beta_1.powi(time),
+            correction_2: 1.0 - self.beta_2.powi(time),
+            epsilon: self.epsilon,
+            decay: (decay_rate != 0.0).then_some((1.0 - decay_rate) as f32),
+            lr: self.lr as f32,
+        }
+    }
 }
 
 /// The default bodies of [`FusedTrainingOps`] in ordinary backend ops: what every backend
@@ -272,6 +346,41 @@ pub(crate) mod reference {
         let r = B::float_expand(reciprocal_rms::<B>(x.clone(), epsilon), wide.clone());
         let terms = B::float_mul(B::float_mul(B::float_reshape(grad, wide), x), r);
         B::float_reshape(B::float_sum_dim(terms, 0), Shape::new([d]))
+    }
+
+    pub(crate) fn adamw_step<B: Backend>(
+        param: FloatTensor<B>,
+        grad: FloatTensor<B>,
+        moment_1: FloatTensor<B>,
+        moment_2: FloatTensor<B>,
+        step: AdamWStep,
+    ) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+        let f = step.factors();
+        let scaled = |t, s: f32| B::float_mul_scalar(t, s.into());
+        let grad_sq = B::float_mul(grad.clone(), grad.clone());
+        let (moment_1, moment_2) = if f.first {
+            (
+                scaled(grad, f.one_minus_beta_1),
+                scaled(grad_sq, f.one_minus_beta_2),
+            )
+        } else {
+            (
+                B::float_add(scaled(moment_1, f.beta_1), scaled(grad, f.one_minus_beta_1)),
+                B::float_add(
+                    scaled(moment_2, f.beta_2),
+                    scaled(grad_sq, f.one_minus_beta_2),
+                ),
+            )
+        };
+        let m = B::float_div_scalar(moment_1.clone(), f.correction_1.into());
+        let v = B::float_div_scalar(moment_2.clone(), f.correction_2.into());
+        let delta = B::float_div(m, B::float_add_scalar(B::float_sqrt(v), f.epsilon.into()));
+        let decayed = match f.decay {
+            Some(decay) => scaled(param, decay),
+            None => param,
+        };
+        let param = B::float_sub(decayed, scaled(delta, f.lr));
+        (param, moment_1, moment_2)
     }
 
     pub(crate) fn rotary<B: Backend>(
