@@ -9,6 +9,7 @@
 //! - `rotary` keeps `cos` and `−[sin₂, sin₁]` (`[.., seq, head_dim]`, small): its backward is the
 //!   rotation by the opposite angle (for RoPE's tables, whose halves are equal, `−sin`). `cos`
 //!   and `sin` receive no gradient.
+//! - `adamw_step` is not differentiated: the inner backend's op on the inner tensors.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;

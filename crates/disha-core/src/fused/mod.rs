@@ -2,7 +2,8 @@
 //! token cross-entropy, RMS norm and rotate-half RoPE, each one autodiff node with a
 //! hand-written backward ([`FusedTrainingOps`]), and each one multi-threaded pass on Flex. The
 //! models use them in attention, in the MLP, in the norms and in the causal-LM loss; the
-//! benchmarks chapter of the docs has the profile that motivated them.
+//! trainer's AdamW runs [`adamw_step`], one pass per parameter. The benchmarks chapter of the
+//! docs has the profiles that motivated them.
 
 mod autodiff;
 #[cfg(feature = "flex")]

@@ -1,5 +1,6 @@
-//! [`FusedTrainingOps`]: softmax and the causal-LM cross-entropy as single ops with a
-//! hand-written backward.
+//! [`FusedTrainingOps`]: the element-wise and row-wise work of a training step (softmax, SwiGLU,
+//! cross-entropy, RMS norm, RoPE) as single ops with a hand-written backward, and the AdamW
+//! update as one op.
 
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{Backend, TensorMetadata, backend_extension, get_or_init_device_settings};
@@ -23,6 +24,8 @@ pub const IGNORE_INDEX: i64 = -100;
 ///   reciprocal RMS per row.
 /// - [`rotary`](Self::rotary) (rotate-half RoPE) keeps `cos` and the inverse rotation's `sin`
 ///   table: its backward is the rotation by the opposite angle, the same op.
+/// - [`adamw_step`](Self::adamw_step) is the optimizer's update of one parameter (not
+///   differentiated).
 ///
 /// The default bodies are ordinary backend ops (every backend runs them; they are the
 /// reference the tests hold the faster implementations to). Flex overrides each with one
@@ -37,6 +40,7 @@ pub const IGNORE_INDEX: i64 = -100;
 /// - `rms_norm`: `x` `[..., d]`, `gamma` `[d]`; output like `x`
 /// - `rotary`: `x` `[batch, heads, seq, head_dim]`; `cos`, `sin` `[1 or batch, 1, seq,
 ///   head_dim]`; output like `x`
+/// - `adamw_step`: `param`, `grad`, `moment_1`, `moment_2` of one shape; outputs of that shape
 #[backend_extension(
     Cube: cfg(any(feature = "wgpu", feature = "cuda")),
     Flex: cfg(feature = "flex"),
