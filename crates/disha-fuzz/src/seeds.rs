@@ -78,6 +78,9 @@ pub struct Seeds {
     pub gguf_bpe: (Vec<u8>, Vec<Field>),
     /// GGUF with a SentencePiece tokenizer, and its numeric header fields.
     pub gguf_spm: (Vec<u8>, Vec<Field>),
+    /// GGUF with one `[2, 256]` tensor per K-quant type ([`GGUF_KQUANT_TENSORS`]), and its
+    /// numeric header fields.
+    pub gguf_kquants: (Vec<u8>, Vec<Field>),
     /// llama2.c checkpoint.
     pub llama2c: Vec<u8>,
     /// PEFT adapter directories (`adapter/…`): Bone, BAT, MiSS-mini, LoRA.
@@ -167,6 +170,7 @@ impl Seeds {
             sharded: sharded(&config, &hf),
             gguf_bpe: gguf(&config, &hf, Tokenizer::Bpe),
             gguf_spm: gguf(&config, &hf, Tokenizer::SentencePiece),
+            gguf_kquants: gguf_kquants(),
             llama2c: llama2c(&config),
             adapters: adapters(&model, dir),
             tokenizer: tokenizer_files(),
@@ -640,6 +644,51 @@ fn gguf(
         w.int(type_id as u64, 4);
         w.int(data.len() as u64, 8);
         data.extend(&bytes);
+        data.resize(data.len().next_multiple_of(32), 0);
+    }
+    w.out.resize(w.out.len().next_multiple_of(32), 0);
+    w.out.extend(data);
+    (w.out, w.fields)
+}
+
+/// The tensors of [`Seeds::gguf_kquants`]: `(name, GGML type id, block bytes)` for Q2_K, Q3_K,
+/// Q4_K, Q5_K, Q6_K and Q8_K.
+pub const GGUF_KQUANT_TENSORS: [(&str, u32, usize); 6] = [
+    ("q2_k", 10, 84),
+    ("q3_k", 11, 110),
+    ("q4_k", 12, 144),
+    ("q5_k", 13, 176),
+    ("q6_k", 14, 210),
+    ("q8_k", 15, 292),
+];
+
+/// A GGUF file of K-quant tensors: two 256-weight blocks each, bytes from a fixed seed (every
+/// bit pattern of a K-quant block is a block; the decoders' only inputs are these bytes).
+fn gguf_kquants() -> (Vec<u8>, Vec<Field>) {
+    let mut w = GgufWriter {
+        out: b"GGUF".to_vec(),
+        fields: Vec::new(),
+        kvs: 0,
+    };
+    w.int(3, 4);
+    w.int(GGUF_KQUANT_TENSORS.len() as u64, 8);
+    let n_kv_at = w.out.len();
+    w.int(0, 8);
+    w.kv_str("general.architecture", "llama");
+    w.kv_u32("general.alignment", 32);
+    let n_kv = w.kvs;
+    w.out[n_kv_at..n_kv_at + 8].copy_from_slice(&n_kv.to_le_bytes());
+    let mut rng = disha_models::SplitMix64::new(0x6b71);
+    let mut data = Vec::new();
+    for (name, type_id, block_bytes) in GGUF_KQUANT_TENSORS {
+        w.string(name);
+        w.int(2, 4);
+        for d in [256u64, 2] {
+            w.int(d, 8);
+        }
+        w.int(type_id as u64, 4);
+        w.int(data.len() as u64, 8);
+        data.extend((0..2 * block_bytes).map(|_| rng.next_u64() as u8));
         data.resize(data.len().next_multiple_of(32), 0);
     }
     w.out.resize(w.out.len().next_multiple_of(32), 0);

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use disha_core::{PeftModelExt, SafetensorsFile};
+use disha_models::gguf::GgufFile;
 use disha_models::{CausalLm, PthTensor};
 use disha_models::{ChatMessage, TextTokenizer, load_model};
 use disha_train::data::{
@@ -18,7 +19,7 @@ use disha_train::settings::{RunSettings, TrainSettings};
 use crate::mutate::{
     Field, Rng, mutate_bytes, mutate_field, mutate_json, mutate_jsonl, mutate_toml,
 };
-use crate::seeds::{Files, Seeds, examples};
+use crate::seeds::{Files, GGUF_KQUANT_TENSORS, Seeds, examples};
 
 /// Longest JSONL line the `jsonl` target accepts (the default is 1 MiB; smaller keeps the
 /// over-long-line cases fast).
@@ -169,6 +170,33 @@ pub const TARGETS: &[Target] = &[
             tokenizer.decode(&ids, false).map_err(text)?;
             let ids: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
             forward(&loaded.model, &ids, [1, ids.len()])
+        },
+    },
+    Target {
+        name: "gguf-kquants",
+        about: "GGUF K-quant tensors (Q2_K-Q6_K, Q8_K) dequantized",
+        prepare: |ctx, _, dir| {
+            let (bytes, fields) = &ctx.seeds.gguf_kquants;
+            std::fs::write(dir.join("kquants.gguf"), bytes).expect("write seed");
+            // Half the byte mutations land in the header, half anywhere (the blocks included).
+            let hot = fields.last().map_or(0, |f| f.offset + f.width);
+            prepared(
+                "kquants.gguf",
+                Kind::Binary {
+                    fields: fields.clone(),
+                    hot,
+                },
+            )
+        },
+        run: |_, _, dir| {
+            let file = GgufFile::open(&dir.join("kquants.gguf")).map_err(text)?;
+            for (name, _, _) in GGUF_KQUANT_TENSORS {
+                if let Some(values) = file.dequantize(name).map_err(text)? {
+                    // Whole 256-weight blocks, one per row: the directory was checked at open.
+                    assert_eq!(values.len() % 256, 0, "{name}: {} values", values.len());
+                }
+            }
+            Ok(())
         },
     },
     Target {

@@ -81,7 +81,7 @@ pub enum ModelError {
     /// A GGUF tensor type (quantization) this loader cannot dequantize.
     #[error(
         "{path}: tensor `{name}` uses GGUF type {type_name} (id {type_id}), which disha cannot \
-         dequantize; supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1 (re-quantize with llama.cpp's \
+         dequantize; supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q2_K–Q6_K, Q8_K (re-quantize with llama.cpp's \
          `llama-quantize --allow-requantize … Q8_0`)"
     )]
     UnsupportedQuantization {

@@ -1,5 +1,5 @@
 //! GGUF v2/v3 (llama.cpp) reader: metadata, tensor directory, and dequantization of F32, F16,
-//! BF16, Q8_0, Q4_0 and Q4_1 into f32.
+//! BF16, Q8_0, Q4_0, Q4_1 and the K-quants Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K into f32.
 //!
 //! Layout (llama.cpp `gguf.h`): magic `GGUF`, version, tensor count, metadata count, the
 //! metadata key/values, the tensor infos (name, dims fastest-first, type, offset), then the data
@@ -21,6 +21,8 @@ use disha_core::limits::{Limits, exceeds, limits};
 use half::{bf16, f16};
 
 use crate::error::{ModelError, Result};
+
+mod kquants;
 
 /// A metadata value.
 #[derive(Clone, Debug, PartialEq)]
@@ -135,7 +137,7 @@ fn ggml_type_name(id: u32) -> &'static str {
 
 /// The types this reader dequantizes.
 fn is_supported(id: u32) -> bool {
-    matches!(id, 0 | 1 | 2 | 3 | 8 | 30)
+    matches!(id, 0 | 1 | 2 | 3 | 8 | 10..=15 | 30)
 }
 
 /// One entry of the tensor directory (validated when the file was opened).
@@ -671,6 +673,12 @@ fn dequantize_into(type_id: u32, data: &[u8], out: &mut Vec<f32>) {
                 out.extend(b[2..34].iter().map(|&x| d * (x as i8) as f32));
             }
         }
+        10 => kquants::q2_k(data, out),
+        11 => kquants::q3_k(data, out),
+        12 => kquants::q4_k(data, out),
+        13 => kquants::q5_k(data, out),
+        14 => kquants::q6_k(data, out),
+        15 => kquants::q8_k(data, out),
         other => unreachable!("dequantize_into called for unsupported type {other}"),
     }
 }
@@ -822,14 +830,23 @@ pub(crate) mod tests {
             &[("general.architecture", GgufValue::String("llama".into()))],
             &[
                 ("a.weight", vec![4, 2], 0, f32_bytes(8)),
-                ("b.weight", vec![256], 12, vec![0; 144]),
+                ("c.weight", vec![256, 2], 12, vec![0x11; 288]),
+                ("b.weight", vec![256], 16, vec![0; 66]),
             ],
         );
         let ok = GgufFile::parse(Path::new("m.gguf"), bytes.clone()).unwrap();
         assert_eq!(ok.tensors["a.weight"].shape(), vec![2, 4]);
         assert_eq!(ok.dequantize("a.weight").unwrap().unwrap()[5], 5.0);
+        // Q4_K: two blocks, each `d = dmin = f16(0x1111)`, scales and minimums from the 0x11
+        // bytes (sub-block 0: 17, 17), every nibble 1: `d·17·1 − dmin·17 = 0`.
+        let q4k = ok.dequantize("c.weight").unwrap().unwrap();
+        assert_eq!(q4k.len(), 512);
+        assert_eq!(q4k[0], 0.0);
         let err = ok.dequantize("b.weight").unwrap_err().to_string();
-        assert!(err.contains("`b.weight`") && err.contains("Q4_K"), "{err}");
+        assert!(
+            err.contains("`b.weight`") && err.contains("IQ2_XXS"),
+            "{err}"
+        );
         // Every slot is checked at open, supported type or not: cutting b's data fails there.
         let mut cut = bytes.clone();
         cut.truncate(cut.len() - 40);

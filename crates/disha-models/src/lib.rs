@@ -10,7 +10,7 @@
 //! - [`llama::Llama`]: the Llama family (rotate-half RoPE, GQA, KV cache, tied or untied head).
 //! - [`causal_lm_loss`]: the loss every family trains with, labels [`IGNORE_INDEX`] skipped.
 //! - Loading: [`load_model`] takes an HF directory (single or sharded safetensors, f32 / f16 /
-//!   bf16), a GGUF v3 file (F32, F16, BF16, Q8_0, Q4_0, Q4_1 dequantized into the frozen base),
+//!   bf16), a GGUF v3 file (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q2_K–Q6_K, Q8_K dequantized into the frozen base),
 //!   or a llama2.c `.bin` checkpoint.
 //! - [`TextTokenizer`]: `tokenizer.json` or the tokenizer embedded in a GGUF, with chat
 //!   templates rendered by `minijinja`.
