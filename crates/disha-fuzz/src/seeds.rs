@@ -401,15 +401,63 @@ enum Tokenizer {
     SentencePiece,
 }
 
-/// Writes GGUF v3 and records where every numeric header field is.
+/// Writes GGUF v3 and records where every numeric header field is: [`Self::start`], the
+/// metadata (`kv_*`), [`Self::end_metadata`], the tensors ([`Self::tensor`]), [`Self::finish`].
 struct GgufWriter {
     out: Vec<u8>,
     fields: Vec<Field>,
     /// Metadata entries written.
     kvs: u64,
+    /// Where the metadata count is, patched by [`Self::end_metadata`].
+    kv_count_at: usize,
+    /// The data section so far (each tensor padded to the 32-byte alignment).
+    data: Vec<u8>,
 }
 
 impl GgufWriter {
+    /// Magic, version 3, the tensor count and a metadata-count placeholder.
+    fn start(tensors: usize) -> Self {
+        let mut w = GgufWriter {
+            out: b"GGUF".to_vec(),
+            fields: Vec::new(),
+            kvs: 0,
+            kv_count_at: 0,
+            data: Vec::new(),
+        };
+        w.int(3, 4);
+        w.int(tensors as u64, 8);
+        w.kv_count_at = w.out.len();
+        w.int(0, 8);
+        w
+    }
+
+    /// Writes the number of metadata entries written so far into the header.
+    fn end_metadata(&mut self) {
+        let at = self.kv_count_at;
+        self.out[at..at + 8].copy_from_slice(&self.kvs.to_le_bytes());
+    }
+
+    /// One tensor-directory entry (`shape` in PyTorch order; GGUF stores it reversed) and its
+    /// raw `bytes` in the data section.
+    fn tensor(&mut self, name: &str, shape: &[usize], type_id: u32, bytes: &[u8]) {
+        self.string(name);
+        self.int(shape.len() as u64, 4);
+        for d in shape.iter().rev() {
+            self.int(*d as u64, 8);
+        }
+        self.int(type_id as u64, 4);
+        self.int(self.data.len() as u64, 8);
+        self.data.extend(bytes);
+        self.data.resize(self.data.len().next_multiple_of(32), 0);
+    }
+
+    /// The file (header padded to the alignment, then the data) and its numeric fields.
+    fn finish(mut self) -> (Vec<u8>, Vec<Field>) {
+        self.out.resize(self.out.len().next_multiple_of(32), 0);
+        self.out.extend(self.data);
+        (self.out, self.fields)
+    }
+
     fn int(&mut self, value: u64, width: usize) {
         self.fields.push(Field::int(self.out.len(), width));
         self.out.extend(&value.to_le_bytes()[..width]);
@@ -563,15 +611,7 @@ fn gguf(
     hf: &BTreeMap<String, disha_core::HostTensor>,
     kind: Tokenizer,
 ) -> (Vec<u8>, Vec<Field>) {
-    let mut w = GgufWriter {
-        out: b"GGUF".to_vec(),
-        fields: Vec::new(),
-        kvs: 0,
-    };
-    w.int(3, 4);
-    w.int(hf.len() as u64, 8);
-    let n_kv_at = w.out.len();
-    w.int(0, 8);
+    let mut w = GgufWriter::start(hf.len());
     w.kv_str("general.architecture", "llama");
     w.kv_u32("general.alignment", 32);
     for (key, v) in [
@@ -616,10 +656,8 @@ fn gguf(
         "tokenizer.chat_template",
         "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}",
     );
-    let n_kv = w.kvs;
-    w.out[n_kv_at..n_kv_at + 8].copy_from_slice(&n_kv.to_le_bytes());
+    w.end_metadata();
 
-    let mut data = Vec::new();
     for (name, t) in hf {
         let gguf = gguf_name(name).expect("every Llama tensor has a GGUF name");
         let type_id = if t.shape.len() == 1 {
@@ -635,20 +673,9 @@ fn gguf(
         } else {
             30
         };
-        let bytes = quantize(&t.values, type_id);
-        w.string(&gguf);
-        w.int(t.shape.len() as u64, 4);
-        for d in t.shape.iter().rev() {
-            w.int(*d as u64, 8);
-        }
-        w.int(type_id as u64, 4);
-        w.int(data.len() as u64, 8);
-        data.extend(&bytes);
-        data.resize(data.len().next_multiple_of(32), 0);
+        w.tensor(&gguf, &t.shape, type_id, &quantize(&t.values, type_id));
     }
-    w.out.resize(w.out.len().next_multiple_of(32), 0);
-    w.out.extend(data);
-    (w.out, w.fields)
+    w.finish()
 }
 
 /// The tensors of [`Seeds::gguf_kquants`]: `(name, GGML type id, block bytes)` for Q2_K, Q3_K,
@@ -665,35 +692,16 @@ pub const GGUF_KQUANT_TENSORS: [(&str, u32, usize); 6] = [
 /// A GGUF file of K-quant tensors: two 256-weight blocks each, bytes from a fixed seed (every
 /// bit pattern of a K-quant block is a block; the decoders' only inputs are these bytes).
 fn gguf_kquants() -> (Vec<u8>, Vec<Field>) {
-    let mut w = GgufWriter {
-        out: b"GGUF".to_vec(),
-        fields: Vec::new(),
-        kvs: 0,
-    };
-    w.int(3, 4);
-    w.int(GGUF_KQUANT_TENSORS.len() as u64, 8);
-    let n_kv_at = w.out.len();
-    w.int(0, 8);
+    let mut w = GgufWriter::start(GGUF_KQUANT_TENSORS.len());
     w.kv_str("general.architecture", "llama");
     w.kv_u32("general.alignment", 32);
-    let n_kv = w.kvs;
-    w.out[n_kv_at..n_kv_at + 8].copy_from_slice(&n_kv.to_le_bytes());
+    w.end_metadata();
     let mut rng = disha_models::SplitMix64::new(0x6b71);
-    let mut data = Vec::new();
     for (name, type_id, block_bytes) in GGUF_KQUANT_TENSORS {
-        w.string(name);
-        w.int(2, 4);
-        for d in [256u64, 2] {
-            w.int(d, 8);
-        }
-        w.int(type_id as u64, 4);
-        w.int(data.len() as u64, 8);
-        data.extend((0..2 * block_bytes).map(|_| rng.next_u64() as u8));
-        data.resize(data.len().next_multiple_of(32), 0);
+        let bytes: Vec<u8> = (0..2 * block_bytes).map(|_| rng.next_u64() as u8).collect();
+        w.tensor(name, &[2, 256], type_id, &bytes);
     }
-    w.out.resize(w.out.len().next_multiple_of(32), 0);
-    w.out.extend(data);
-    (w.out, w.fields)
+    w.finish()
 }
 
 /// The tiny model as a llama.2c checkpoint (unshared classifier: negative vocab size).

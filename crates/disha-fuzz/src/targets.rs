@@ -145,15 +145,7 @@ pub const TARGETS: &[Target] = &[
             } else {
                 &ctx.seeds.gguf_spm
             };
-            std::fs::write(dir.join("model.gguf"), bytes).expect("write seed");
-            let hot = fields.last().map_or(0, |f| f.offset + f.width);
-            prepared(
-                "model.gguf",
-                Kind::Binary {
-                    fields: fields.clone(),
-                    hot,
-                },
-            )
+            gguf_seed(dir, "model.gguf", bytes, fields)
         },
         run: |_, _, dir| {
             let loaded = load_model(&dir.join("model.gguf"), &Device::default()).map_err(text)?;
@@ -177,16 +169,7 @@ pub const TARGETS: &[Target] = &[
         about: "GGUF K-quant tensors (Q2_K-Q6_K, Q8_K) dequantized",
         prepare: |ctx, _, dir| {
             let (bytes, fields) = &ctx.seeds.gguf_kquants;
-            std::fs::write(dir.join("kquants.gguf"), bytes).expect("write seed");
-            // Half the byte mutations land in the header, half anywhere (the blocks included).
-            let hot = fields.last().map_or(0, |f| f.offset + f.width);
-            prepared(
-                "kquants.gguf",
-                Kind::Binary {
-                    fields: fields.clone(),
-                    hot,
-                },
-            )
+            gguf_seed(dir, "kquants.gguf", bytes, fields)
         },
         run: |_, _, dir| {
             let file = GgufFile::open(&dir.join("kquants.gguf")).map_err(text)?;
@@ -520,6 +503,20 @@ pub const SELF_TESTS: &[Target] = &[
 fn dummy(dir: &Path) -> Prepared {
     std::fs::write(dir.join("input.json"), "{}").expect("write");
     prepared("input.json", Kind::Json)
+}
+
+/// Writes a GGUF seed as `file` in `dir`; its header (up to the last numeric field) is the hot
+/// region: half the byte mutations land there, half anywhere (tensor data included).
+fn gguf_seed(dir: &Path, file: &str, bytes: &[u8], fields: &[Field]) -> Prepared {
+    std::fs::write(dir.join(file), bytes).expect("write seed");
+    let hot = fields.last().map_or(0, |f| f.offset + f.width);
+    prepared(
+        file,
+        Kind::Binary {
+            fields: fields.to_vec(),
+            hot,
+        },
+    )
 }
 
 fn prepared(file: &str, kind: Kind) -> Prepared {
