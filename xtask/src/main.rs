@@ -3,8 +3,9 @@
 //! - `cargo xtask ci` — everything CI checks (`.ci/run` calls exactly this): formatting, clippy
 //!   with `-D warnings`, the README's test command on the CPU backend, and clippy over every
 //!   opt-in feature (type-checks the GPU backends); `--kernels` adds the WGPU kernel tests.
-//! - `cargo xtask bench [adapters|kernels|models|rwkv|compare]` — the benchmarks, with their
-//!   summary tables (`compare`: disha against PyTorch + PEFT, one training step side by side).
+//! - `cargo xtask bench [adapters|kernels|models|rwkv|compare|memory]` — the benchmarks, with
+//!   their summary tables (`compare`: disha against PyTorch + PEFT, one training step side by
+//!   side; `memory`: resident memory of a real-size Llama per base dtype).
 //! - `cargo xtask converge` — Bone vs LoRA vs BAT fine-tuning convergence on SmolLM2 + GSM8K.
 //! - `cargo xtask make-demo` — rebuild the embedded demo model and data under `assets/demo/`.
 //! - `cargo xtask fuzz` — a long fuzzing campaign over every reader (`crates/disha-fuzz`).
@@ -44,12 +45,14 @@ enum Task {
         /// decode, Bone / LoRA train step), `rwkv` (RWKV-7 834K and a random 0.1B shape:
         /// prefill, RNN decode, Bone / LoRA / BAT train step, peak memory against length) or
         /// `compare` (disha against PyTorch + PEFT: frozen forward, full fine-tune, Bone, BAT,
-        /// mini, LoRA; one training step side by side, JSON / markdown / PNG in target/bench/).
+        /// mini, LoRA; one training step side by side, JSON / markdown / PNG in target/bench/)
+        /// or `memory` (a generated Llama-3.2-1B- or Llama-2-7B-shaped bf16 checkpoint: resident
+        /// memory after load and at one Bone r64 step's peak, per base dtype).
         #[arg(default_value = "adapters")]
         which: String,
         /// Arguments for the benchmark binary, after `--` (criterion's for the others;
-        /// `compare`: `--python`, `--configs`, `--methods`, `--rounds`, `--steps`, …; see
-        /// `benches/compare.rs` of disha-train).
+        /// `compare`: `--python`, `--configs`, `--methods`, `--rounds`, `--steps`, …; `memory`:
+        /// `--shape`, `--bases`, `--r`, `--seq`; see `benches/` of disha-train).
         #[arg(last = true)]
         args: Vec<String>,
     },
@@ -310,9 +313,14 @@ fn main() -> ExitCode {
                     "disha-train",
                     "compare",
                 ),
+                "memory" => (
+                    "bench: resident memory per base dtype, real-size Llama, one Bone step",
+                    "disha-train",
+                    "memory",
+                ),
                 other => {
                     eprintln!(
-                        "unknown benchmark `{other}` (available: adapters, models, rwkv, kernels, compare)"
+                        "unknown benchmark `{other}` (available: adapters, models, rwkv, kernels, compare, memory)"
                     );
                     return ExitCode::from(2);
                 }

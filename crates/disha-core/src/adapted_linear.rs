@@ -9,6 +9,7 @@ use crate::adapter::{Adapter, AdapterSet};
 use crate::bat::block_affine_linear;
 use crate::dtype::{to_dtype, to_f32};
 use crate::error::{DishaError, Result};
+use crate::fused::frozen_matmul;
 use crate::kernels::{KernelPolicy, kernel_policy};
 use crate::spec::AdapterSpec;
 
@@ -387,11 +388,13 @@ impl AdaptedLinear {
             .unwrap_or(pending.len());
         let (bat, additive) = pending.split_at(split);
         let frozen = !self.weight.is_require_grad();
+        // A base stored in another dtype than the input's (a bf16 base under f32 compute).
+        let mixed = weight.dtype() != in_dtype;
         let d_output = self.d_output();
         // Under the single-pass policy, with no BAT adapter, one Bone adapter folds into the base
         // product. Otherwise Bone stays in plain ops: the op would compute the same products and
         // keep the same `S(x̃)`, and plain ops fuse better with their neighbours (kernels docs).
-        let single_pass = frozen && kernel_policy() == KernelPolicy::SinglePass;
+        let single_pass = frozen && !mixed && kernel_policy() == KernelPolicy::SinglePass;
         let fused_bone = match bat.is_empty() && single_pass {
             true => additive.iter().position(|(_, a)| match a {
                 Adapter::Bone(bone) => bone.is_fusable(d_output),
@@ -400,15 +403,19 @@ impl AdaptedLinear {
             false => None,
         };
         let mut y = match (bat.split_last(), fused_bone) {
-            (None, None) => burn::tensor::module::linear(input.clone(), weight, bias),
+            (None, None) => base_linear(input.clone(), weight, bias, frozen),
             (None, Some(k)) => match additive[k].1 {
                 Adapter::Bone(bone) => bone.fused_linear(input.clone(), weight, bias),
                 _ => unreachable!("fused_bone indexes a Bone adapter"),
             },
             (Some(((_, Adapter::Bat(last)), before)), _) => {
+                // BAT forms `W'` from `W` in the compute dtype (a converted copy for this layer,
+                // which its backward keeps; Memory chapter of the docs).
                 let weight = before
                     .iter()
-                    .fold(weight, |w, (_, adapter)| adapter.merge_into(w));
+                    .fold(to_dtype(weight, in_dtype), |w, (_, adapter)| {
+                        adapter.merge_into(w)
+                    });
                 block_affine_linear(
                     input.clone(),
                     weight,
@@ -616,6 +623,31 @@ impl AdaptedLinear {
         }
         self.adapters.replace(name, adapter);
         Ok(())
+    }
+}
+
+/// `x · W + b` for the base weight. A frozen weight stored in another dtype than `x` (a bf16
+/// base under f32 compute) goes through [`frozen_matmul`]: cast for this product, and again in
+/// the backward, never kept converted. A trainable weight in another dtype is cast as a tracked
+/// op (its gradient flows back in its own dtype).
+fn base_linear<const D: usize>(
+    input: Tensor<D>,
+    weight: Tensor<2>,
+    bias: Option<Tensor<1>>,
+    frozen: bool,
+) -> Tensor<D> {
+    let dtype = input.dtype();
+    let bias = bias.map(|b| to_dtype(b, dtype));
+    if weight.dtype() == dtype {
+        return burn::tensor::module::linear(input, weight, bias);
+    }
+    if !frozen {
+        return burn::tensor::module::linear(input, weight.cast(dtype), bias);
+    }
+    let y = frozen_matmul(input, weight);
+    match bias {
+        Some(b) => y + b.unsqueeze(),
+        None => y,
     }
 }
 

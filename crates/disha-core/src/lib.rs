@@ -35,6 +35,7 @@ mod peft_files;
 mod peft_model;
 mod reparam;
 mod safetensors_file;
+mod safetensors_writer;
 mod shard;
 mod spec;
 mod targets;
@@ -59,5 +60,6 @@ pub use peft_model::{
 };
 pub use reparam::{DishaReparam, DishaReparameterizer};
 pub use safetensors_file::{SafetensorsFile, TensorSlot};
+pub use safetensors_writer::{SafetensorsWriter, safetensors_header};
 pub use spec::{AdapterInit, AdapterKind, AdapterMethod, AdapterSpec, BatOrientation};
 pub use targets::TargetMatcher;

@@ -16,6 +16,7 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
+use burn::tensor::TensorData;
 use half::{bf16, f16};
 use safetensors::Dtype;
 use safetensors::tensor::TensorInfo;
@@ -314,6 +315,50 @@ impl SafetensorsFile {
             }
         };
         Ok(HostTensor::new(slot.shape.clone(), values))
+    }
+
+    /// Reads a floating-point tensor (F32, F16 or BF16) converted to `dtype` (F32, F16 or
+    /// BF16) element by element as its bytes are read: a bf16 tensor kept in bf16 costs its
+    /// own bytes, with no f32 copy of the whole tensor on the way (`f16 → bf16` and
+    /// `f32 → half` round to nearest-even through f32, where half → f32 is exact).
+    ///
+    /// # Errors
+    /// No such tensor, a non-float dtype ([`DishaError::TensorDtype`]), a non-float target, or
+    /// I/O.
+    pub fn read_data(&self, name: &str, dtype: burn::tensor::DType) -> Result<TensorData> {
+        use burn::tensor::DType;
+        let slot = self.slot_of(name)?;
+        let decode: fn(&[u8]) -> f32 = match slot.dtype {
+            Dtype::F32 => |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+            Dtype::F16 => |b| f16::from_le_bytes([b[0], b[1]]).to_f32(),
+            Dtype::BF16 => |b| bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+            other => {
+                return Err(DishaError::TensorDtype {
+                    path: self.path.clone(),
+                    key: name.to_string(),
+                    dtype: format!("{other:?}"),
+                });
+            }
+        };
+        let width = slot.dtype.bitsize() / 8;
+        let shape = slot.shape.clone();
+        Ok(match dtype {
+            DType::F32 => TensorData::new(self.read_converted(slot, width, decode)?, shape),
+            DType::F16 => TensorData::new(
+                self.read_converted(slot, width, |b| f16::from_f32(decode(b)))?,
+                shape,
+            ),
+            DType::BF16 => TensorData::new(
+                self.read_converted(slot, width, |b| bf16::from_f32(decode(b)))?,
+                shape,
+            ),
+            other => {
+                return Err(invalid(
+                    &self.path,
+                    format!("tensor `{name}`: cannot be read as {other:?} (F32, F16 or BF16)"),
+                ));
+            }
+        })
     }
 
     /// Reads an integer tensor (I64 or I32) as i64, with its shape.

@@ -778,6 +778,58 @@ fn t12_bf16_base_with_f32_adapter() {
     }
 }
 
+// 12b. A bf16 / f16 base under f32 compute (the input stays f32): the same bits as an f32 base
+// holding the rounded weights, in the output, the input gradient and every adapter gradient —
+// the base is upcast exactly, and the products are the same f32 products.
+#[test]
+fn t12b_half_base_under_f32_compute_is_exact() {
+    let (d_out, d_in, r, m) = (8, 12, 4, 5);
+    let w = randn(d_out, d_in, 1.0, 40);
+    let x = randn(m, d_in, 1.0, 41);
+    let g = randn(m, d_out, 1.0, 42);
+    let bias = randn(1, d_out, 1.0, 43);
+    for dtype in [DType::BF16, DType::F16] {
+        for spec in all_specs(d_in, d_out, r) {
+            let run = |base_dtype: DType| {
+                let weight = to_tensor(&w.t()).cast(dtype).cast(base_dtype).autodiff();
+                let b = to_tensor(&bias).reshape([d_out]).autodiff();
+                let mut l = AdaptedLinear::from_weights(weight, Some(b));
+                l.add_adapter("a", &spec).unwrap();
+                randomize(&mut l, "a", 0.1, 44);
+                let input = to_tensor(&x).autodiff().require_grad();
+                let y = l.forward(input.clone());
+                assert_eq!(y.dtype(), DType::F32);
+                let grads = (y.clone() * to_tensor(&g).autodiff()).sum().backward();
+                let grad = |t: Tensor<2>| to_mat(t.grad(&grads).expect("adapter gradient"));
+                let adapter_grads: Vec<Mat> = match l.adapter("a").unwrap() {
+                    Adapter::Bone(a) | Adapter::Mini(a) => vec![grad(a.block.val())],
+                    Adapter::Bat(a) => {
+                        let [k, r, c] = a.blocks.dims();
+                        let g = a.blocks.val().grad(&grads).expect("adapter gradient");
+                        vec![to_mat(g.reshape([k * r, c]))]
+                    }
+                    Adapter::Lora(a) => vec![grad(a.lora_a.val()), grad(a.lora_b.val())],
+                };
+                assert_eq!(
+                    l.weight.val().dtype(),
+                    base_dtype,
+                    "the base keeps its dtype"
+                );
+                let dx = to_mat(input.grad(&grads).unwrap());
+                (to_mat(y.inner()), dx, adapter_grads)
+            };
+            let (y_half, dx_half, ga_half) = run(dtype);
+            let (y_f32, dx_f32, ga_f32) = run(DType::F32);
+            let name = format!("{dtype:?} {}", spec.method_name());
+            assert_eq!(y_half.max_abs_diff(&y_f32), 0.0, "{name}: output");
+            assert_eq!(dx_half.max_abs_diff(&dx_f32), 0.0, "{name}: input gradient");
+            for (a, b) in ga_half.iter().zip(&ga_f32) {
+                assert_eq!(a.max_abs_diff(b), 0.0, "{name}: adapter gradient");
+            }
+        }
+    }
+}
+
 // 15. RWKV-PEFT merge parity (merge_disha.py): 2-D Bone with a partial chunk, 3-D Bat-Row.
 #[test]
 fn t15_rwkv_peft_merge_parity() {

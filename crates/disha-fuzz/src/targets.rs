@@ -9,8 +9,10 @@ use std::path::{Path, PathBuf};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use disha_core::{PeftModelExt, SafetensorsFile};
 use disha_models::gguf::GgufFile;
+use disha_models::{
+    BaseDtype, ChatMessage, LoadOptions, TextTokenizer, load_model, load_model_with,
+};
 use disha_models::{CausalLm, PthTensor};
-use disha_models::{ChatMessage, TextTokenizer, load_model};
 use disha_train::data::{
     DataLoader, FieldMap, JsonlOptions, PromptTemplate, encode_all, read_jsonl,
 };
@@ -102,7 +104,8 @@ pub struct Target {
 pub const TARGETS: &[Target] = &[
     Target {
         name: "model-safetensors",
-        about: "HF model.safetensors (f32 / bf16) through load_model",
+        about: "HF model.safetensors (f32 / bf16) through load_model, base kept in auto / f32 / \
+                f16 / bf16",
         prepare: |ctx, rng, dir| {
             let files = if rng.chance(0.5) {
                 &ctx.seeds.model_f32
@@ -112,7 +115,16 @@ pub const TARGETS: &[Target] = &[
             write_files(dir, files);
             prepared("model.safetensors", Kind::Safetensors)
         },
-        run: |_, _, dir| load_and_forward(dir),
+        run: |_, rng, dir| {
+            let bases = [
+                BaseDtype::Auto,
+                BaseDtype::F32,
+                BaseDtype::F16,
+                BaseDtype::Bf16,
+            ];
+            let base = bases[rng.below(bases.len())];
+            load_and_forward_as(dir, base)
+        },
     },
     Target {
         name: "config-json",
@@ -609,7 +621,13 @@ fn forward(model: &CausalLm, ids: &[i64], shape: [usize; 2]) -> Result<(), Strin
 }
 
 fn load_and_forward(path: &Path) -> Result<(), String> {
-    let loaded = load_model(path, &Device::default()).map_err(text)?;
+    load_and_forward_as(path, BaseDtype::Auto)
+}
+
+/// Loads `path` with its base kept in `base` and runs a forward.
+fn load_and_forward_as(path: &Path, base: BaseDtype) -> Result<(), String> {
+    let options = LoadOptions::default().with_base_dtype(base);
+    let loaded = load_model_with(path, &Device::default(), &options).map_err(text)?;
     let vocab = loaded.model.vocab_size() as i64;
     let ids: Vec<i64> = (0..6).map(|i| (i * 5) % vocab).collect();
     forward(&loaded.model, &ids, [1, 6])

@@ -99,6 +99,24 @@ impl CausalLm {
         }
     }
 
+    /// The dtype the frozen base's matrices are kept in (the token embedding's; every frozen
+    /// matrix shares it — [`BaseDtype`](crate::BaseDtype)).
+    pub fn base_dtype(&self) -> burn::tensor::DType {
+        match self {
+            Self::Llama(model) => model.embed_tokens.weight.val().dtype(),
+            Self::Rwkv7(model) => model.emb.weight.val().dtype(),
+        }
+    }
+
+    /// [`base_dtype`](Self::base_dtype) as `f32`, `f16` or `bf16`.
+    pub fn base_dtype_name(&self) -> &'static str {
+        match self.base_dtype() {
+            burn::tensor::DType::F16 => "f16",
+            burn::tensor::DType::BF16 => "bf16",
+            _ => "f32",
+        }
+    }
+
     /// The Llama model, if this is one.
     pub fn as_llama(&self) -> Option<&Llama> {
         match self {

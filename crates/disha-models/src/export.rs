@@ -4,21 +4,15 @@
 use std::path::Path;
 
 use burn::tensor::Tensor;
+use disha_core::SafetensorsWriter;
 use half::{bf16, f16};
-use safetensors::{Dtype, tensor::TensorView};
+use safetensors::Dtype;
 use serde_json::Value;
 
 use crate::causal_lm::CausalLm;
 use crate::error::{ModelError, Result};
 use crate::llama::Llama;
 use disha_core::AdaptableModel;
-
-/// One tensor ready for serialization.
-struct Encoded {
-    name: String,
-    shape: Vec<usize>,
-    bytes: Vec<u8>,
-}
 
 fn encode(values: &[f32], dtype: Dtype) -> Vec<u8> {
     match dtype {
@@ -91,54 +85,23 @@ pub fn export_merged(
             "float16" => Dtype::F16,
             _ => Dtype::F32,
         },
-        // Computed and written in f32 (the source dtype of BlinkDL files is not kept yet).
-        CausalLm::Rwkv7(_) => Dtype::F32,
+        // The base's dtype (the embedding's: every frozen matrix shares it).
+        CausalLm::Rwkv7(rwkv) => match rwkv.emb.weight.val().dtype() {
+            burn::tensor::DType::BF16 => Dtype::BF16,
+            burn::tensor::DType::F16 => Dtype::F16,
+            _ => Dtype::F32,
+        },
     };
-    let mut tensors = Vec::new();
-    // The first weight that is not finite once merged and converted to the export dtype: an
-    // adapter that drives a weight out of range (or past f16's ±65504) must not be written.
-    let mut broken: Option<(String, usize, f32)> = None;
-    let mut push = |name: String, shape: Vec<usize>, values: Vec<f32>| {
-        let bytes = encode(&values, dtype);
-        if broken.is_none()
-            && let Some(index) = values.iter().position(|&v| !fits(v, dtype))
-        {
-            broken = Some((name.clone(), index, values[index]));
+    // The config says the dtype the weights are written in (a base loaded in another dtype
+    // than its checkpoint's exports in the base's).
+    let mut config_json = config_json.clone();
+    if let (CausalLm::Llama(llama), Some(fields)) = (model, config_json.as_object_mut()) {
+        let name = Value::from(llama.config().dtype.as_str());
+        if fields.contains_key("torch_dtype") {
+            fields.insert("torch_dtype".into(), name.clone());
         }
-        tensors.push(Encoded { name, shape, bytes })
-    };
-    match model {
-        CausalLm::Llama(llama) => llama_merged_tensors(llama, &mut push),
-        CausalLm::Rwkv7(rwkv) => {
-            rwkv.merged_tensors(&mut |name, shape, t| push(name, shape, host(t)));
-        }
+        fields.insert("dtype".into(), name);
     }
-    if let Some((name, index, value)) = broken {
-        return Err(ModelError::NonFiniteExport {
-            name,
-            index,
-            value,
-            dtype: format!("{dtype:?}"),
-        });
-    }
-    let views = tensors
-        .iter()
-        .map(|t| {
-            TensorView::new(dtype, t.shape.clone(), &t.bytes)
-                .map(|v| (t.name.clone(), v))
-                .map_err(|e| ModelError::Safetensors {
-                    path: out.join("model.safetensors"),
-                    message: format!("tensor `{}`: {e}", t.name),
-                })
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-    let weights =
-        safetensors::serialize(views, Some(metadata)).map_err(|e| ModelError::Safetensors {
-            path: out.join("model.safetensors"),
-            message: e.to_string(),
-        })?;
-
     let parent = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -152,8 +115,42 @@ pub fn export_merged(
         let path = staging.path().join(name);
         std::fs::write(&path, bytes).map_err(|e| ModelError::io(&path, e))
     };
-    write("model.safetensors", &weights)?;
-    let mut config = serde_json::to_string_pretty(config_json).expect("JSON values serialize");
+    // Each merged tensor is encoded and streamed to the staging directory as it is made (one
+    // tensor in memory at a time). The first weight that is not finite in the export dtype (an
+    // adapter that drives a weight out of range, or past f16's ±65504) stops the export; the
+    // staging directory is removed and nothing appears at `out`.
+    let mut writer = SafetensorsWriter::create(staging.path().join("model.safetensors"))?;
+    let mut failure: Option<ModelError> = None;
+    let mut push = |name: String, shape: Vec<usize>, values: Vec<f32>| {
+        if failure.is_some() {
+            return;
+        }
+        if let Some(index) = values.iter().position(|&v| !fits(v, dtype)) {
+            failure = Some(ModelError::NonFiniteExport {
+                name,
+                index,
+                value: values[index],
+                dtype: format!("{dtype:?}"),
+            });
+            return;
+        }
+        let bytes = encode(&values, dtype);
+        drop(values);
+        if let Err(e) = writer.write(&name, dtype, &shape, &bytes) {
+            failure = Some(e.into());
+        }
+    };
+    match model {
+        CausalLm::Llama(llama) => llama_merged_tensors(llama, &mut push),
+        CausalLm::Rwkv7(rwkv) => {
+            rwkv.merged_tensors(&mut |name, shape, t| push(name, shape, host(t)));
+        }
+    }
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    writer.finish(&[("format", "pt")])?;
+    let mut config = serde_json::to_string_pretty(&config_json).expect("JSON values serialize");
     config.push('\n');
     write("config.json", config.as_bytes())?;
     for file in extra_files {

@@ -21,6 +21,7 @@
 //!   `CausalLmBatch`, so Burn's own training drivers can train it.
 #![warn(missing_docs)]
 
+mod base_dtype;
 #[cfg(feature = "burn-train")]
 mod burn_train;
 mod causal_lm;
@@ -42,6 +43,7 @@ mod tokenizer;
 mod weights;
 mod world_tokenizer;
 
+pub use base_dtype::{BaseDtype, BaseDtypeSource};
 #[cfg(feature = "burn-train")]
 pub use burn_train::CausalLmBatch;
 pub use causal_lm::{CausalLm, DecodeState, ModelFamily};
@@ -56,7 +58,9 @@ pub use export::{export_merged, export_merged_pth};
 pub use generate::{END_OF_TURN_TOKENS, GenerationConfig, generate, stop_tokens};
 pub use gguf_llama::{GgufWeights, config_from_gguf, gguf_name, unpermute_rope_rows};
 pub use llama2c::Llama2cWeights;
-pub use load::{LoadedModel, ModelFormat, load_model, load_tokenizer};
+pub use load::{
+    LoadOptions, LoadedModel, ModelFormat, load_model, load_model_with, load_tokenizer,
+};
 pub use loss::{IGNORE_INDEX, causal_lm_loss, causal_lm_loss_sum};
 pub use pth::PthWeights;
 pub use pth_writer::{PthTensor, pth_bytes, write_pth};

@@ -4,9 +4,10 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use burn::tensor::Device;
+use burn::tensor::{DType, Device};
 use serde_json::Value;
 
+use crate::base_dtype::{BaseDtype, BaseDtypeSource};
 use crate::causal_lm::CausalLm;
 use crate::error::{ModelError, Result};
 use crate::gguf::{GgufFile, GgufValue};
@@ -105,10 +106,37 @@ fn rwkv_config_json(config: &RwkvConfig) -> Value {
 
 /// Loads an RWKV-7 model from a BlinkDL-keyed source whose tensor shapes are `shapes`; a
 /// source with other keys is not a model disha reads.
+/// How [`load_model_with`] builds a model.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// The dtype the frozen base's matrices are kept in ([`BaseDtype::Auto`]: the
+    /// checkpoint's).
+    pub base_dtype: BaseDtype,
+}
+
+impl LoadOptions {
+    /// Options with the frozen base kept in `base_dtype`.
+    pub fn with_base_dtype(mut self, base_dtype: BaseDtype) -> Self {
+        self.base_dtype = base_dtype;
+        self
+    }
+}
+
+/// The dtype RWKV checkpoint tensors are stored in: the embedding's (BlinkDL writes one dtype
+/// for every matrix).
+fn stored_dtype(dtype: Option<safetensors::Dtype>) -> DType {
+    match dtype {
+        Some(safetensors::Dtype::BF16) => DType::BF16,
+        Some(safetensors::Dtype::F16) => DType::F16,
+        _ => DType::F32,
+    }
+}
+
 fn load_rwkv(
     shapes: &BTreeMap<String, Vec<usize>>,
     weights: &mut dyn crate::weights::WeightSource,
     (path, format, hf_config): (&Path, ModelFormat, Option<Value>),
+    base_dtype: DType,
     device: &Device,
 ) -> Result<LoadedModel> {
     if !RwkvConfig::is_rwkv7(shapes.keys()) {
@@ -117,7 +145,8 @@ fn load_rwkv(
         });
     }
     let config = RwkvConfig::infer(shapes, weights.path())?;
-    let model = Rwkv7::from_source(&config, weights, device)?.into();
+    let mut weights = BaseDtypeSource::new(weights, base_dtype);
+    let model = Rwkv7::from_source(&config, &mut weights, device)?.into();
     Ok(LoadedModel {
         model,
         format,
@@ -132,9 +161,12 @@ fn load_rwkv_safetensors(
     file: &Path,
     path: &Path,
     hf_config: Option<Value>,
+    options: &LoadOptions,
     device: &Device,
 ) -> Result<LoadedModel> {
     let file = disha_core::SafetensorsFile::open(file)?;
+    let stored = stored_dtype(file.tensors().get("emb.weight").map(|slot| slot.dtype));
+    let base_dtype = options.base_dtype.resolve(stored);
     let shapes: BTreeMap<String, Vec<usize>> = file
         .tensors()
         .iter()
@@ -142,7 +174,7 @@ fn load_rwkv_safetensors(
         .collect();
     let mut weights = SafetensorsWeights::from_file(file);
     let what = (path, ModelFormat::RwkvSafetensors, hf_config);
-    load_rwkv(&shapes, &mut weights, what, device)
+    load_rwkv(&shapes, &mut weights, what, base_dtype, device)
 }
 
 /// Loads a model: a Llama-family model from an HF directory (`config.json` + `model.safetensors` or a
@@ -154,12 +186,30 @@ fn load_rwkv_safetensors(
 /// # Errors
 /// The path is neither; config or tensor errors naming the field or tensor.
 pub fn load_model(path: &Path, device: &Device) -> Result<LoadedModel> {
+    load_model_with(path, device, &LoadOptions::default())
+}
+
+/// [`load_model`] with [`LoadOptions`] (the frozen base's dtype).
+///
+/// # Errors
+/// As [`load_model`]; with a half-precision base, also a weight that is not finite in that
+/// dtype (an f32 weight beyond f16's ±65504), naming the file and tensor.
+pub fn load_model_with(path: &Path, device: &Device, options: &LoadOptions) -> Result<LoadedModel> {
+    // A Llama built from `source` with its base in `dtype` (GGUF, llama2.c and HF files);
+    // the config's dtype becomes the base's, the dtype a merged export writes.
+    let build_llama = |mut config: LlamaConfig, source: &mut dyn crate::weights::WeightSource| {
+        let checkpoint = BaseDtype::from_config_name(&config.dtype).unwrap_or(DType::F32);
+        let dtype = options.base_dtype.resolve(checkpoint);
+        config.dtype = BaseDtype::config_name(dtype).to_string();
+        let mut source = BaseDtypeSource::new(source, dtype);
+        Llama::from_source(&config, &mut source, device).map(CausalLm::from)
+    };
     if is_gguf(path) {
         let file = GgufFile::open(path)?;
         let config = config_from_gguf(&file)?;
         let gguf_metadata = Some(file.metadata.clone());
         let mut weights = GgufWeights::new(file, &config);
-        let model = Llama::from_source(&config, &mut weights, device)?.into();
+        let model = build_llama(config, &mut weights)?;
         return Ok(LoadedModel {
             model,
             format: ModelFormat::Gguf,
@@ -171,7 +221,8 @@ pub fn load_model(path: &Path, device: &Device) -> Result<LoadedModel> {
     if path.is_file() && crate::rwkv::is_rwkv_cpp(path) {
         let mut weights = crate::rwkv::RwkvCppWeights::open(path)?;
         let what = (path, ModelFormat::RwkvCpp, None);
-        return load_rwkv(&weights.shapes(), &mut weights, what, device);
+        let base_dtype = options.base_dtype.resolve(DType::F32);
+        return load_rwkv(&weights.shapes(), &mut weights, what, base_dtype, device);
     }
     if path.is_file()
         && path
@@ -179,7 +230,7 @@ pub fn load_model(path: &Path, device: &Device) -> Result<LoadedModel> {
             .is_some_and(|e| e.eq_ignore_ascii_case("bin"))
     {
         let (config, mut weights) = Llama2cWeights::open(path)?;
-        let model = Llama::from_source(&config, &mut weights, device)?.into();
+        let model = build_llama(config, &mut weights)?;
         return Ok(LoadedModel {
             model,
             format: ModelFormat::Llama2c,
@@ -191,12 +242,14 @@ pub fn load_model(path: &Path, device: &Device) -> Result<LoadedModel> {
     let extension =
         |e: &str| path.is_file() && path.extension().is_some_and(|x| x.eq_ignore_ascii_case(e));
     if extension("safetensors") {
-        return load_rwkv_safetensors(path, path, None, device);
+        return load_rwkv_safetensors(path, path, None, options, device);
     }
     if extension("pth") || extension("pt") {
         let mut weights = crate::pth::PthWeights::open(path)?;
         let what = (path, ModelFormat::RwkvPth, None);
-        return load_rwkv(&weights.shapes(), &mut weights, what, device);
+        let stored = weights.dtype_of("emb.weight").unwrap_or(DType::F32);
+        let base_dtype = options.base_dtype.resolve(stored);
+        return load_rwkv(&weights.shapes(), &mut weights, what, base_dtype, device);
     }
     let config_path = path.join("config.json");
     if !path.is_dir() || !config_path.is_file() {
@@ -208,11 +261,12 @@ pub fn load_model(path: &Path, device: &Device) -> Result<LoadedModel> {
     let json: Value = serde_json::from_str(&text)
         .map_err(|e| ModelError::config(&config_path, "<json>", e.to_string()))?;
     if json.get("model_type").and_then(Value::as_str) == Some("rwkv7") {
-        return load_rwkv_safetensors(&path.join("model.safetensors"), path, Some(json), device);
+        let file = path.join("model.safetensors");
+        return load_rwkv_safetensors(&file, path, Some(json), options, device);
     }
     let config = LlamaConfig::from_hf_json(&json, &config_path)?;
     let mut weights = SafetensorsWeights::open(path)?;
-    let model = Llama::from_source(&config, &mut weights, device)?.into();
+    let model = build_llama(config, &mut weights)?;
     Ok(LoadedModel {
         model,
         format: ModelFormat::HfSafetensors,

@@ -89,6 +89,16 @@ impl PthWeights {
         Ok(out)
     }
 
+    /// The stored dtype of tensor `name` (F16, BF16, or F32 for anything else), `None` when
+    /// absent.
+    pub fn dtype_of(&self, name: &str) -> Option<burn::tensor::DType> {
+        self.tensors.get(name).map(|t| match t.dtype() {
+            DType::F16 => burn::tensor::DType::F16,
+            DType::BF16 => burn::tensor::DType::BF16,
+            _ => burn::tensor::DType::F32,
+        })
+    }
+
     /// Every tensor's shape, by name.
     pub fn shapes(&self) -> BTreeMap<String, Vec<usize>> {
         self.tensors

@@ -5,10 +5,11 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{DType, Device, Tensor, TensorData};
 use disha_core::AdaptedLinear;
 use disha_core::limits::read_config_file;
 use disha_core::{HostTensor, SafetensorsFile};
+use half::{bf16, f16};
 use serde_json::Value;
 
 use crate::error::{ModelError, Result};
@@ -31,6 +32,25 @@ pub trait WeightSource {
     fn display_name(&self, name: &str) -> String {
         name.to_string()
     }
+
+    /// Removes and returns tensor `name` converted to `dtype` (F32, F16 or BF16), `None` when
+    /// absent. The default converts what [`take`](Self::take) returns; a source that can read
+    /// straight into `dtype` (safetensors) overrides it, so a half-precision weight never
+    /// exists as f32 on the host.
+    ///
+    /// # Errors
+    /// The tensor exists but cannot be read or decoded.
+    fn take_data(&mut self, name: &str, dtype: DType) -> Result<Option<TensorData>> {
+        Ok(self
+            .take(name)?
+            .map(|t| TensorData::new(t.values, t.shape).convert_dtype(dtype)))
+    }
+
+    /// The dtype the model builders keep frozen matrices in: F32 unless the source is wrapped
+    /// in a [`BaseDtypeSource`](crate::BaseDtypeSource).
+    fn base_dtype(&self) -> DType {
+        DType::F32
+    }
 }
 
 // Builder helpers shared by every family: tensors taken by name with their shape and
@@ -44,22 +64,98 @@ pub(crate) fn take(
 ) -> Result<HostTensor> {
     let tensor = source
         .take(name)?
-        .ok_or_else(|| ModelError::MissingTensor {
-            path: source.path().to_path_buf(),
-            name: source.display_name(name),
-            needed_for: name.trim_end_matches(".weight").to_string(),
-        })?;
-    if tensor.shape != shape {
-        return Err(ModelError::TensorShape {
-            path: source.path().to_path_buf(),
-            name: source.display_name(name),
-            expected: shape.to_vec(),
-            actual: tensor.shape,
-        });
-    }
+        .ok_or_else(|| missing_tensor(source, name))?;
+    check_shape(source, name, &tensor.shape, shape)?;
     // A NaN or infinity in a weight is never meaningful: a corrupt file or a wrong read.
     tensor.check_finite(source.path(), &source.display_name(name))?;
     Ok(tensor)
+}
+
+/// The error for a tensor `source` does not have.
+fn missing_tensor(source: &dyn WeightSource, name: &str) -> ModelError {
+    ModelError::MissingTensor {
+        path: source.path().to_path_buf(),
+        name: source.display_name(name),
+        needed_for: name.trim_end_matches(".weight").to_string(),
+    }
+}
+
+/// `Ok` when tensor `name` has the `expected` shape, else the error naming both.
+fn check_shape(
+    source: &dyn WeightSource,
+    name: &str,
+    actual: &[usize],
+    expected: &[usize],
+) -> Result<()> {
+    if actual == expected {
+        return Ok(());
+    }
+    Err(ModelError::TensorShape {
+        path: source.path().to_path_buf(),
+        name: source.display_name(name),
+        expected: expected.to_vec(),
+        actual: actual.to_vec(),
+    })
+}
+
+/// Takes `name` from `source` in `dtype`, checking its shape and that every value is finite in
+/// that dtype (an f32 weight beyond f16's ±65504 is an error naming it, not an infinity).
+pub(crate) fn take_data(
+    source: &mut dyn WeightSource,
+    name: &str,
+    shape: &[usize],
+    dtype: DType,
+) -> Result<TensorData> {
+    let data = source
+        .take_data(name, dtype)?
+        .ok_or_else(|| missing_tensor(source, name))?;
+    check_shape(source, name, data.shape().as_slice(), shape)?;
+    if let Some((index, value)) = first_non_finite(&data) {
+        return Err(disha_core::DishaError::NonFiniteTensor {
+            path: source.path().to_path_buf(),
+            key: format!("{} (as {dtype:?})", source.display_name(name)),
+            index,
+            value,
+        }
+        .into());
+    }
+    Ok(data)
+}
+
+/// The first NaN or infinity of `data` (F32, F16 or BF16) and its flat index, read in place.
+fn first_non_finite(data: &TensorData) -> Option<(usize, f32)> {
+    fn find<T: burn::tensor::Element>(data: &TensorData, finite: fn(&T) -> bool) -> Option<usize> {
+        slice::<T>(data).iter().position(|v| !finite(v))
+    }
+    let index = match data.dtype() {
+        DType::F16 => find::<f16>(data, |v| v.is_finite()),
+        DType::BF16 => find::<bf16>(data, |v| v.is_finite()),
+        _ => find::<f32>(data, |v| v.is_finite()),
+    }?;
+    data.iter::<f32>().nth(index).map(|v| (index, v))
+}
+
+/// A frozen matrix of the base (an embedding), kept in the source's base dtype.
+pub(crate) fn base_matrix(
+    source: &mut dyn WeightSource,
+    name: &str,
+    shape: [usize; 2],
+    device: &Device,
+) -> Result<Tensor<2>> {
+    let dtype = source.base_dtype();
+    let data = take_data(source, name, &shape, dtype)?;
+    Ok(Tensor::from_data(data, (device, dtype)))
+}
+
+/// `[rows, cols]` row-major values transposed into `[cols, rows]`.
+fn transposed<T: Copy + Default>(values: &[T], rows: usize, cols: usize) -> Vec<T> {
+    let mut t = vec![T::default(); rows * cols];
+    for r in 0..rows {
+        for c in 0..cols {
+            t[c * rows + r] = values[r * cols + c];
+        }
+    }
+    t
 }
 
 pub(crate) fn device_tensor<const D: usize>(t: HostTensor, device: &Device) -> Tensor<D> {
@@ -91,14 +187,15 @@ pub(crate) fn linear(
     bias: bool,
     device: &Device,
 ) -> Result<AdaptedLinear> {
-    let w = take(source, &format!("{name}.weight"), &[out, inp])?;
-    let mut t = vec![0.0f32; out * inp];
-    for o in 0..out {
-        for i in 0..inp {
-            t[i * out + o] = w.values[o * inp + i];
-        }
-    }
-    let weight = Tensor::from_data(TensorData::new(t, [inp, out]), device);
+    let dtype = source.base_dtype();
+    let w = take_data(source, &format!("{name}.weight"), &[out, inp], dtype)?;
+    let data = match dtype {
+        DType::F16 => TensorData::new(transposed(slice::<f16>(&w), out, inp), [inp, out]),
+        DType::BF16 => TensorData::new(transposed(slice::<bf16>(&w), out, inp), [inp, out]),
+        _ => TensorData::new(transposed(slice::<f32>(&w), out, inp), [inp, out]),
+    };
+    drop(w);
+    let weight = Tensor::from_data(data, (device, dtype));
     let bias = if bias {
         Some(device_tensor::<1>(
             take(source, &format!("{name}.bias"), &[out])?,
@@ -108,6 +205,12 @@ pub(crate) fn linear(
         None
     };
     Ok(AdaptedLinear::from_weights(weight, bias).with_label(name))
+}
+
+/// The values of `data`, which [`take_data`] made in `T`'s dtype.
+fn slice<T: burn::tensor::Element>(data: &TensorData) -> &[T] {
+    data.as_slice::<T>()
+        .expect("take_data returns the dtype it was asked for")
 }
 
 /// HF safetensors weights: `model.safetensors`, or the shards listed in
@@ -209,12 +312,14 @@ impl SafetensorsWeights {
     }
 }
 
-impl WeightSource for SafetensorsWeights {
-    fn path(&self) -> &Path {
-        &self.dir
-    }
-
-    fn take(&mut self, name: &str) -> Result<Option<HostTensor>> {
+impl SafetensorsWeights {
+    /// Removes `name` from the index and reads it with `read` from its shard (opened on first
+    /// use, closed once every tensor it holds is taken).
+    fn take_with<T>(
+        &mut self,
+        name: &str,
+        read: impl FnOnce(&SafetensorsFile) -> Result<T>,
+    ) -> Result<Option<T>> {
         let Some(shard) = self.shard_of.remove(name) else {
             return Ok(None);
         };
@@ -224,7 +329,7 @@ impl WeightSource for SafetensorsWeights {
         }
         let file = &self.open[&shard];
         let tensor = if file.tensors().contains_key(name) {
-            Some(file.read_f32(name)?)
+            Some(read(file)?)
         } else {
             None
         };
@@ -237,9 +342,23 @@ impl WeightSource for SafetensorsWeights {
             needed_for: "the index lists it in this shard".into(),
         })
     }
+}
+
+impl WeightSource for SafetensorsWeights {
+    fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    fn take(&mut self, name: &str) -> Result<Option<HostTensor>> {
+        self.take_with(name, |file| Ok(file.read_f32(name)?))
+    }
 
     fn remaining(&self) -> Vec<String> {
         self.shard_of.keys().cloned().collect()
+    }
+
+    fn take_data(&mut self, name: &str, dtype: DType) -> Result<Option<TensorData>> {
+        self.take_with(name, |file| Ok(file.read_data(name, dtype)?))
     }
 }
 

@@ -204,3 +204,46 @@ fn sharded_and_half_precision_checkpoints_load() {
     let err = load_model(sharded.path(), &device).unwrap_err().to_string();
     assert!(err.contains("model-00002-of-00003.safetensors"), "{err}");
 }
+
+/// A bf16 checkpoint (transformers' cast of the non-divisible tiny Llama) with its base kept in
+/// bf16 (`auto`) and upcast to f32 at load: both compute in f32 on the same values (bf16 → f32 is
+/// exact), so both give the same bits, and both reproduce transformers' f32-compute logits of
+/// the bf16 weights to f32 summation-order noise (1e-4 of logits |x| ≈ 4, as above). A
+/// bf16-compute run (the golden's other logits) differs from those by up to 0.04 — bf16's own
+/// rounding, which a wrong cast anywhere would show as well: the tolerance is 40× tighter.
+#[test]
+fn bf16_checkpoint_keeps_its_base_in_bf16_and_matches_f32_compute() {
+    use burn::tensor::DType;
+    use disha_models::{BaseDtype, LoadOptions, load_model_with};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama_tiny_nondiv_bf16");
+    let golden = read_golden(&dir.join("golden.safetensors"));
+    let device = Device::default();
+    let ids = ids_tensor(&golden["input_ids"], &device);
+    let mut logits = Vec::new();
+    for (base, dtype) in [(BaseDtype::Auto, DType::BF16), (BaseDtype::F32, DType::F32)] {
+        let options = LoadOptions::default().with_base_dtype(base);
+        let loaded = load_model_with(&dir.join("base"), &device, &options).unwrap();
+        let llama = loaded.model.as_llama().unwrap();
+        assert_eq!(llama.embed_tokens.weight.val().dtype(), dtype, "{base}");
+        let q = &llama.layers[1].self_attn.q_proj;
+        assert_eq!(q.weight.val().dtype(), dtype, "{base}: q_proj");
+        let norm = &llama.layers[1].input_layernorm;
+        assert_eq!(norm.gamma.val().dtype(), DType::F32, "norms stay f32");
+        assert_eq!(llama.config().dtype, BaseDtype::config_name(dtype));
+        let out = host(loaded.model.forward(ids.clone()));
+        let d = assert_close(
+            &format!("{base} base"),
+            &out,
+            &golden["logits_f32_compute"].f32,
+            LOGITS_TOL,
+        );
+        let bf16_compute = max_abs_diff(&out, &golden["logits_bf16_compute"].f32);
+        eprintln!("{base}: max |diff| {d:e} (f32 compute), {bf16_compute:e} (bf16 compute)");
+        logits.push(out);
+    }
+    assert_eq!(
+        max_abs_diff(&logits[0], &logits[1]),
+        0.0,
+        "same values, same bits"
+    );
+}

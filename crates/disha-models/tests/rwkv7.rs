@@ -332,3 +332,70 @@ fn byte_level_rwkv_gets_the_byte_tokenizer() {
     tokenizer.check_fits(loaded.model.vocab_size()).unwrap();
     assert_eq!(tokenizer.encode("\"in", true).unwrap(), vec![34, 105, 110]);
 }
+
+/// A bf16 RWKV-7 checkpoint (the tiny random model rounded to bf16 and written as such) keeps its
+/// base in bf16 under `auto` and computes the same bits as the same checkpoint upcast to an f32
+/// base (bf16 → f32 is exact; every product is the same f32 product); its merged export is bf16
+/// and reloads to the same logits. Against the f32 golden it is off by bf16's rounding of the
+/// weights only (logits ~4, weights rounded to 8 bits: well under 0.1, where a wrong cast or
+/// layout is O(1)).
+#[test]
+fn bf16_checkpoint_keeps_a_bf16_base_with_f32_compute() {
+    use burn::tensor::DType;
+    use disha_core::{SafetensorsFile, SafetensorsWriter};
+    use disha_models::{BaseDtype, LoadOptions, load_model_with};
+    let Some(dir) = fixture("tiny_random_v7") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let bf16_path = tmp.path().join("model-bf16.safetensors");
+    let source = SafetensorsFile::open(&dir.join("model.safetensors")).unwrap();
+    let mut writer = SafetensorsWriter::create(&bf16_path).unwrap();
+    for (name, slot) in source.tensors() {
+        let values = source.read_f32(name).unwrap().values;
+        let bytes: Vec<u8> = values
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+            .collect();
+        writer
+            .write(name, safetensors::Dtype::BF16, &slot.shape, &bytes)
+            .unwrap();
+    }
+    writer.finish(&[("format", "pt")]).unwrap();
+
+    let device = Device::default();
+    let ids = tokens(&[195, 84, 241, 105, 133, 218, 7, 64], &device);
+    let load = |base: BaseDtype| {
+        let options = LoadOptions::default().with_base_dtype(base);
+        load_model_with(&bf16_path, &device, &options).unwrap()
+    };
+    let kept = load(BaseDtype::Auto);
+    assert_eq!(kept.model.base_dtype(), DType::BF16);
+    let att = &rwkv(&kept.model).blocks[0].att;
+    assert_eq!(att.receptance.weight.val().dtype(), DType::BF16);
+    assert_eq!(rwkv(&kept.model).head.weight.val().dtype(), DType::BF16);
+    let upcast = load(BaseDtype::F32);
+    assert_eq!(upcast.model.base_dtype(), DType::F32);
+    let logits = host(kept.model.forward(ids.clone()));
+    assert_eq!(logits, host(upcast.model.forward(ids.clone())), "same bits");
+    let f32_model = load_model(&dir.join("model.safetensors"), &device).unwrap();
+    let d = max_abs_diff(&logits, &host(f32_model.model.forward(ids.clone())));
+    assert!(
+        d > 0.0 && d < 0.1,
+        "bf16-rounded weights move the logits by {d}"
+    );
+
+    let out = tmp.path().join("merged");
+    export_merged(&kept.model, &kept.export_config(), &[], &out).unwrap();
+    let written = SafetensorsFile::open(&out.join("model.safetensors")).unwrap();
+    assert!(
+        written
+            .tensors()
+            .values()
+            .all(|slot| slot.dtype == safetensors::Dtype::BF16),
+        "a bf16 base exports bf16"
+    );
+    let reloaded = load_model(&out, &device).unwrap();
+    assert_eq!(reloaded.model.base_dtype(), DType::BF16);
+    assert_eq!(host(reloaded.model.forward(ids)), logits);
+}

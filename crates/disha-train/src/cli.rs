@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use disha_models::BaseDtype;
 
 use crate::device::DeviceChoice;
 
@@ -152,6 +153,10 @@ pub struct ModelArgs {
     /// PEFT adapter directory to load on top of the model.
     #[arg(long, value_name = "DIR")]
     pub adapter: Option<PathBuf>,
+    /// Dtype the frozen base's matrices are kept in: auto (the checkpoint's), f32, f16, bf16.
+    /// Activations and adapters stay f32.
+    #[arg(long, value_name = "auto|f32|f16|bf16", default_value_t = BaseDtype::Auto)]
+    pub base_dtype: BaseDtype,
     /// Compute backend.
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
@@ -236,6 +241,10 @@ pub struct MergeArgs {
     /// a BlinkDL checkpoint instead.
     #[arg(long, value_name = "PATH")]
     pub out: PathBuf,
+    /// Dtype the frozen base is kept in and the merged model is written in: auto (the
+    /// checkpoint's), f32, f16, bf16.
+    #[arg(long, value_name = "auto|f32|f16|bf16", default_value_t = BaseDtype::Auto)]
+    pub base_dtype: BaseDtype,
     /// Compute backend.
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,

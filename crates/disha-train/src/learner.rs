@@ -104,6 +104,11 @@ pub struct StepMetrics {
     pub tokens_per_sec: f64,
     /// Peak resident memory of the process so far, MB (Linux `VmHWM`; `None` elsewhere).
     pub peak_memory_mb: Option<f64>,
+    /// The device memory pool's reserved bytes after this step, MB, on backends that report
+    /// their pools (CubeCL's WGPU / CUDA; `None` on Flex). A pool keeps the pages it reserved,
+    /// so this is its high-water mark so far.
+    #[serde(default)]
+    pub device_memory_mb: Option<f64>,
 }
 
 /// Peak resident set size of this process in MB, from `/proc/self/status` (Linux).
@@ -532,6 +537,9 @@ impl Learner {
             tokens,
             tokens_per_sec: tokens as f64 / seconds.max(1e-9),
             peak_memory_mb: peak_memory_mb(),
+            device_memory_mb: device
+                .memory_pool_usage()
+                .map(|usage| usage.bytes_reserved as f64 / (1024.0 * 1024.0)),
         })
     }
 }

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use clap::{Args, ValueEnum};
 use disha_core::{AdapterKind, AdapterSpec, BatOrientation, PeftConfig, TargetModules};
+use disha_models::BaseDtype;
 use serde::{Deserialize, Serialize};
 
 use disha_models::llama::projection_names;
@@ -124,6 +125,11 @@ pub struct TrainSettings {
     /// (Burn's balanced gradient checkpointing): less memory, more compute.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub gradient_checkpointing: Option<bool>,
+    /// Dtype the frozen base's matrices are kept in: auto (the checkpoint's: bf16 / f16 for a
+    /// half-precision HF directory or RWKV checkpoint), f32, f16 or bf16. Adapters, their
+    /// gradients, optimizer state and activations stay f32 [default: auto].
+    #[arg(long, value_name = "auto|f32|f16|bf16")]
+    pub base_dtype: Option<BaseDtype>,
     /// Base tensors to train with the adapter, comma-separated: `ln` (RWKV-7's LayerNorms, as
     /// RWKV-PEFT's `--train_parts ln`; saved in the RWKV-PEFT checkpoint) [default: none].
     #[arg(long, value_enum, value_delimiter = ',')]
@@ -189,6 +195,9 @@ pub struct RunSettings {
     /// Burn's balanced gradient checkpointing.
     #[serde(default)]
     pub gradient_checkpointing: bool,
+    /// Dtype of the frozen base's matrices.
+    #[serde(default)]
+    pub base_dtype: BaseDtype,
     /// Base tensors trained with the adapter.
     #[serde(default)]
     pub train_parts: Vec<TrainPart>,
@@ -285,6 +294,7 @@ impl TrainSettings {
             max_line_bytes,
             packing,
             gradient_checkpointing,
+            base_dtype,
             train_parts,
             save_every,
             keep_checkpoints,
@@ -353,6 +363,7 @@ impl TrainSettings {
             max_line_bytes: self.max_line_bytes.unwrap_or_else(default_max_line_bytes),
             packing: self.packing.unwrap_or(false),
             gradient_checkpointing: self.gradient_checkpointing.unwrap_or(false),
+            base_dtype: self.base_dtype.unwrap_or_default(),
             train_parts: self.train_parts.unwrap_or_default(),
             save_every: self.save_every.unwrap_or(0),
             keep_checkpoints: self.keep_checkpoints.unwrap_or(2),

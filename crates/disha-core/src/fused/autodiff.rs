@@ -10,6 +10,8 @@
 //!   rotation by the opposite angle (for RoPE's tables, whose halves are equal, `−sin`). `cos`
 //!   and `sin` receive no gradient.
 //! - `adamw_step` is not differentiated: the inner backend's op on the inner tensors.
+//! - `frozen_matmul` keeps the stored weight (a handle, no copy): `δx = δy · cast(W)ᵀ`, the
+//!   same op with the weight transposed; the weight receives no gradient.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -109,6 +111,21 @@ impl<B: FusedTrainingOps> Backward<B, 1> for RotaryBackward {
         let (cos, neg_sin) = ops.state;
         unary::<B, _>(ops.parents, ops.node, grads, |grad| {
             B::rotary(grad, cos, neg_sin)
+        });
+    }
+}
+
+#[derive(Debug)]
+struct FrozenMatmulBackward;
+
+impl<B: FusedTrainingOps> Backward<B, 1> for FrozenMatmulBackward {
+    /// `(weight as stored, whether the forward transposed it)`.
+    type State = (FloatTensor<B>, bool);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (weight, transposed) = ops.state;
+        unary::<B, _>(ops.parents, ops.node, grads, |grad| {
+            B::frozen_matmul(grad, weight, !transposed)
         });
     }
 }
@@ -220,6 +237,28 @@ impl<B: FusedTrainingOps, C: CheckpointStrategy> FusedTrainingOps for Autodiff<B
                 prep.finish((cos, inverse_rotation_sin::<B>(sin)), output)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::rotary(x, cos, sin)),
+        }
+    }
+
+    fn frozen_matmul(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        transpose_weight: bool,
+    ) -> FloatTensor<Self> {
+        let node = x.node();
+        let x = x.into_primitive();
+        // A frozen weight: its autodiff node, if any, is not followed.
+        let weight = <Self as AutodiffBackend>::inner(weight);
+        match FrozenMatmulBackward
+            .prepare::<C>([node])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let output = B::frozen_matmul(x, weight.clone(), transpose_weight);
+                prep.finish((weight, transpose_weight), output)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::frozen_matmul(x, weight, transpose_weight)),
         }
     }
 }

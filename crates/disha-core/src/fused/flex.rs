@@ -12,9 +12,11 @@
 //! order.
 
 use burn::backend::Flex;
+use burn::backend::ops::{FloatTensorOps, ModuleOps};
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::tensor::{Bytes, DType, Shape};
 use burn_flex::{FlexTensor, Layout};
+use half::slice::HalfFloatSliceExt;
 
 use super::ops::{
     AdamWFactors, AdamWStep, FusedTrainingOps, IGNORE_INDEX, reference, rows_and_width,
@@ -29,6 +31,19 @@ const CHUNK: usize = 16 * 1024;
 const REDUCE_BLOCK_ROWS: usize = 64;
 
 impl FusedTrainingOps for Flex {
+    /// A half-precision weight under `f32` compute: converted block by block in parallel (at
+    /// most 64 MiB of `f32` at a time) instead of Flex's whole-tensor, one-thread cast.
+    fn frozen_matmul(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        transpose_weight: bool,
+    ) -> FloatTensor<Self> {
+        if x.dtype() != DType::F32 || !matches!(weight.dtype(), DType::BF16 | DType::F16) {
+            return reference::frozen_matmul::<Self>(x, weight, transpose_weight);
+        }
+        frozen_matmul_blocked(x, weight, transpose_weight, FROZEN_BLOCK_ELEMENTS)
+    }
+
     /// Flex's own softmax is row-parallel too, but calls libm's `expf` per element (4 % of a
     /// SmolLM2 forward's samples); this one runs the vectorized [`exp`].
     fn softmax_last(x: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -400,6 +415,69 @@ fn adamw_chunk<const FIRST: bool, const DECAY: bool>(
     }
 }
 
+/// Weight elements converted to `f32` per block of [`FusedTrainingOps::frozen_matmul`]: 64 MiB
+/// of `f32` at a time, however large the weight (a 128K-vocabulary tied head's embedding is
+/// 1 GiB in f32).
+const FROZEN_BLOCK_ELEMENTS: usize = 16 << 20;
+
+/// `x · W` (`x · Wᵀ` when `transpose`) for a half-precision `W` stored `[r, c]` and an `f32`
+/// `x`: the product in blocks of output columns, each converting only its block of `W` (one
+/// parallel pass) and multiplying it as Burn's `linear` (or its input-gradient product) would
+/// multiply an f32 weight. Every output element is still one dot product over the whole inner
+/// dimension; a weight that fits one block gives exactly the unblocked product's bits.
+fn frozen_matmul_blocked(
+    x: FlexTensor,
+    weight: FlexTensor,
+    transpose: bool,
+    block_elements: usize,
+) -> FlexTensor {
+    let w = weight.to_contiguous();
+    let dims = w.layout().shape().clone();
+    let (r, c) = (dims[0], dims[1]);
+    // Output columns `n`, inner dimension `k`.
+    let (k, n) = if transpose { (c, r) } else { (r, c) };
+    let block = (block_elements / k.max(1)).clamp(1, n.max(1));
+    let mut outputs = Vec::with_capacity(n.div_ceil(block));
+    for n0 in (0..n).step_by(block) {
+        let nb = block.min(n - n0);
+        let mut converted = vec![0.0f32; nb * k];
+        // Transposed: rows `n0..n0 + nb` of the stored `[n, k]`, one contiguous run; else
+        // columns `n0..n0 + nb` of each of the `k` stored rows.
+        let width = if transpose { k } else { nb };
+        let source_row = |row: usize| match transpose {
+            true => (n0 + row) * k,
+            false => row * n + n0,
+        };
+        match w.dtype() {
+            DType::BF16 => {
+                let src = w.as_slice::<half::bf16>().expect("contiguous bf16");
+                for_each_row(&mut converted, width, width, |row, out| {
+                    let start = source_row(row);
+                    src[start..start + width].convert_to_f32_slice(out);
+                });
+            }
+            _ => {
+                let src = w.as_slice::<half::f16>().expect("contiguous f16");
+                for_each_row(&mut converted, width, width, |row, out| {
+                    let start = source_row(row);
+                    src[start..start + width].convert_to_f32_slice(out);
+                });
+            }
+        }
+        outputs.push(match transpose {
+            true => Flex::linear_x_backward(tensor(converted, Shape::new([nb, k])), x.clone()),
+            false => Flex::linear(x.clone(), tensor(converted, Shape::new([k, nb])), None),
+        });
+    }
+    match outputs.len() {
+        1 => outputs.pop().expect("one block"),
+        _ => {
+            let last = outputs[0].layout().shape().num_dims() - 1;
+            Flex::float_cat(outputs, last)
+        }
+    }
+}
+
 /// `t` as a contiguous `f32` tensor this op may write into: `t` itself when it owns its
 /// buffer alone and starts at its beginning (the optimizer's state and parameters, each step),
 /// else a copy.
@@ -605,7 +683,44 @@ fn simd<R>(f: impl FnOnce() -> R) -> R {
 
 #[cfg(test)]
 mod tests {
-    use super::exp;
+    use super::*;
+
+    /// The blocked product (blocks of 3 columns, a ragged last one) against the reference's
+    /// whole-tensor cast and one matmul, for both dtypes and both orientations. Each output is the
+    /// same dot product over 40 terms either way: equal up to the matmul's blocking, a few ulps.
+    #[test]
+    fn blocked_frozen_matmul_matches_the_reference() {
+        use burn::tensor::TensorData;
+        let values = |n: usize, seed: u64| -> Vec<f32> {
+            let mut state = seed;
+            (0..n)
+                .map(|_| {
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+                })
+                .collect()
+        };
+        let x = FlexTensor::from_data(TensorData::new(values(2 * 5 * 40, 1), [2, 5, 40]));
+        for dtype in [DType::BF16, DType::F16] {
+            for transpose in [false, true] {
+                let shape = if transpose { [11, 40] } else { [40, 11] };
+                let w = TensorData::new(values(440, 2), shape).convert_dtype(dtype);
+                let w = FlexTensor::from_data(w);
+                let ours = frozen_matmul_blocked(x.clone(), w.clone(), transpose, 3 * 40);
+                let theirs = reference::frozen_matmul::<Flex>(x.clone(), w, transpose);
+                assert_eq!(ours.layout().shape().to_vec(), vec![2, 5, 11]);
+                let (a, b) = (ours.to_contiguous(), theirs.to_contiguous());
+                let d = slice(&a)
+                    .iter()
+                    .zip(slice(&b))
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0f32, f32::max);
+                assert!(d <= 1e-5, "{dtype:?}, transpose {transpose}: {d}");
+            }
+        }
+    }
 
     #[test]
     fn exp_is_within_two_ulp_of_libm_and_exact_at_the_edges() {

@@ -146,6 +146,45 @@ pub fn adamw_step<const D: usize>(
     )
 }
 
+/// `x · W` for a frozen weight `W` stored in any float dtype, computed in `x`'s dtype: `W` is
+/// cast for this product only, and again (transposed) for the input gradient in the backward,
+/// so a bf16 base under f32 compute costs its bf16 bytes plus one layer's converted copy at a
+/// time — never a second, converted model kept for the backward. `W` gets no gradient (detach
+/// it, or keep it frozen: its autodiff graph is not followed).
+///
+/// # Shapes
+/// - `x`: `[..., k]`; `weight`: `[k, n]`; output: `[..., n]`, in `x`'s dtype
+pub fn frozen_matmul<const D: usize>(x: Tensor<D>, weight: Tensor<2>) -> Tensor<D> {
+    assert_eq!(
+        x.dims()[D - 1],
+        weight.dims()[0],
+        "frozen_matmul: input width and weight rows differ"
+    );
+    Tensor::from_dispatch(<Dispatch as FusedTrainingOps>::frozen_matmul(
+        x.into_dispatch(),
+        weight.into_dispatch(),
+        false,
+    ))
+}
+
+/// `x · Wᵀ` for a frozen weight `W` stored in any float dtype (a tied output head's half-precision
+/// embedding), computed like [`frozen_matmul`].
+///
+/// # Shapes
+/// - `x`: `[..., k]`; `weight`: `[n, k]`; output: `[..., n]`, in `x`'s dtype
+pub fn frozen_matmul_transposed<const D: usize>(x: Tensor<D>, weight: Tensor<2>) -> Tensor<D> {
+    assert_eq!(
+        x.dims()[D - 1],
+        weight.dims()[1],
+        "frozen_matmul_transposed: input width and weight columns differ"
+    );
+    Tensor::from_dispatch(<Dispatch as FusedTrainingOps>::frozen_matmul(
+        x.into_dispatch(),
+        weight.into_dispatch(),
+        true,
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use burn::tensor::activation::{log_softmax, softmax};
@@ -157,6 +196,50 @@ mod tests {
     /// Values within a few f32 ulps of O(1) numbers: both sides compute the same formula in
     /// f32, only the order of the additions in the row sums differs.
     const VALUE_TOL: f32 = 1e-6;
+
+    fn upstream_t(device: &Device) -> Tensor<3> {
+        random(24, [2, 3, 40], device)
+    }
+
+    #[test]
+    fn frozen_matmul_casts_the_weight_in_both_passes() {
+        use burn::tensor::DType;
+        let device = Device::default().autodiff();
+        for dtype in [DType::BF16, DType::F16] {
+            let weight = random(21, [24, 40], &device).cast(dtype);
+            let x = random(22, [2, 3, 24], &device).require_grad();
+            let upstream = random(23, [2, 3, 40], &device);
+            let ours = frozen_matmul(x.clone(), weight.clone());
+            assert_eq!(ours.dtype(), DType::F32, "output in the input's dtype");
+            // The same product on the upcast weight (exact: bf16 / f16 → f32 loses nothing),
+            // so the same bits in value and gradient.
+            let upcast = weight.clone().cast(DType::F32);
+            let theirs = x.clone().matmul(upcast.clone().unsqueeze());
+            assert_eq!(
+                max_abs_diff(ours.clone().inner(), theirs.clone().inner()),
+                0.0
+            );
+            let g_ours = (ours * upstream.clone()).sum().backward();
+            let g_theirs = (theirs * upstream).sum().backward();
+            let (a, b) = (x.grad(&g_ours).unwrap(), x.grad(&g_theirs).unwrap());
+            assert_eq!(max_abs_diff(a, b), 0.0, "{dtype:?}: input gradient");
+            // The transposed form, from the transposed storage.
+            let stored_t = weight.clone().transpose();
+            let ours_t = frozen_matmul_transposed(x.clone(), stored_t);
+            let g_t = (ours_t.clone() * upstream_t(&device)).sum().backward();
+            let theirs_t = x.clone().matmul(upcast.unsqueeze());
+            let g_theirs_t = (theirs_t.clone() * upstream_t(&device)).sum().backward();
+            // The product now reads a transposed operand, which the matmul may accumulate in
+            // another order: sums of 24 (40) O(1) products, a few ulps.
+            let d = max_abs_diff(ours_t.inner(), theirs_t.inner());
+            assert!(d <= 1e-5, "{dtype:?}: transposed value {d}");
+            let (a, b) = (x.grad(&g_t).unwrap(), x.grad(&g_theirs_t).unwrap());
+            let d = max_abs_diff(a, b);
+            assert!(d <= 1e-5, "{dtype:?}: transposed input gradient {d}");
+            // The weight stays in its dtype.
+            assert_eq!(weight.dtype(), dtype);
+        }
+    }
 
     #[test]
     fn softmax_matches_burn_in_value_and_gradient() {

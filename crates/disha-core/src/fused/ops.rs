@@ -26,6 +26,10 @@ pub const IGNORE_INDEX: i64 = -100;
 ///   table: its backward is the rotation by the opposite angle, the same op.
 /// - [`adamw_step`](Self::adamw_step) is the optimizer's update of one parameter (not
 ///   differentiated).
+/// - [`frozen_matmul`](Self::frozen_matmul) multiplies by a frozen weight stored in another
+///   dtype (a bf16 / f16 base under f32 compute): it keeps the stored weight only, and the
+///   backward (the same op with the weight transposed) casts it again, so no converted copy of
+///   the weight outlives the op.
 ///
 /// The default bodies are ordinary backend ops (every backend runs them; they are the
 /// reference the tests hold the faster implementations to). Flex overrides each with one
@@ -41,6 +45,8 @@ pub const IGNORE_INDEX: i64 = -100;
 /// - `rotary`: `x` `[batch, heads, seq, head_dim]`; `cos`, `sin` `[1 or batch, 1, seq,
 ///   head_dim]`; output like `x`
 /// - `adamw_step`: `param`, `grad`, `moment_1`, `moment_2` of one shape; outputs of that shape
+/// - `frozen_matmul`: `x` `[..., k]`, `weight` `[k, n]` (`[n, k]` when `transpose_weight`);
+///   output `[..., n]` in `x`'s dtype
 #[backend_extension(
     Cube: cfg(any(feature = "wgpu", feature = "cuda")),
     Flex: cfg(feature = "flex"),
@@ -165,6 +171,17 @@ pub trait FusedTrainingOps: Backend {
         step: AdamWStep,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         reference::adamw_step::<Self>(param, grad, moment_1, moment_2, step)
+    }
+
+    /// `x · cast(W)` (or `x · cast(W)ᵀ` with `transpose_weight`), `W` cast to `x`'s dtype for
+    /// this product only. Differentiable in `x`; the weight is frozen and gets no gradient.
+    #[fusion(default)]
+    fn frozen_matmul(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        transpose_weight: bool,
+    ) -> FloatTensor<Self> {
+        reference::frozen_matmul::<Self>(x, weight, transpose_weight)
     }
 }
 
@@ -385,6 +402,20 @@ pub(crate) mod reference {
         };
         let param = B::float_sub(decayed, scaled(delta, f.lr));
         (param, moment_1, moment_2)
+    }
+
+    /// Burn's own `linear` (or its input-gradient product) on the weight cast to `x`'s dtype:
+    /// the product an f32 weight gets, so an exactly upcast weight gives the same bits.
+    pub(crate) fn frozen_matmul<B: Backend>(
+        x: FloatTensor<B>,
+        weight: FloatTensor<B>,
+        transpose_weight: bool,
+    ) -> FloatTensor<B> {
+        let weight = B::float_cast(weight, FloatDType::from(x.dtype()));
+        match transpose_weight {
+            true => B::linear_x_backward(weight, x),
+            false => B::linear(x, weight, None),
+        }
     }
 
     pub(crate) fn rotary<B: Backend>(

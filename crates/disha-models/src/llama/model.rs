@@ -2,8 +2,8 @@
 
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, RmsNorm, RmsNormConfig};
-use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
-use disha_core::fused::rms_norm;
+use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
+use disha_core::fused::{frozen_matmul_transposed, rms_norm};
 use disha_core::{AdaptableModel, AdaptedLinear, LinearSite};
 
 use super::attention::{LayerKv, LlamaAttention, PositionContext};
@@ -11,7 +11,7 @@ use super::config::LlamaConfig;
 use super::mlp::LlamaMlp;
 use super::rope::RotaryEmbedding;
 use crate::error::Result;
-use crate::weights::{WeightSource, check_all_taken, device_tensor, linear, take};
+use crate::weights::{WeightSource, base_matrix, check_all_taken, device_tensor, linear, take};
 
 /// One decoder layer: pre-norm attention and pre-norm MLP, each with a residual.
 #[derive(Module, Debug)]
@@ -65,10 +65,13 @@ impl LlamaCache {
     }
 }
 
-/// Up to this many rows (tokens of a batch), the tied output head computes `(E · hᵀ)ᵀ`;
-/// above it, `h · Eᵀ`. Measured on Flex with SmolLM2's `[49152, 576]` embedding, 2 threads:
+/// Up to this many rows (tokens of a batch), the tied output head computes `(E · hᵀ)ᵀ` when
+/// no gradient flows through it (decoding, evaluation); above it, and whenever it is trained
+/// through, `h · Eᵀ`. Measured on Flex with SmolLM2's `[49152, 576]` embedding, 2 threads:
 /// 1 row 5.7 vs 6.4 ms, 16 rows 12.6 vs 13.2 ms, 64 rows 33 vs 24 ms, 512 rows 258 vs 172 ms —
-/// the first order's row-major copy of its `[vocab, rows]` result grows with the rows.
+/// the first order's row-major copy of its `[vocab, rows]` result grows with the rows. A
+/// training step always takes `h · Eᵀ`, the order a half-precision embedding's product
+/// ([`frozen_matmul_transposed`]) has, so a bf16 base computes the same products as an f32 one.
 const TIED_HEAD_TRANSPOSED_ROWS: usize = 32;
 
 /// A Llama-family causal language model whose seven projections per layer (and an untied
@@ -155,9 +158,9 @@ impl Llama {
         device: &Device,
     ) -> Result<Self> {
         let (v, h) = (config.vocab_size, config.hidden_size);
-        let embed = take(source, "model.embed_tokens.weight", &[v, h])?;
+        let embed = base_matrix(source, "model.embed_tokens.weight", [v, h], device)?;
         let embed_tokens = Embedding {
-            weight: Param::from_tensor(device_tensor(embed, device)).set_require_grad(false),
+            weight: Param::from_tensor(embed).set_require_grad(false),
         };
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
@@ -318,7 +321,10 @@ impl Llama {
                 let vocab = self.config.vocab_size;
                 let embed = self.embed_tokens.weight.val();
                 let rows = hidden.reshape([b * s, d]);
-                if b * s <= TIED_HEAD_TRANSPOSED_ROWS {
+                if embed.dtype() != rows.dtype() && !self.embed_tokens.weight.is_require_grad() {
+                    // A half-precision embedding under f32 compute: cast for this product only.
+                    frozen_matmul_transposed(rows, embed).reshape([b, s, vocab])
+                } else if b * s <= TIED_HEAD_TRANSPOSED_ROWS && !rows.is_require_grad() {
                     // `(E · hᵀ)ᵀ`: for a few rows the transposed result is (nearly) free.
                     embed
                         .matmul(rows.transpose())
@@ -353,7 +359,11 @@ impl Llama {
                 mask: None,
             }
         });
+        // Rows of a half-precision embedding, in the f32 the model computes in.
         let mut x = self.embed_tokens.forward(input_ids);
+        if x.dtype() != DType::F32 {
+            x = x.cast(DType::F32);
+        }
         let mut slots = cache;
         if let Some(c) = slots.as_deref_mut()
             && c.layers.len() != self.layers.len()
@@ -545,9 +555,10 @@ mod tests {
         assert!(max_diff(&unmasked[5 * v..8 * v], &logits(&model, &b, 1)) > 1e-3);
     }
 
-    /// The tied head's two product orders (few rows: `(E · hᵀ)ᵀ`; many: `h · Eᵀ`) against the
-    /// plain `h · Eᵀ` of the whole batch, in value and in the hidden states' and the
-    /// embedding's gradients. Same dot products of 16 O(1) terms in either order: f32 noise.
+    /// The tied head's two product orders (few rows of untracked hidden states: `(E · hᵀ)ᵀ`;
+    /// many rows, or hidden states a gradient flows through: `h · Eᵀ`) against the plain
+    /// `h · Eᵀ` of the whole batch, in value and in the hidden states' and the embedding's
+    /// gradients. Same dot products of 16 O(1) terms in either order: f32 noise.
     #[test]
     fn tied_head_orders_agree_in_value_and_gradient() {
         let c = LlamaConfig {
@@ -562,6 +573,14 @@ mod tests {
         let (v, d) = (c.vocab_size, c.hidden_size);
         let values = |t: Tensor<3>| t.into_data().try_to_vec_as::<f32>().unwrap();
         for rows in [3, TIED_HEAD_TRANSPOSED_ROWS + 5] {
+            // Untracked hidden states (decoding): the few-rows order for 3 rows.
+            let untracked = Tensor::<3>::random([1, rows, d], Distribution::Default, &device);
+            let plain = (untracked.clone().reshape([rows, d]))
+                .matmul(embed.clone().transpose())
+                .reshape([1, rows, v]);
+            let ours = model.head(untracked);
+            let diff = max_diff(&values(ours.inner()), &values(plain.inner()));
+            assert!(diff < 1e-5, "{rows} untracked rows: logits {diff}");
             let hidden =
                 Tensor::<3>::random([1, rows, d], Distribution::Default, &device).require_grad();
             let weights = Tensor::<3>::random([1, rows, v], Distribution::Default, &device);

@@ -3,14 +3,14 @@
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, LayerNorm, LayerNormConfig};
 use burn::tensor::activation::{relu, sigmoid};
-use burn::tensor::{Device, Int, Tensor};
+use burn::tensor::{DType, Device, Int, Tensor};
 use disha_core::{AdaptableModel, AdaptedLinear, HostTensor, LinearSite};
 
 use super::config::{DECAY_SCALE, GROUP_NORM_EPS, L2_NORM_EPS, LAYER_NORM_EPS, RwkvConfig};
 use super::state::{RwkvLayerState, RwkvState};
 use super::wkv::{DEFAULT_WKV_CHUNK_LEN, MAX_WKV_CHUNK_LEN, wkv7_chunked};
 use crate::error::{ModelError, Result};
-use crate::weights::{WeightSource, check_all_taken, device_tensor, linear, take};
+use crate::weights::{WeightSource, base_matrix, check_all_taken, device_tensor, linear, take};
 
 /// A frozen parameter.
 fn frozen<const D: usize>(t: Tensor<D>) -> Param<Tensor<D>> {
@@ -302,7 +302,7 @@ impl Rwkv7 {
     ) -> Result<Self> {
         let (v, c, f) = (config.vocab_size, config.hidden_size, config.ffn_size);
         let emb = Embedding {
-            weight: frozen(device_tensor(take(source, "emb.weight", &[v, c])?, device)),
+            weight: frozen(base_matrix(source, "emb.weight", [v, c], device)?),
         };
         let ln0 = layer_norm(source, "blocks.0.ln0", c, device)?;
         let mut blocks = Vec::with_capacity(config.num_layers);
@@ -503,7 +503,12 @@ impl Rwkv7 {
     fn run(&self, input_ids: Tensor<2, Int>, state: &mut RwkvState) -> Tensor<3> {
         let [b, t] = input_ids.dims();
         assert_eq!(state.batch(), b, "the state's batch size");
-        let mut x = self.ln0.forward(self.emb.forward(input_ids));
+        // Rows of a half-precision embedding, in the f32 the model computes in.
+        let mut x = self.emb.forward(input_ids);
+        if x.dtype() != DType::F32 {
+            x = x.cast(DType::F32);
+        }
+        let mut x = self.ln0.forward(x);
         let mut v_first = None;
         for (block, layer) in self.blocks.iter().zip(state.layers.iter_mut()) {
             let xx = block.ln1.forward(x.clone());

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 
 use disha_core::{PeftModelExt, peft_key, read_adapter_dir, write_adapter_dir};
+use disha_models::BaseDtype;
 use disha_models::rwkv::RwkvPeftCheckpoint;
 
 use super::{ADAPTER_NAME, load_with_adapter};
@@ -63,7 +64,8 @@ pub fn run(args: ExportAdapterArgs) -> CliResult {
                 CliError::Usage("--to lora needs --model (the layer input sizes)".into())
             })?;
             let device = args.device.device()?;
-            let (loaded, config) = load_with_adapter(model, Some(&args.adapter), &device)?;
+            let (loaded, config) =
+                load_with_adapter(model, Some(&args.adapter), BaseDtype::Auto, &device)?;
             let config = config.expect("adapter given");
             loaded
                 .model
@@ -75,7 +77,8 @@ pub fn run(args: ExportAdapterArgs) -> CliResult {
                 CliError::Usage("--to rwkv-peft needs --model (an RWKV-7)".into())
             })?;
             let device = args.device.device()?;
-            let (loaded, _) = load_with_adapter(model, Some(&args.adapter), &device)?;
+            let (loaded, _) =
+                load_with_adapter(model, Some(&args.adapter), BaseDtype::Auto, &device)?;
             let rwkv = loaded.model.as_rwkv7().ok_or_else(|| {
                 CliError::Usage(format!(
                     "--to rwkv-peft: {} is a {} model; RWKV-PEFT checkpoints are for RWKV-7",

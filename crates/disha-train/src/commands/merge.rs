@@ -25,7 +25,8 @@ pub fn run(args: MergeArgs) -> CliResult {
         }
     }
     let device = args.device.device()?;
-    let (loaded, _) = load_with_adapter(&args.model, Some(&args.adapter), &device)?;
+    let (loaded, _) =
+        load_with_adapter(&args.model, Some(&args.adapter), args.base_dtype, &device)?;
     if args.out.extension().is_some_and(|e| e == "pth") {
         // A BlinkDL checkpoint, as RWKV-PEFT's merge script writes.
         let rwkv = loaded.model.as_rwkv7().ok_or_else(|| {

@@ -15,7 +15,7 @@ use std::time::Instant;
 use burn::tensor::Device;
 use disha_core::{PeftConfig, PeftModelExt};
 use disha_models::rwkv::RwkvPeftCheckpoint;
-use disha_models::{CausalLm, LoadedModel, TextTokenizer, load_model};
+use disha_models::{BaseDtype, CausalLm, LoadOptions, LoadedModel, TextTokenizer, load_model_with};
 use disha_train::data::{PromptTemplate, Record};
 use disha_train::evaluate::ExactMatch;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -46,11 +46,18 @@ pub fn run(cli: Cli) -> CliResult {
 pub fn load_with_adapter(
     model: &Path,
     adapter: Option<&Path>,
+    base_dtype: BaseDtype,
     device: &Device,
 ) -> CliResult<(LoadedModel, Option<PeftConfig>)> {
     let start = Instant::now();
-    let mut loaded = load_model(model, device)?;
-    tracing::info!(path = %model.display(), secs = start.elapsed().as_secs_f64(), "model loaded");
+    let options = LoadOptions::default().with_base_dtype(base_dtype);
+    let mut loaded = load_model_with(model, device, &options)?;
+    tracing::info!(
+        path = %model.display(),
+        secs = start.elapsed().as_secs_f64(),
+        base_dtype = %loaded.model.base_dtype_name(),
+        "model loaded"
+    );
     let config = match adapter {
         Some(file) if file.is_file() => {
             let Some(rwkv) = loaded.model.as_rwkv7_mut() else {
@@ -84,7 +91,12 @@ pub fn load_with_adapter(
 /// [`load_with_adapter`] for the shared `--model/--adapter/--device` arguments.
 pub fn load_model_args(args: &ModelArgs) -> CliResult<(LoadedModel, Option<PeftConfig>, Device)> {
     let device = args.device.device()?;
-    let (loaded, config) = load_with_adapter(&args.model, args.adapter.as_deref(), &device)?;
+    let (loaded, config) = load_with_adapter(
+        &args.model,
+        args.adapter.as_deref(),
+        args.base_dtype,
+        &device,
+    )?;
     Ok((loaded, config, device))
 }
 

@@ -259,7 +259,7 @@ pub fn run(args: TrainArgs) -> CliResult {
     if settings.gradient_checkpointing {
         device = device.gradient_checkpointing();
     }
-    let (loaded, _) = load_with_adapter(&model_path, None, &device)?;
+    let (loaded, _) = load_with_adapter(&model_path, None, settings.base_dtype, &device)?;
     let tokenizer = tokenizer_arg(tokenizer_spec.as_deref(), &loaded)?;
     let options = RunOptions {
         resume: args.resume,
@@ -342,6 +342,9 @@ fn print_summary(settings: &RunSettings, outcome: &RunOutcome) {
     );
     if let Some(mb) = history.last().and_then(|m| m.peak_memory_mb) {
         println!("peak memory         {mb:.0} MB");
+    }
+    if let Some(mb) = history.last().and_then(|m| m.device_memory_mb) {
+        println!("device memory pool  {mb:.0} MB reserved");
     }
     println!(
         "adapter             {} (reloaded: logits max |diff| {:e})",
