@@ -12,7 +12,7 @@
 //! order.
 
 use burn::backend::Flex;
-use burn::backend::ops::{FloatTensorOps, ModuleOps};
+use burn::backend::ops::FloatTensorOps;
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::tensor::{Bytes, DType, Shape};
 use burn_flex::{FlexTensor, Layout};
@@ -422,9 +422,8 @@ const FROZEN_BLOCK_ELEMENTS: usize = 16 << 20;
 
 /// `x · W` (`x · Wᵀ` when `transpose`) for a half-precision `W` stored `[r, c]` and an `f32`
 /// `x`: the product in blocks of output columns, each converting only its block of `W` (one
-/// parallel pass) and multiplying it as Burn's `linear` (or its input-gradient product) would
-/// multiply an f32 weight. Every output element is still one dot product over the whole inner
-/// dimension; a weight that fits one block gives exactly the unblocked product's bits.
+/// parallel pass) and multiplying the rows of `x` by it in one 2-D matmul. Every output element
+/// is still one dot product over the whole inner dimension.
 fn frozen_matmul_blocked(
     x: FlexTensor,
     weight: FlexTensor,
@@ -436,6 +435,10 @@ fn frozen_matmul_blocked(
     let (r, c) = (dims[0], dims[1]);
     // Output columns `n`, inner dimension `k`.
     let (k, n) = if transpose { (c, r) } else { (r, c) };
+    let x_shape = x.layout().shape().clone();
+    let rank = x_shape.num_dims();
+    let rows = x_shape.num_elements() / k.max(1);
+    let x2 = Flex::float_reshape(x, Shape::new([rows, k]));
     let block = (block_elements / k.max(1)).clamp(1, n.max(1));
     let mut outputs = Vec::with_capacity(n.div_ceil(block));
     for n0 in (0..n).step_by(block) {
@@ -464,18 +467,19 @@ fn frozen_matmul_blocked(
                 });
             }
         }
-        outputs.push(match transpose {
-            true => Flex::linear_x_backward(tensor(converted, Shape::new([nb, k])), x.clone()),
-            false => Flex::linear(x.clone(), tensor(converted, Shape::new([k, nb])), None),
-        });
+        let block_w = match transpose {
+            true => Flex::float_transpose(tensor(converted, Shape::new([nb, k]))),
+            false => tensor(converted, Shape::new([k, nb])),
+        };
+        outputs.push(Flex::float_matmul(x2.clone(), block_w));
     }
-    match outputs.len() {
+    let y = match outputs.len() {
         1 => outputs.pop().expect("one block"),
-        _ => {
-            let last = outputs[0].layout().shape().num_dims() - 1;
-            Flex::float_cat(outputs, last)
-        }
-    }
+        _ => Flex::float_cat(outputs, 1),
+    };
+    let mut out = x_shape;
+    out[rank - 1] = n;
+    Flex::float_reshape(y, out)
 }
 
 /// `t` as a contiguous `f32` tensor this op may write into: `t` itself when it owns its
