@@ -45,13 +45,15 @@ pub(crate) fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
 }
 
 /// Writes `model` with every active adapter merged (PEFT `merge_and_unload` then
-/// `save_pretrained`) into the new directory `out`: `config.json` (the given one, verbatim),
-/// `model.safetensors` in the config's `dtype` (`float32`, `bfloat16` or `float16`; metadata
-/// `format=pt`), and a copy of each of `extra_files` (generation config, tokenizer files).
+/// `save_pretrained`) into the new directory `out`: `config.json` (the given one, its `dtype`
+/// — and `torch_dtype`, where present — set to the written dtype on Llama), `model.safetensors`
+/// in the base dtype (Llama: the config's `dtype`, which loading sets to the base's; RWKV-7:
+/// the embedding's; `float32`, `bfloat16` or `float16`; metadata `format=pt`), and a copy of
+/// each of `extra_files` (generation config, tokenizer files).
 ///
-/// The model itself is not changed (the merged weights are computed on the side). The
-/// directory is assembled in a temporary sibling and renamed into place, so `out` either does
-/// not exist or is complete.
+/// The model itself is not changed (the merged weights are computed on the side, one tensor at
+/// a time, each streamed to disk as it is made). The directory is assembled in a temporary
+/// sibling and renamed into place, so `out` either does not exist or is complete.
 ///
 /// # Errors
 /// `out` exists and is not an empty directory; a weight that is not finite in the export dtype

@@ -104,8 +104,6 @@ fn rwkv_config_json(config: &RwkvConfig) -> Value {
     json
 }
 
-/// Loads an RWKV-7 model from a BlinkDL-keyed source whose tensor shapes are `shapes`; a
-/// source with other keys is not a model disha reads.
 /// How [`load_model_with`] builds a model.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LoadOptions {
@@ -132,6 +130,8 @@ fn stored_dtype(dtype: Option<safetensors::Dtype>) -> DType {
     }
 }
 
+/// Loads an RWKV-7 model from a BlinkDL-keyed source whose tensor shapes are `shapes`; a
+/// source with other keys is not a model disha reads.
 fn load_rwkv(
     shapes: &BTreeMap<String, Vec<usize>>,
     weights: &mut dyn crate::weights::WeightSource,
