@@ -29,7 +29,9 @@ use disha_core::{AdapterSpec, PeftConfig, PeftModelExt, TargetModules, safetenso
 use disha_models::llama::{LlamaConfig, RopeScaling, hf_tensor_shapes};
 use disha_models::{BaseDtype, LoadOptions, SplitMix64, load_model_with};
 use disha_train::data::{DataLoader, Example};
-use disha_train::learner::{Learner, LearnerConfig, mark_trainable};
+use disha_train::learner::{
+    Learner, LearnerConfig, mark_trainable, peak_memory_mb, resident_memory_mb,
+};
 use disha_train::schedule::{LrSchedule, ScheduleKind};
 use disha_train::settings::default_targets;
 use safetensors::Dtype;
@@ -133,14 +135,6 @@ struct MeasureArgs {
     seq: usize,
 }
 
-/// A `/proc/self/status` field in MB (Linux).
-fn status_mb(field: &str) -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with(field))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
-}
-
 /// Writes a random bf16 checkpoint of `config` into `dir` (unless one is there), streaming the
 /// values to disk: the header first (the offsets follow from the shapes), then the values, drawn
 /// from `N(0, 0.02²)` (norm scales 1), a buffer of 1 MiB at a time.
@@ -209,8 +203,8 @@ fn measure(args: &MeasureArgs) -> Result<Value, String> {
     let loaded = load_model_with(&args.model, &device, &options)
         .map_err(|e| format!("{}: {e}", args.model.display()))?;
     let load_s = start.elapsed().as_secs_f64();
-    let load_peak = status_mb("VmHWM:");
-    let loaded_rss = status_mb("VmRSS:");
+    let load_peak = peak_memory_mb();
+    let loaded_rss = resident_memory_mb();
     let mut model = loaded.model;
     let vocab = model.vocab_size();
     let targets = TargetModules::Names(default_targets(model.family()));
@@ -254,7 +248,7 @@ fn measure(args: &MeasureArgs) -> Result<Value, String> {
         max_grad_norm: Some(1.0),
     };
     let mut learner = Learner::new(model, config).map_err(|e| e.to_string())?;
-    let before_step = status_mb("VmRSS:");
+    let before_step = resident_memory_mb();
     let start = Instant::now();
     let metrics = learner.train_step(&mut data).map_err(|e| e.to_string())?;
     let step_s = start.elapsed().as_secs_f64();
@@ -266,7 +260,7 @@ fn measure(args: &MeasureArgs) -> Result<Value, String> {
         "loaded_rss_mb": loaded_rss,
         "before_step_rss_mb": before_step,
         "step_s": step_s,
-        "step_peak_mb": status_mb("VmHWM:"),
+        "step_peak_mb": peak_memory_mb(),
         "loss": metrics.loss,
     }))
 }

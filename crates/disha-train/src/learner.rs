@@ -113,8 +113,18 @@ pub struct StepMetrics {
 
 /// Peak resident set size of this process in MB, from `/proc/self/status` (Linux).
 pub fn peak_memory_mb() -> Option<f64> {
+    process_status_mb("VmHWM:")
+}
+
+/// Current resident set size of this process in MB, from `/proc/self/status` (Linux).
+pub fn resident_memory_mb() -> Option<f64> {
+    process_status_mb("VmRSS:")
+}
+
+/// A kB field of `/proc/self/status` (`VmHWM:`, `VmRSS:`) in MB; `None` off Linux.
+fn process_status_mb(field: &str) -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
 }

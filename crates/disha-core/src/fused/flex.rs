@@ -452,20 +452,8 @@ fn frozen_matmul_blocked(
             false => row * n + n0,
         };
         match w.dtype() {
-            DType::BF16 => {
-                let src = w.as_slice::<half::bf16>().expect("contiguous bf16");
-                for_each_row(&mut converted, width, width, |row, out| {
-                    let start = source_row(row);
-                    src[start..start + width].convert_to_f32_slice(out);
-                });
-            }
-            _ => {
-                let src = w.as_slice::<half::f16>().expect("contiguous f16");
-                for_each_row(&mut converted, width, width, |row, out| {
-                    let start = source_row(row);
-                    src[start..start + width].convert_to_f32_slice(out);
-                });
-            }
+            DType::BF16 => convert_rows::<half::bf16>(&w, &mut converted, width, source_row),
+            _ => convert_rows::<half::f16>(&w, &mut converted, width, source_row),
         }
         let block_w = match transpose {
             true => Flex::float_transpose(tensor(converted, Shape::new([nb, k]))),
@@ -480,6 +468,25 @@ fn frozen_matmul_blocked(
     let mut out = x_shape;
     out[rank - 1] = n;
     Flex::float_reshape(y, out)
+}
+
+/// Fills `out` row by row (`width` elements each, in parallel) with the `f32` values of the
+/// contiguous half-precision tensor `w` starting at `source_row(row)`.
+fn convert_rows<T: burn::tensor::Element + pulp::bytemuck::Pod>(
+    w: &FlexTensor,
+    out: &mut [f32],
+    width: usize,
+    source_row: impl Fn(usize) -> usize + Send + Sync,
+) where
+    [T]: HalfFloatSliceExt,
+{
+    let src = w
+        .as_slice::<T>()
+        .expect("a contiguous half-precision weight");
+    for_each_row(out, width, width, |row, out| {
+        let start = source_row(row);
+        src[start..start + width].convert_to_f32_slice(out);
+    });
 }
 
 /// `t` as a contiguous `f32` tensor this op may write into: `t` itself when it owns its
