@@ -25,7 +25,7 @@ const GROUP: &str = "adapted_linear_fwd_bwd_2048x2048_512tok_f32";
 
 /// One benchmarked layer: either disha's activation-space layer or a weight-space Burn `Linear`.
 enum Layer {
-    Adapted(AdaptedLinear),
+    Adapted(Box<AdaptedLinear>),
     Plain(Linear),
 }
 
@@ -56,7 +56,7 @@ fn layer(case: &str, device: &Device) -> Layer {
         if let Some(spec) = spec {
             layer.add_adapter("default", &spec).expect("valid spec");
         }
-        Layer::Adapted(layer)
+        Layer::Adapted(Box::new(layer))
     };
     let weights = ParamGroup::from_regex("^weight$").expect("valid regex");
     match CASES.iter().position(|c| *c == case).expect("known case") {

@@ -11,6 +11,7 @@ use crate::dtype::{to_dtype, to_f32};
 use crate::error::{DishaError, Result};
 use crate::fused::frozen_matmul;
 use crate::kernels::{KernelPolicy, kernel_policy};
+use crate::quantized::{QuantFormat, QuantizedMatrix};
 use crate::spec::AdapterSpec;
 
 /// Configuration to create an [`AdaptedLinear`] with a freshly initialized base, mirroring
@@ -85,15 +86,28 @@ struct AdapterState {
 /// active set or deleting an adapter while merged are errors; disabling a merged layer unmerges it
 /// first (and fails, leaving the layer merged, if a BAT block is singular).
 ///
+/// # Quantized base
+/// A layer built with [`from_quantized`](Self::from_quantized) or turned by
+/// [`quantize_base`](Self::quantize_base) keeps its frozen weight block-quantized
+/// ([`QuantizedMatrix`], ggml Q8_0 / Q4_0 / Q4_1) in `quantized`, and `weight` is then an empty
+/// `[0, 0]` tensor. Products dequantize one block at a time ([`QuantizedMatrix::matmul_transposed`]);
+/// adapters train on top exactly as on a dense base (QLoRA's scheme). Merging into a quantized
+/// base is refused (it would requantize `W'`); [`merged_weight`](Self::merged_weight) gives the
+/// dense merged weight.
+///
 /// # Shapes
 /// - input: `[..., d_input]`
 /// - output: `[..., d_output]`
 #[derive(Module, Debug)]
 pub struct AdaptedLinear {
-    /// Frozen base weight `[d_input, d_output]`; holds `W'` while adapters are merged.
+    /// Frozen base weight `[d_input, d_output]`; holds `W'` while adapters are merged. Empty
+    /// (`[0, 0]`) when the base is quantized.
     pub weight: Param<Tensor<2>>,
     /// Frozen base bias `[d_output]`.
     pub bias: Option<Param<Tensor<1>>>,
+    /// The block-quantized frozen weight `[d_output, d_input]` (checkpoint layout), when the
+    /// base is quantized.
+    pub quantized: Option<QuantizedMatrix>,
     /// The named adapters.
     pub adapters: AdapterSet,
     #[module(skip)]
@@ -114,6 +128,7 @@ impl AdaptedLinear {
         Self {
             weight: linear.weight.set_require_grad(false),
             bias: linear.bias.map(|b| b.set_require_grad(false)),
+            quantized: None,
             adapters: AdapterSet::default(),
             state: AdapterState {
                 label: format!("linear[{d_input}->{d_output}]"),
@@ -130,6 +145,77 @@ impl AdaptedLinear {
         })
     }
 
+    /// Builds a layer whose frozen weight is the block-quantized `weight` `[d_output, d_input]`
+    /// (checkpoint layout), with an optional bias `[d_output]`.
+    pub fn from_quantized(weight: QuantizedMatrix, bias: Option<Tensor<1>>) -> Self {
+        let [d_output, d_input] = weight.dims();
+        let device = weight.device();
+        let mut layer = Self::from_weights(Tensor::zeros([0, 0], &device), bias);
+        layer.quantized = Some(weight);
+        layer.state.label = format!("linear[{d_input}->{d_output}]");
+        layer
+    }
+
+    /// Quantizes the frozen base weight in place (ggml's reference quantizer of `format`), so
+    /// that it takes 8.5 (Q8) or 4.5 (Q4) bits per weight instead of 16 or 32; see the type's
+    /// docs. A no-op for an already quantized base of the same format.
+    ///
+    /// # Errors
+    /// Merged adapters (quantize the unmerged base), a base already quantized in another
+    /// format, or a non-finite weight.
+    pub fn quantize_base(&mut self, format: QuantFormat) -> Result<()> {
+        if let Some(q) = &self.quantized {
+            if q.layout().format == format {
+                return Ok(());
+            }
+            return Err(self.invalid_state(format!(
+                "the base is already quantized as {}; requantizing to {format} would compound \
+                 the rounding",
+                q.layout().format
+            )));
+        }
+        if self.is_merged() {
+            return Err(
+                self.invalid_state("adapters are merged; unmerge before quantizing the base")
+            );
+        }
+        let weight = self.weight.val();
+        let device = weight.device();
+        let [d_input, d_output] = weight.dims();
+        let values = to_f32(weight)
+            .transpose()
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .expect("f32 after convert");
+        let quantized = QuantizedMatrix::quantize(
+            &values,
+            [d_output, d_input],
+            format,
+            &self.state.label,
+            &device,
+        )?;
+        self.quantized = Some(quantized);
+        replace_param_value(&mut self.weight, Tensor::zeros([0, 0], &device));
+        Ok(())
+    }
+
+    /// The base weight `[d_input, d_output]` as a dense tensor: the stored weight, or the
+    /// quantized one dequantized to f32 (a full-size copy).
+    pub fn dense_base_weight(&self) -> Tensor<2> {
+        match &self.quantized {
+            Some(q) => q.dequantize().transpose(),
+            None => self.weight.val(),
+        }
+    }
+
+    fn base_device(&self) -> Device {
+        match &self.quantized {
+            Some(q) => q.device(),
+            None => self.weight.device(),
+        }
+    }
+
     /// Sets the name used in errors and logs (models set the module path).
     pub fn with_label(mut self, label: impl Into<String>) -> Self {
         self.state.label = label.into();
@@ -143,12 +229,18 @@ impl AdaptedLinear {
 
     /// Input features.
     pub fn d_input(&self) -> usize {
-        self.weight.dims()[0]
+        match &self.quantized {
+            Some(q) => q.dims()[1],
+            None => self.weight.dims()[0],
+        }
     }
 
     /// Output features.
     pub fn d_output(&self) -> usize {
-        self.weight.dims()[1]
+        match &self.quantized {
+            Some(q) => q.dims()[0],
+            None => self.weight.dims()[1],
+        }
     }
 
     /// Names of every adapter, in insertion order.
@@ -234,7 +326,7 @@ impl AdaptedLinear {
             &self.state.label,
             self.d_input(),
             self.d_output(),
-            &self.weight.device(),
+            &self.base_device(),
         )?;
         self.insert_adapter(name, spec.clone(), adapter)
     }
@@ -379,7 +471,6 @@ impl AdaptedLinear {
     /// - output: `[..., d_output]`, in the input's dtype (adapter terms are computed in f32).
     pub fn forward<const D: usize>(&self, input: Tensor<D>) -> Tensor<D> {
         let in_dtype = input.dtype();
-        let weight = self.weight.val();
         let bias = self.bias.as_ref().map(|b| b.val());
         let pending = self.pending();
         let split = pending
@@ -388,8 +479,14 @@ impl AdaptedLinear {
             .unwrap_or(pending.len());
         let (bat, additive) = pending.split_at(split);
         let frozen = !self.weight.is_require_grad();
-        // A base stored in another dtype than the input's (a bf16 base under f32 compute).
-        let mixed = weight.dtype() != in_dtype;
+        let weight = match (&self.quantized, bat.is_empty()) {
+            // BAT forms `W'` from a dense `W`: dequantized for this forward.
+            (Some(q), false) => q.dequantize().transpose(),
+            _ => self.weight.val(),
+        };
+        // A base stored in another dtype than the input's (a bf16 base under f32 compute), or
+        // quantized.
+        let mixed = weight.dtype() != in_dtype || self.quantized.is_some();
         let d_output = self.d_output();
         // Under the single-pass policy, with no BAT adapter, one Bone adapter folds into the base
         // product. Otherwise Bone stays in plain ops: the op would compute the same products and
@@ -403,7 +500,16 @@ impl AdaptedLinear {
             false => None,
         };
         let mut y = match (bat.split_last(), fused_bone) {
-            (None, None) => base_linear(input.clone(), weight, bias, frozen),
+            (None, None) => match &self.quantized {
+                Some(q) => {
+                    let y = q.matmul_transposed(input.clone());
+                    match bias {
+                        Some(b) => y + to_dtype(b, in_dtype).unsqueeze(),
+                        None => y,
+                    }
+                }
+                None => base_linear(input.clone(), weight, bias, frozen),
+            },
             (None, Some(k)) => match additive[k].1 {
                 Adapter::Bone(bone) => bone.fused_linear(input.clone(), weight, bias),
                 _ => unreachable!("fused_bone indexes a Bone adapter"),
@@ -456,7 +562,7 @@ impl AdaptedLinear {
 
     /// `W` with the named adapters merged in order, computed in f32, detached, in base dtype.
     fn fold_adapters(&self, names: &[String]) -> Tensor<2> {
-        let base = self.weight.val();
+        let base = self.dense_base_weight();
         let dtype = base.dtype();
         let merged = names
             .iter()
@@ -484,6 +590,14 @@ impl AdaptedLinear {
             .collect();
         if self.state.disabled {
             return Err(self.invalid_state("adapters are disabled; enable them before merging"));
+        }
+        if let Some(q) = &self.quantized {
+            return Err(self.invalid_state(format!(
+                "the base is quantized ({}); merging would requantize the merged weight and \
+                 lose the adapter's precision: merge into the unquantized checkpoint \
+                 (`disha merge`) or take `merged_weight()`",
+                q.layout().format
+            )));
         }
         if names.is_empty() {
             return Err(self.invalid_state(if self.is_merged() {
@@ -574,7 +688,7 @@ impl AdaptedLinear {
             .adapters
             .get(name)
             .ok_or_else(|| self.not_found(name))?;
-        let weight = to_f32(self.weight.val());
+        let weight = to_f32(self.dense_base_weight());
         Ok(adapter.merge_into(weight.clone()).sub(weight).detach())
     }
 

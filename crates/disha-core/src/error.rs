@@ -82,6 +82,16 @@ pub enum DishaError {
         message: String,
     },
 
+    /// A matrix that cannot be block-quantized (a non-finite value, a wrong length, a corrupt
+    /// ggml block).
+    #[error("tensor `{tensor}`: {message}")]
+    Quantize {
+        /// The tensor's name.
+        tensor: String,
+        /// What is wrong.
+        message: String,
+    },
+
     /// BAT unmerge needs every `I + D[k]` to be invertible.
     #[error(
         "layer `{layer}`, adapter `{adapter}`: I + D[{block}] is singular (smallest pivot {pivot:.3e}), \

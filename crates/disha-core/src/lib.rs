@@ -33,6 +33,7 @@ mod lora;
 mod peft_config;
 mod peft_files;
 mod peft_model;
+mod quantized;
 mod reparam;
 mod safetensors_file;
 mod safetensors_writer;
@@ -58,6 +59,7 @@ pub use peft_model::{
     AdaptableModel, LinearRole, LinearSite, ParameterCount, PeftModelExt,
     freeze_all_but_active_adapters, peft_key,
 };
+pub use quantized::{QUANT_BLOCK, QuantFormat, QuantLayout, QuantizedMatrix};
 pub use reparam::{DishaReparam, DishaReparameterizer};
 pub use safetensors_file::{SafetensorsFile, TensorSlot};
 pub use safetensors_writer::{SafetensorsWriter, safetensors_header};

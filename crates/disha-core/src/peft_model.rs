@@ -636,16 +636,25 @@ pub trait PeftModelExt: AdaptableModel {
     /// Trainable (active-adapter) and total parameters (PEFT `get_nb_trainable_parameters`).
     ///
     /// Like PEFT, "trainable" means the parameters of the active adapters: everything else is
-    /// frozen by [`freeze_all_but_active_adapters`].
+    /// frozen by [`freeze_all_but_active_adapters`]. A quantized base counts its weights (not the
+    /// bytes of its codes; PEFT does the same for 4-bit bases).
     fn parameter_count(&self) -> ParameterCount
     where
         Self: Module + Sized,
     {
-        let mut trainable = 0;
-        self.visit_linears(&mut |_, linear| trainable += linear.num_active_adapter_params());
+        let (mut trainable, mut dense, mut stored) = (0, 0, 0);
+        self.visit_linears(&mut |_, linear| {
+            trainable += linear.num_active_adapter_params();
+            // A quantized base counts its weights, not its stored codes and scales.
+            if let Some(q) = &linear.quantized {
+                let [rows, cols] = q.dims();
+                dense += rows * cols;
+                stored += q.num_params();
+            }
+        });
         ParameterCount {
             trainable,
-            total: self.num_params(),
+            total: self.num_params() + dense - stored,
         }
     }
 }

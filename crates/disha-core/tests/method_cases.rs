@@ -800,16 +800,7 @@ fn t12b_half_base_under_f32_compute_is_exact() {
                 let y = l.forward(input.clone());
                 assert_eq!(y.dtype(), DType::F32);
                 let grads = (y.clone() * to_tensor(&g).autodiff()).sum().backward();
-                let grad = |t: Tensor<2>| to_mat(t.grad(&grads).expect("adapter gradient"));
-                let adapter_grads: Vec<Mat> = match l.adapter("a").unwrap() {
-                    Adapter::Bone(a) | Adapter::Mini(a) => vec![grad(a.block.val())],
-                    Adapter::Bat(a) => {
-                        let [k, r, c] = a.blocks.dims();
-                        let g = a.blocks.val().grad(&grads).expect("adapter gradient");
-                        vec![to_mat(g.reshape([k * r, c]))]
-                    }
-                    Adapter::Lora(a) => vec![grad(a.lora_a.val()), grad(a.lora_b.val())],
-                };
+                let adapter_grads = adapter_gradients(&l, "a", &grads);
                 assert_eq!(
                     l.weight.val().dtype(),
                     base_dtype,
@@ -826,6 +817,85 @@ fn t12b_half_base_under_f32_compute_is_exact() {
             for (a, b) in ga_half.iter().zip(&ga_f32) {
                 assert_eq!(a.max_abs_diff(b), 0.0, "{name}: adapter gradient");
             }
+        }
+    }
+}
+
+/// The gradients of adapter `name`'s tensors (a BAT's blocks stacked into one matrix).
+fn adapter_gradients(l: &AdaptedLinear, name: &str, grads: &burn::tensor::Gradients) -> Vec<Mat> {
+    let grad = |t: Tensor<2>| to_mat(t.grad(grads).expect("adapter gradient"));
+    match l.adapter(name).unwrap() {
+        Adapter::Bone(a) | Adapter::Mini(a) => vec![grad(a.block.val())],
+        Adapter::Bat(a) => {
+            let [k, r, c] = a.blocks.dims();
+            let g = a.blocks.val().grad(grads).expect("adapter gradient");
+            vec![to_mat(g.reshape([k * r, c]))]
+        }
+        Adapter::Lora(a) => vec![grad(a.lora_a.val()), grad(a.lora_b.val())],
+    }
+}
+
+// 12c. A block-quantized base (Q8 / Q4 / Q4_1) computes what a dense f32 base holding the dequantized
+// weights computes: output, input gradient and adapter gradients. The input width 72 is 2¼
+// quantization blocks (a ragged last block). Tolerance 1e-5: both sides multiply the same f32
+// values; the quantized side dequantizes in blocks and may sum in another order.
+#[test]
+fn t12c_quantized_base_matches_its_dequantized_dense_base() {
+    use disha_core::QuantFormat;
+    let (d_out, d_in, r, m) = (8, 72, 4, 5);
+    let w = randn(d_out, d_in, 1.0, 50);
+    let x = randn(m, d_in, 1.0, 51);
+    let g = randn(m, d_out, 1.0, 52);
+    let bias = randn(1, d_out, 1.0, 53);
+    for format in [QuantFormat::Q8, QuantFormat::Q4, QuantFormat::Q4_1] {
+        for spec in all_specs(d_in, d_out, r) {
+            let run = |quantized: bool| {
+                let b = to_tensor(&bias).reshape([d_out]).autodiff();
+                let mut l = AdaptedLinear::from_weights(to_tensor(&w.t()).autodiff(), Some(b));
+                l.quantize_base(format).unwrap();
+                if !quantized {
+                    let dense = l.dense_base_weight();
+                    let b = l.bias.as_ref().map(|b| b.val());
+                    l = AdaptedLinear::from_weights(dense, b);
+                }
+                assert_eq!(l.quantized.is_some(), quantized);
+                l.add_adapter("a", &spec).unwrap();
+                randomize(&mut l, "a", 0.1, 54);
+                let input = to_tensor(&x).autodiff().require_grad();
+                let y = l.forward(input.clone());
+                let grads = (y.clone() * to_tensor(&g).autodiff()).sum().backward();
+                let adapter_grads = adapter_gradients(&l, "a", &grads);
+                let dx = to_mat(input.grad(&grads).unwrap());
+                (to_mat(y.inner()), dx, adapter_grads, l)
+            };
+            let (y_q, dx_q, ga_q, l_q) = run(true);
+            let (y_d, dx_d, ga_d, l_d) = run(false);
+            let name = format!("{format:?} {}", spec.method_name());
+            assert!(y_q.max_abs_diff(&y_d) <= 1e-5, "{name}: output");
+            assert!(dx_q.max_abs_diff(&dx_d) <= 1e-5, "{name}: input gradient");
+            for (a, b) in ga_q.iter().zip(&ga_d) {
+                assert!(a.max_abs_diff(b) <= 1e-5, "{name}: adapter gradient");
+            }
+            // Quantization changed the weights (the test compares two quantized bases, not
+            // two f32 ones).
+            assert!(
+                to_mat(l_d.weight.val()).t().max_abs_diff(&w) > 1e-4,
+                "{name}"
+            );
+            // The merged weight is the dense one; merging in place is refused, naming the layer.
+            let merged_q = to_mat(l_q.merged_weight());
+            assert!(
+                merged_q.max_abs_diff(&to_mat(l_d.merged_weight())) <= 1e-6,
+                "{name}"
+            );
+            let mut l_q = l_q.with_label("layers.0.q_proj");
+            let err = l_q.merge().unwrap_err().to_string();
+            assert!(
+                err.contains("layers.0.q_proj") && err.contains("quantized"),
+                "{err}"
+            );
+            assert_eq!(l_q.d_input(), d_in);
+            assert_eq!(l_q.d_output(), d_out);
         }
     }
 }

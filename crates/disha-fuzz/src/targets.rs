@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use disha_core::{PeftModelExt, SafetensorsFile};
+use disha_core::{PeftModelExt, QuantFormat, SafetensorsFile};
 use disha_models::gguf::GgufFile;
 use disha_models::{
     BaseDtype, ChatMessage, LoadOptions, TextTokenizer, load_model, load_model_with,
@@ -105,7 +105,7 @@ pub const TARGETS: &[Target] = &[
     Target {
         name: "model-safetensors",
         about: "HF model.safetensors (f32 / bf16) through load_model, base kept in auto / f32 / \
-                f16 / bf16",
+                f16 / bf16, linears quantized or not",
         prepare: |ctx, rng, dir| {
             let files = if rng.chance(0.5) {
                 &ctx.seeds.model_f32
@@ -123,7 +123,10 @@ pub const TARGETS: &[Target] = &[
                 BaseDtype::Bf16,
             ];
             let base = bases[rng.below(bases.len())];
-            load_and_forward_as(dir, base)
+            let options = LoadOptions::default()
+                .with_base_dtype(base)
+                .with_base_quant(random_quant(rng));
+            load_and_forward_as(dir, &options)
         },
     },
     Target {
@@ -150,7 +153,8 @@ pub const TARGETS: &[Target] = &[
     },
     Target {
         name: "gguf",
-        about: "GGUF header, metadata, tensor table and data; its tokenizer",
+        about: "GGUF header, metadata, tensor table and data (dequantized, or its Q4_0 / Q8_0 \
+                blocks kept by a quantized base); its tokenizer",
         prepare: |ctx, rng, dir| {
             let (bytes, fields) = if rng.chance(0.5) {
                 &ctx.seeds.gguf_bpe
@@ -159,8 +163,10 @@ pub const TARGETS: &[Target] = &[
             };
             gguf_seed(dir, "model.gguf", bytes, fields)
         },
-        run: |_, _, dir| {
-            let loaded = load_model(&dir.join("model.gguf"), &Device::default()).map_err(text)?;
+        run: |_, rng, dir| {
+            let options = LoadOptions::default().with_base_quant(random_quant(rng));
+            let loaded = load_model_with(&dir.join("model.gguf"), &Device::default(), &options)
+                .map_err(text)?;
             let tokenizer = loaded.tokenizer().map_err(text)?;
             tokenizer
                 .check_fits(loaded.model.vocab_size())
@@ -621,13 +627,22 @@ fn forward(model: &CausalLm, ids: &[i64], shape: [usize; 2]) -> Result<(), Strin
 }
 
 fn load_and_forward(path: &Path) -> Result<(), String> {
-    load_and_forward_as(path, BaseDtype::Auto)
+    load_and_forward_as(path, &LoadOptions::default())
 }
 
-/// Loads `path` with its base kept in `base` and runs a forward.
-fn load_and_forward_as(path: &Path, base: BaseDtype) -> Result<(), String> {
-    let options = LoadOptions::default().with_base_dtype(base);
-    let loaded = load_model_with(path, &Device::default(), &options).map_err(text)?;
+/// No quantization, Q8, Q4 or Q4_1, one in four each.
+fn random_quant(rng: &mut Rng) -> Option<QuantFormat> {
+    [
+        None,
+        Some(QuantFormat::Q8),
+        Some(QuantFormat::Q4),
+        Some(QuantFormat::Q4_1),
+    ][rng.below(4)]
+}
+
+/// Loads `path` with `options` and runs a forward.
+fn load_and_forward_as(path: &Path, options: &LoadOptions) -> Result<(), String> {
+    let loaded = load_model_with(path, &Device::default(), options).map_err(text)?;
     let vocab = loaded.model.vocab_size() as i64;
     let ids: Vec<i64> = (0..6).map(|i| (i * 5) % vocab).collect();
     forward(&loaded.model, &ids, [1, 6])

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::str::FromStr;
 
 use burn::tensor::{DType, TensorData};
-use disha_core::HostTensor;
+use disha_core::{HostTensor, QuantFormat};
 
 use crate::error::Result;
 use crate::weights::WeightSource;
@@ -101,6 +101,7 @@ impl fmt::Display for BaseDtype {
 pub struct BaseDtypeSource<'a> {
     inner: &'a mut dyn WeightSource,
     dtype: DType,
+    quant: Option<QuantFormat>,
 }
 
 impl fmt::Debug for BaseDtypeSource<'_> {
@@ -108,6 +109,7 @@ impl fmt::Debug for BaseDtypeSource<'_> {
         f.debug_struct("BaseDtypeSource")
             .field("path", &self.inner.path())
             .field("dtype", &self.dtype)
+            .field("quant", &self.quant)
             .finish()
     }
 }
@@ -122,7 +124,18 @@ impl<'a> BaseDtypeSource<'a> {
             matches!(dtype, DType::F32 | DType::F16 | DType::BF16),
             "BaseDtypeSource: {dtype:?} is not a float dtype a base is kept in"
         );
-        Self { inner, dtype }
+        Self {
+            inner,
+            dtype,
+            quant: None,
+        }
+    }
+
+    /// Also block-quantizes the adaptable linears' weights in `quant` (`None`: kept in the
+    /// base dtype).
+    pub fn with_quant(mut self, quant: Option<QuantFormat>) -> Self {
+        self.quant = quant;
+        self
     }
 }
 
@@ -149,6 +162,18 @@ impl WeightSource for BaseDtypeSource<'_> {
 
     fn base_dtype(&self) -> DType {
         self.dtype
+    }
+
+    fn base_quant(&self) -> Option<QuantFormat> {
+        self.quant
+    }
+
+    fn take_ggml_blocks(
+        &mut self,
+        name: &str,
+        format: QuantFormat,
+    ) -> Result<Option<(Vec<u8>, Vec<usize>)>> {
+        self.inner.take_ggml_blocks(name, format)
     }
 }
 

@@ -588,6 +588,32 @@ impl GgufFile {
         self.metadata.get(key)
     }
 
+    /// The raw bytes of tensor `name` as stored (ggml blocks for a quantized type), `None` for
+    /// unknown names. The length was checked against the file when it was opened.
+    ///
+    /// # Errors
+    /// I/O.
+    pub fn raw(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        let Some(info) = self.tensors.get(name) else {
+            return Ok(None);
+        };
+        let start = self.data_start + info.offset;
+        let bytes = match &self.source {
+            Source::Memory(bytes) => {
+                bytes[start as usize..(start + info.byte_len) as usize].to_vec()
+            }
+            Source::File(file) => {
+                let io = |e| ModelError::io(&self.path, e);
+                let mut reader = file;
+                reader.seek(SeekFrom::Start(start)).map_err(io)?;
+                let mut buffer = vec![0u8; info.byte_len as usize];
+                reader.read_exact(&mut buffer).map_err(io)?;
+                buffer
+            }
+        };
+        Ok(Some(bytes))
+    }
+
     /// Tensor `name` dequantized to f32, in GGUF element order (row-major over the
     /// PyTorch-order shape). `None` for unknown names. The data is read in chunks of whole
     /// blocks, so memory is the result plus a small buffer.

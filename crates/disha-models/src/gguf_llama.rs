@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use disha_core::HostTensor;
+use disha_core::{HostTensor, QuantFormat};
 
 use crate::error::{ModelError, Result};
 use crate::gguf::{GgufFile, GgufValue};
@@ -201,11 +201,16 @@ pub fn gguf_name(hf: &str) -> Option<String> {
 /// Reorders the rows of a q or k projection (`[heads·head_dim, …]`) from llama.cpp's
 /// interleaved RoPE layout to HF's rotate-half layout: within each head, GGUF row `2i + j`
 /// becomes HF row `j·head_dim/2 + i` (the inverse of llama.cpp's `permute`).
-pub fn unpermute_rope_rows(values: &[f32], heads: usize, row_len: usize) -> Vec<f32> {
+/// Rows are `row_len` elements of any kind: values, or the bytes of a row of ggml blocks.
+pub fn unpermute_rope_rows<T: Copy + Default>(
+    values: &[T],
+    heads: usize,
+    row_len: usize,
+) -> Vec<T> {
     let rows = values.len() / row_len;
     let head_dim = rows / heads;
     let half = head_dim / 2;
-    let mut out = vec![0.0; values.len()];
+    let mut out = vec![T::default(); values.len()];
     for h in 0..heads {
         for i in 0..half {
             for j in 0..2 {
@@ -269,6 +274,36 @@ impl WeightSource for GgufWeights {
 
     fn remaining(&self) -> Vec<String> {
         self.left.keys().cloned().collect()
+    }
+
+    /// A `Q8_0` / `Q4_0` weight asked for in its own format: its blocks as stored (q/k rows
+    /// reordered whole, as [`take`](Self::take) reorders values).
+    fn take_ggml_blocks(
+        &mut self,
+        name: &str,
+        format: QuantFormat,
+    ) -> Result<Option<(Vec<u8>, Vec<usize>)>> {
+        let Some(gguf) = gguf_name(name) else {
+            return Ok(None);
+        };
+        match self.file.tensors.get(&gguf) {
+            Some(info) if info.type_id == format.ggml_type() && self.left.contains_key(&gguf) => {}
+            _ => return Ok(None),
+        }
+        self.left.remove(&gguf);
+        let info = &self.file.tensors[&gguf];
+        let shape = info.shape();
+        let bytes = self.file.raw(&gguf)?.expect("listed tensor");
+        let rows = shape.first().copied().unwrap_or(1).max(1);
+        let row_bytes = bytes.len() / rows;
+        let bytes = if gguf.ends_with("attn_q.weight") {
+            unpermute_rope_rows(&bytes, self.heads, row_bytes.max(1))
+        } else if gguf.ends_with("attn_k.weight") {
+            unpermute_rope_rows(&bytes, self.kv_heads, row_bytes.max(1))
+        } else {
+            bytes
+        };
+        Ok(Some((bytes, shape)))
     }
 
     fn display_name(&self, name: &str) -> String {
@@ -430,6 +465,101 @@ mod tests {
         std::fs::write(&q8_path, tiny_llama_gguf(true)).unwrap();
         let d = max_diff(&logits_of(&q8_path), &reference);
         assert!(d > 0.0 && d < 0.25, "{d:e}");
+    }
+
+    /// `--base-quant q8` on a Q8_0 GGUF keeps the file's blocks: `take_ggml_blocks` hands out a
+    /// Q8_0 weight's blocks (q/k rows reordered whole) whose dequantized values are exactly what
+    /// `take` dequantizes, refuses other formats and F32 tensors (leaving them in place), and the
+    /// model built from the blocks computes the logits of the dequantized model to 1e-5 (f32
+    /// summation order; the F32 `down_proj`, whose rows of 176 do not split into blocks, is
+    /// quantized by the loader, and by hand on the dense side).
+    #[test]
+    fn q8_0_blocks_map_into_a_quantized_base_unchanged() {
+        use burn::tensor::Device;
+        use disha_core::QuantizedMatrix;
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("tiny-q8_0.gguf");
+        std::fs::write(&path, tiny_llama_gguf(true)).unwrap();
+        let device = Device::default();
+        let config = config_from_gguf(&GgufFile::open(&path).unwrap()).unwrap();
+        let mut blocks_source = GgufWeights::new(GgufFile::open(&path).unwrap(), &config);
+        let mut values_source = GgufWeights::new(GgufFile::open(&path).unwrap(), &config);
+        for name in [
+            "model.layers.0.self_attn.q_proj.weight",
+            "model.layers.0.self_attn.k_proj.weight",
+            "model.layers.1.mlp.up_proj.weight",
+        ] {
+            assert!(
+                blocks_source
+                    .take_ggml_blocks(name, QuantFormat::Q4)
+                    .unwrap()
+                    .is_none(),
+                "{name}: stored as Q8_0, not Q4_0"
+            );
+            let (blocks, shape) = blocks_source
+                .take_ggml_blocks(name, QuantFormat::Q8)
+                .unwrap()
+                .expect("a Q8_0 tensor");
+            let expected = values_source.take(name).unwrap().unwrap();
+            assert_eq!(shape, expected.shape, "{name}");
+            let m = QuantizedMatrix::from_ggml_blocks(
+                &blocks,
+                [shape[0], shape[1]],
+                QuantFormat::Q8,
+                name,
+                &device,
+            )
+            .unwrap();
+            let dense = m.dequantize().into_data().try_to_vec::<f32>().unwrap();
+            assert_eq!(dense, expected.values, "{name}");
+        }
+        assert!(
+            blocks_source
+                .take_ggml_blocks("model.norm.weight", QuantFormat::Q8)
+                .unwrap()
+                .is_none(),
+            "an F32 tensor"
+        );
+        assert!(
+            blocks_source
+                .remaining()
+                .contains(&"output_norm.weight".to_string())
+        );
+
+        let ids: Vec<i64> = (0..24).map(|i| (i * 37 + 5) % 128).collect();
+        let ids = burn::tensor::Tensor::<2, burn::tensor::Int>::from_data(
+            burn::tensor::TensorData::new(ids, [2, 12]),
+            &device,
+        );
+        let options = crate::LoadOptions::default().with_base_quant(Some(QuantFormat::Q8));
+        let quantized = crate::load_model_with(&path, &device, &options)
+            .unwrap()
+            .model;
+        let mut count = 0;
+        disha_core::AdaptableModel::visit_linears(&quantized, &mut |_, l| {
+            count += usize::from(l.quantized.is_some())
+        });
+        assert!(count > 0, "the blocks were kept");
+        let logits = |m: &crate::CausalLm| {
+            m.forward(ids.clone())
+                .into_data()
+                .try_to_vec_as::<f32>()
+                .unwrap()
+        };
+        // The dense load, with the F32 `down_proj` quantized as the loader does: the same
+        // weights everywhere.
+        let mut dense = crate::load_model(&path, &device).unwrap().model;
+        disha_core::AdaptableModel::visit_linears_mut(&mut dense, &mut |site, l| {
+            if site.name.ends_with("down_proj") {
+                l.quantize_base(QuantFormat::Q8).unwrap();
+            }
+        });
+        let d = logits(&quantized)
+            .iter()
+            .zip(logits(&dense))
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(d <= 1e-5, "{d:e}");
     }
 
     /// Re-emits `bytes` (a GGUF file) with metadata `key` replaced by `value`.

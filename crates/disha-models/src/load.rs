@@ -17,6 +17,7 @@ use crate::llama2c::Llama2cWeights;
 use crate::rwkv::{Rwkv7, RwkvConfig};
 use crate::tokenizer::TextTokenizer;
 use crate::weights::SafetensorsWeights;
+use disha_core::QuantFormat;
 
 /// Where a model was loaded from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -110,12 +111,22 @@ pub struct LoadOptions {
     /// The dtype the frozen base's matrices are kept in ([`BaseDtype::Auto`]: the
     /// checkpoint's).
     pub base_dtype: BaseDtype,
+    /// Block-quantizes the decoder blocks' adaptable linears (ggml Q8_0 / Q4_0 / Q4_1, QLoRA-style);
+    /// `None` keeps them in `base_dtype`. Embeddings, output heads and norms are never
+    /// quantized.
+    pub base_quant: Option<QuantFormat>,
 }
 
 impl LoadOptions {
     /// Options with the frozen base kept in `base_dtype`.
     pub fn with_base_dtype(mut self, base_dtype: BaseDtype) -> Self {
         self.base_dtype = base_dtype;
+        self
+    }
+
+    /// Options with the decoder blocks' linears block-quantized in `base_quant`.
+    pub fn with_base_quant(mut self, base_quant: Option<QuantFormat>) -> Self {
+        self.base_quant = base_quant;
         self
     }
 }
@@ -136,7 +147,7 @@ fn load_rwkv(
     shapes: &BTreeMap<String, Vec<usize>>,
     weights: &mut dyn crate::weights::WeightSource,
     (path, format, hf_config): (&Path, ModelFormat, Option<Value>),
-    base_dtype: DType,
+    (base_dtype, base_quant): (DType, Option<QuantFormat>),
     device: &Device,
 ) -> Result<LoadedModel> {
     if !RwkvConfig::is_rwkv7(shapes.keys()) {
@@ -145,7 +156,7 @@ fn load_rwkv(
         });
     }
     let config = RwkvConfig::infer(shapes, weights.path())?;
-    let mut weights = BaseDtypeSource::new(weights, base_dtype);
+    let mut weights = BaseDtypeSource::new(weights, base_dtype).with_quant(base_quant);
     let model = Rwkv7::from_source(&config, &mut weights, device)?.into();
     Ok(LoadedModel {
         model,
@@ -174,7 +185,8 @@ fn load_rwkv_safetensors(
         .collect();
     let mut weights = SafetensorsWeights::from_file(file);
     let what = (path, ModelFormat::RwkvSafetensors, hf_config);
-    load_rwkv(&shapes, &mut weights, what, base_dtype, device)
+    let base = (base_dtype, options.base_quant);
+    load_rwkv(&shapes, &mut weights, what, base, device)
 }
 
 /// Loads a model: a Llama-family model from an HF directory (`config.json` + `model.safetensors` or a
@@ -201,7 +213,7 @@ pub fn load_model_with(path: &Path, device: &Device, options: &LoadOptions) -> R
         let checkpoint = BaseDtype::from_config_name(&config.dtype).unwrap_or(DType::F32);
         let dtype = options.base_dtype.resolve(checkpoint);
         config.dtype = BaseDtype::config_name(dtype).to_string();
-        let mut source = BaseDtypeSource::new(source, dtype);
+        let mut source = BaseDtypeSource::new(source, dtype).with_quant(options.base_quant);
         Llama::from_source(&config, &mut source, device).map(CausalLm::from)
     };
     if is_gguf(path) {
@@ -221,8 +233,8 @@ pub fn load_model_with(path: &Path, device: &Device, options: &LoadOptions) -> R
     if path.is_file() && crate::rwkv::is_rwkv_cpp(path) {
         let mut weights = crate::rwkv::RwkvCppWeights::open(path)?;
         let what = (path, ModelFormat::RwkvCpp, None);
-        let base_dtype = options.base_dtype.resolve(DType::F32);
-        return load_rwkv(&weights.shapes(), &mut weights, what, base_dtype, device);
+        let base = (options.base_dtype.resolve(DType::F32), options.base_quant);
+        return load_rwkv(&weights.shapes(), &mut weights, what, base, device);
     }
     if path.is_file()
         && path
@@ -248,8 +260,8 @@ pub fn load_model_with(path: &Path, device: &Device, options: &LoadOptions) -> R
         let mut weights = crate::pth::PthWeights::open(path)?;
         let what = (path, ModelFormat::RwkvPth, None);
         let stored = weights.dtype_of("emb.weight").unwrap_or(DType::F32);
-        let base_dtype = options.base_dtype.resolve(stored);
-        return load_rwkv(&weights.shapes(), &mut weights, what, base_dtype, device);
+        let base = (options.base_dtype.resolve(stored), options.base_quant);
+        return load_rwkv(&weights.shapes(), &mut weights, what, base, device);
     }
     let config_path = path.join("config.json");
     if !path.is_dir() || !config_path.is_file() {

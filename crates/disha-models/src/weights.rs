@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{DType, Device, Tensor, TensorData};
-use disha_core::AdaptedLinear;
 use disha_core::limits::read_config_file;
+use disha_core::{AdaptedLinear, QuantFormat, QuantizedMatrix};
 use disha_core::{HostTensor, SafetensorsFile};
 use half::{bf16, f16};
 use serde_json::Value;
@@ -50,6 +50,28 @@ pub trait WeightSource {
     /// in a [`BaseDtypeSource`](crate::BaseDtypeSource).
     fn base_dtype(&self) -> DType {
         DType::F32
+    }
+
+    /// The block format the model builders quantize the adaptable linears' frozen weights in:
+    /// none unless the source is wrapped in a [`BaseDtypeSource`](crate::BaseDtypeSource) with
+    /// one.
+    fn base_quant(&self) -> Option<QuantFormat> {
+        None
+    }
+
+    /// Removes and returns tensor `name` as ggml blocks of `format` (each: the f16 scale, then
+    /// the codes) with its PyTorch-order shape, when the source stores it in exactly that format
+    /// (a GGUF `Q8_0` / `Q4_0` weight); `None` otherwise, the tensor left in place. The model
+    /// builders then keep the blocks as they are instead of dequantizing and requantizing.
+    ///
+    /// # Errors
+    /// The tensor exists but cannot be read.
+    fn take_ggml_blocks(
+        &mut self,
+        _name: &str,
+        _format: QuantFormat,
+    ) -> Result<Option<(Vec<u8>, Vec<usize>)>> {
+        Ok(None)
     }
 }
 
@@ -178,9 +200,59 @@ pub(crate) fn check_all_taken(source: &dyn WeightSource) -> Result<()> {
     })
 }
 
-/// A frozen adaptable linear from a PyTorch `[out, in]` weight (transposed on the host into Burn's
-/// `[in, out]`).
+/// A frozen adaptable linear of a decoder block from a PyTorch `[out, in]` weight: block-quantized
+/// when the source says so ([`WeightSource::base_quant`]), else as [`dense_linear`].
 pub(crate) fn linear(
+    source: &mut dyn WeightSource,
+    name: &str,
+    [out, inp]: [usize; 2],
+    bias: bool,
+    device: &Device,
+) -> Result<AdaptedLinear> {
+    let Some(format) = source.base_quant() else {
+        return dense_linear(source, name, [out, inp], bias, device);
+    };
+    let weight_name = format!("{name}.weight");
+    let display = source.display_name(&weight_name);
+    let quantized = match source.take_ggml_blocks(&weight_name, format)? {
+        Some((blocks, shape)) => {
+            check_shape(source, &weight_name, &shape, &[out, inp])?;
+            QuantizedMatrix::from_ggml_blocks(&blocks, [out, inp], format, &display, device)
+        }
+        None => {
+            let w = take_data(source, &weight_name, &[out, inp], DType::F32)?;
+            QuantizedMatrix::quantize(slice::<f32>(&w), [out, inp], format, &display, device)
+        }
+    }
+    .map_err(|e| disha_core::DishaError::InFile {
+        path: source.path().to_path_buf(),
+        source: Box::new(e),
+    })?;
+    let bias = linear_bias(source, name, out, bias, device)?;
+    Ok(AdaptedLinear::from_quantized(quantized, bias).with_label(name))
+}
+
+/// The bias `{name}.bias` `[out]` of a linear that has one.
+fn linear_bias(
+    source: &mut dyn WeightSource,
+    name: &str,
+    out: usize,
+    bias: bool,
+    device: &Device,
+) -> Result<Option<Tensor<1>>> {
+    Ok(match bias {
+        true => Some(device_tensor::<1>(
+            take(source, &format!("{name}.bias"), &[out])?,
+            device,
+        )),
+        false => None,
+    })
+}
+
+/// A frozen adaptable linear from a PyTorch `[out, in]` weight kept in the base dtype
+/// (transposed on the host into Burn's `[in, out]`); output heads take this one whatever the
+/// quantization (as QLoRA keeps `lm_head` unquantized).
+pub(crate) fn dense_linear(
     source: &mut dyn WeightSource,
     name: &str,
     [out, inp]: [usize; 2],
@@ -196,14 +268,7 @@ pub(crate) fn linear(
     };
     drop(w);
     let weight = Tensor::from_data(data, (device, dtype));
-    let bias = if bias {
-        Some(device_tensor::<1>(
-            take(source, &format!("{name}.bias"), &[out])?,
-            device,
-        ))
-    } else {
-        None
-    };
+    let bias = linear_bias(source, name, out, bias, device)?;
     Ok(AdaptedLinear::from_weights(weight, bias).with_label(name))
 }
 

@@ -321,3 +321,69 @@ fn stories260k_llama2c_bin_and_hf_conversion_agree() {
     let d = assert_close("llama2.c vs HF logits", &a, &b, 1e-5);
     eprintln!("stories260K: .bin vs HF logits max |diff| {d:e}");
 }
+
+/// SmolLM2-135M-Instruct (a Q4_1 GGUF, dequantized to f32 as the reference) with its decoder
+/// blocks' linears kept quantized, as `--base-quant` does:
+/// - `q4_1`: the file's own blocks, kept as they are — the same weights as the reference, so
+///   the last logits agree to 1e-4 (f32 summation order over 30 layers) and all 20 greedy
+///   tokens are the same;
+/// - `q8`: requantized; measured 0.29 on the last logits (|x| up to ≈ 20), all 20 greedy tokens
+///   kept; held to the same next token, the same 20 tokens and 0.6;
+/// - `q4` (ggml's symmetric Q4_0 over weights that were already asymmetric 4-bit blocks, on a
+///   135M model, which 4 bits hurt most): measured 10.3, the next token kept and the
+///   continuation drifting after it; held to the same next token and 20.
+///
+/// The bounds are about twice the measurements; a wrong block, offset or nibble order would
+/// scramble the model.
+#[test]
+fn smollm2_quantized_bases_keep_the_model() {
+    use disha_core::QuantFormat;
+    use disha_models::{LoadOptions, load_model_with};
+    let Some(assets) = assets_root() else { return };
+    let gguf = assets.join("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let device = Device::default();
+    let tokenizer = load_tokenizer(&gguf).unwrap();
+    let prompt = tokenizer.encode("Once upon a time", true).unwrap();
+    let run = |quant: Option<QuantFormat>| {
+        let options = LoadOptions::default().with_base_quant(quant);
+        let model = load_model_with(&gguf, &device, &options).unwrap().model;
+        let input = Tensor::<2, Int>::from_data(
+            TensorData::new(
+                prompt.iter().map(|&t| t as i64).collect(),
+                [1, prompt.len()],
+            ),
+            &device,
+        );
+        let last = host(model.forward_last(input, &mut model.new_decode_state()));
+        let config = GenerationConfig {
+            max_new_tokens: 20,
+            ..Default::default()
+        };
+        let greedy =
+            generate(&model, &prompt, &config, &mut |_| ControlFlow::Continue(())).unwrap();
+        (last, greedy)
+    };
+    let argmax = |v: &[f32]| (0..v.len()).max_by(|&a, &b| v[a].total_cmp(&v[b])).unwrap();
+    let (reference, reference_greedy) = run(None);
+    for (format, bound) in [
+        (QuantFormat::Q4_1, 1e-4),
+        (QuantFormat::Q8, 0.6),
+        (QuantFormat::Q4, 20.0),
+    ] {
+        let (last, greedy) = run(Some(format));
+        let d = max_abs_diff(&last, &reference);
+        let same = greedy
+            .iter()
+            .zip(&reference_greedy)
+            .take_while(|(a, b)| a == b)
+            .count();
+        eprintln!(
+            "SmolLM2 {format}: last logits max |diff| {d:e}; greedy agrees for {same} of 20 tokens"
+        );
+        assert_eq!(argmax(&last), argmax(&reference), "{format}: next token");
+        assert!(d <= bound, "{format}: {d}");
+        if format != QuantFormat::Q4 {
+            assert_eq!(same, 20, "{format}: greedy continuation");
+        }
+    }
+}

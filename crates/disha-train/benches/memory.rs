@@ -1,10 +1,11 @@
 //! `cargo xtask bench memory`: resident memory of a real-size model with its frozen base kept in
-//! f32, f16 or bf16 — after loading, and at the peak of one Bone training step.
+//! f32, f16 or bf16, or with its decoder blocks' linears block-quantized (q8 / q4 over the bf16
+//! checkpoint) — after loading, and at the peak of one Bone training step.
 //!
 //! The bench writes a random Llama checkpoint of the chosen shape as a bf16 HF directory
 //! (`config.json` + `model.safetensors`, streamed to disk tensor by tensor; never committed),
 //! then measures each base dtype in a fresh process of this binary (`memory measure …`):
-//! load it with `--base-dtype`, read the peak and current resident set (`VmHWM`, `VmRSS`), add
+//! load it with `--base-dtype` / `--base-quant`, read the peak and current resident set (`VmHWM`, `VmRSS`), add
 //! Bone on every projection of every layer, run one training step ([`Learner::train_step`]:
 //! forward, loss, backward, gradient norm, AdamW) on `batch × seq` random tokens, and read the
 //! peak again.
@@ -16,7 +17,7 @@
 //! Results: `target/bench/memory-<shape>.json` and `.md`.
 //!
 //! ```sh
-//! cargo xtask bench memory                                  # llama1b, f32 / f16 / bf16
+//! cargo xtask bench memory                                  # llama1b, f32 / bf16 / q8 / q4
 //! cargo xtask bench memory -- --shape llama7b --bases bf16  # the paper's setting
 //! ```
 
@@ -25,7 +26,9 @@ use std::process::Command;
 use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use disha_core::{AdapterSpec, PeftConfig, PeftModelExt, TargetModules, safetensors_header};
+use disha_core::{
+    AdapterSpec, PeftConfig, PeftModelExt, QuantFormat, TargetModules, safetensors_header,
+};
 use disha_models::llama::{LlamaConfig, RopeScaling, hf_tensor_shapes};
 use disha_models::{BaseDtype, LoadOptions, SplitMix64, load_model_with};
 use disha_train::data::{DataLoader, Example};
@@ -36,6 +39,43 @@ use disha_train::schedule::{LrSchedule, ScheduleKind};
 use disha_train::settings::default_targets;
 use safetensors::Dtype;
 use serde_json::{Value, json};
+
+/// A base to measure: a dtype (`f32`, `f16`, `bf16`), or the checkpoint's bf16 with the
+/// decoder blocks' linears quantized (`q8`, `q4`, `q4_1`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Base {
+    dtype: BaseDtype,
+    quant: Option<QuantFormat>,
+}
+
+impl std::str::FromStr for Base {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let quant = |q| Self {
+            dtype: BaseDtype::Auto,
+            quant: Some(q),
+        };
+        match s {
+            "q8" => Ok(quant(QuantFormat::Q8)),
+            "q4" => Ok(quant(QuantFormat::Q4)),
+            "q4_1" => Ok(quant(QuantFormat::Q4_1)),
+            _ => Ok(Self {
+                dtype: s.parse()?,
+                quant: None,
+            }),
+        }
+    }
+}
+
+impl std::fmt::Display for Base {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.quant {
+            Some(q) => write!(f, "{q}"),
+            None => write!(f, "{}", self.dtype),
+        }
+    }
+}
 
 /// A model shape.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -101,9 +141,9 @@ struct RunArgs {
     /// Model shape.
     #[arg(long, value_enum, default_value_t = Shape::Llama1b)]
     shape: Shape,
-    /// Base dtypes to measure, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "f32,f16,bf16")]
-    bases: Vec<BaseDtype>,
+    /// Bases to measure, comma-separated: f32, f16, bf16, q8, q4, q4_1.
+    #[arg(long, value_delimiter = ',', default_value = "f32,bf16,q8,q4")]
+    bases: Vec<Base>,
     /// Bone's block size.
     #[arg(long, default_value_t = 64)]
     r: usize,
@@ -126,7 +166,7 @@ struct MeasureArgs {
     #[arg(long)]
     model: PathBuf,
     #[arg(long)]
-    base: BaseDtype,
+    base: Base,
     #[arg(long)]
     r: usize,
     #[arg(long)]
@@ -199,7 +239,9 @@ fn write_checkpoint(config: &LlamaConfig, dir: &Path) -> Result<(), String> {
 fn measure(args: &MeasureArgs) -> Result<Value, String> {
     let device = burn::tensor::Device::default().autodiff();
     let start = Instant::now();
-    let options = LoadOptions::default().with_base_dtype(args.base);
+    let options = LoadOptions::default()
+        .with_base_dtype(args.base.dtype)
+        .with_base_quant(args.base.quant);
     let loaded = load_model_with(&args.model, &device, &options)
         .map_err(|e| format!("{}: {e}", args.model.display()))?;
     let load_s = start.elapsed().as_secs_f64();
@@ -319,7 +361,8 @@ fn run(args: &RunArgs) -> Result<(), String> {
         "# Memory: {} ({:.2} B parameters), Bone r{} on all seven projections, batch {} × {} \
          tokens, Flex, {} threads\n\n\
          | base | load s | load peak MB | loaded RSS MB | load peak ÷ loaded | step s | step peak MB \
-         | step peak ÷ f32's | loaded ÷ f32's |\n|---|---|---|---|---|---|---|---|---|\n",
+         | step peak ÷ f32's | loaded ÷ f32's | before step ÷ f32's |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
         args.shape.name(),
         params as f64 / 1e9,
         args.r,
@@ -333,7 +376,7 @@ fn run(args: &RunArgs) -> Result<(), String> {
             None => "—".into(),
         };
         md.push_str(&format!(
-            "| {} | {:.1} | {:.0} | {:.0} | {:.3} | {:.1} | {:.0} | {} | {} |\n",
+            "| {} | {:.1} | {:.0} | {:.0} | {:.3} | {:.1} | {:.0} | {} | {} | {} |\n",
             r["base"].as_str().unwrap_or("?"),
             mb(r, "load_s"),
             mb(r, "load_peak_mb"),
@@ -343,6 +386,7 @@ fn run(args: &RunArgs) -> Result<(), String> {
             mb(r, "step_peak_mb"),
             ratio("step_peak_mb"),
             ratio("loaded_rss_mb"),
+            ratio("before_step_rss_mb"),
         ));
     }
     let json_path = out.join(format!("memory-{}.json", args.shape.name()));

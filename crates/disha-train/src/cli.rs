@@ -3,7 +3,8 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use disha_models::BaseDtype;
+use disha_core::QuantFormat;
+use disha_models::{BaseDtype, LoadOptions};
 
 use crate::device::DeviceChoice;
 
@@ -157,9 +158,23 @@ pub struct ModelArgs {
     /// Activations and adapters stay f32.
     #[arg(long, value_name = "auto|f32|f16|bf16", default_value_t = BaseDtype::Auto)]
     pub base_dtype: BaseDtype,
+    /// Keep the decoder blocks' linear weights block-quantized: q8 (ggml Q8_0), q4 (ggml Q4_0)
+    /// or q4_1 (ggml Q4_1), as the adapter was trained with --base-quant [default: not
+    /// quantized].
+    #[arg(long, value_enum)]
+    pub base_quant: Option<QuantFormat>,
     /// Compute backend.
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
+}
+
+impl ModelArgs {
+    /// How to load `--model`.
+    pub fn load_options(&self) -> LoadOptions {
+        LoadOptions::default()
+            .with_base_dtype(self.base_dtype)
+            .with_base_quant(self.base_quant)
+    }
 }
 
 /// `disha inspect`.

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use clap::{Args, ValueEnum};
+use disha_core::QuantFormat;
 use disha_core::{AdapterKind, AdapterSpec, BatOrientation, PeftConfig, TargetModules};
 use disha_models::BaseDtype;
 use serde::{Deserialize, Serialize};
@@ -130,6 +131,12 @@ pub struct TrainSettings {
     /// gradients, optimizer state and activations stay f32 [default: auto].
     #[arg(long, value_name = "auto|f32|f16|bf16")]
     pub base_dtype: Option<BaseDtype>,
+    /// Keep the decoder blocks' linear weights block-quantized, QLoRA-style: q8 (ggml Q8_0,
+    /// 8.5 bits per weight), q4 (ggml Q4_0, 4.5 bits) or q4_1 (ggml Q4_1, 5 bits); a GGUF's
+    /// blocks of that type are kept as they are. Embeddings, the output head and norms stay in
+    /// --base-dtype; adapters train in f32 on top [default: not quantized].
+    #[arg(long, value_enum)]
+    pub base_quant: Option<QuantFormat>,
     /// Base tensors to train with the adapter, comma-separated: `ln` (RWKV-7's LayerNorms, as
     /// RWKV-PEFT's `--train_parts ln`; saved in the RWKV-PEFT checkpoint) [default: none].
     #[arg(long, value_enum, value_delimiter = ',')]
@@ -198,6 +205,9 @@ pub struct RunSettings {
     /// Dtype of the frozen base's matrices.
     #[serde(default)]
     pub base_dtype: BaseDtype,
+    /// Block format of the decoder blocks' frozen linear weights (`None`: not quantized).
+    #[serde(default)]
+    pub base_quant: Option<QuantFormat>,
     /// Base tensors trained with the adapter.
     #[serde(default)]
     pub train_parts: Vec<TrainPart>,
@@ -295,6 +305,7 @@ impl TrainSettings {
             packing,
             gradient_checkpointing,
             base_dtype,
+            base_quant,
             train_parts,
             save_every,
             keep_checkpoints,
@@ -364,6 +375,7 @@ impl TrainSettings {
             packing: self.packing.unwrap_or(false),
             gradient_checkpointing: self.gradient_checkpointing.unwrap_or(false),
             base_dtype: self.base_dtype.unwrap_or_default(),
+            base_quant: self.base_quant,
             train_parts: self.train_parts.unwrap_or_default(),
             save_every: self.save_every.unwrap_or(0),
             keep_checkpoints: self.keep_checkpoints.unwrap_or(2),
@@ -407,6 +419,13 @@ pub const SETTING_BOUNDS: &[(&str, usize)] = &[
 ];
 
 impl RunSettings {
+    /// How the trainer loads the model: the base dtype and quantization.
+    pub fn load_options(&self) -> disha_models::LoadOptions {
+        disha_models::LoadOptions::default()
+            .with_base_dtype(self.base_dtype)
+            .with_base_quant(self.base_quant)
+    }
+
     /// Reads a run's `run.json` (as `disha train` writes it) and checks it like the flags it
     /// came from.
     ///

@@ -12,6 +12,8 @@
 //! - `adamw_step` is not differentiated: the inner backend's op on the inner tensors.
 //! - `frozen_matmul` keeps the stored weight (a handle, no copy): `δx = δy · cast(W)ᵀ`, the
 //!   same op with the weight transposed; the weight receives no gradient.
+//! - `quantized_matmul` keeps the codes and scales (handles): `δx = δy · M` (or `δy · Mᵀ`), the
+//!   same op the other way round, dequantizing again; the matrix receives no gradient.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -23,6 +25,7 @@ use burn::backend::{Autodiff, AutodiffBackend};
 use super::FusedTrainingOps;
 use super::ops::AdamWStep;
 use super::ops::inverse_rotation_sin;
+use crate::quantized::QuantLayout;
 
 #[derive(Debug)]
 struct SoftmaxBackward;
@@ -126,6 +129,21 @@ impl<B: FusedTrainingOps> Backward<B, 1> for FrozenMatmulBackward {
         let (weight, transposed) = ops.state;
         unary::<B, _>(ops.parents, ops.node, grads, |grad| {
             B::frozen_matmul(grad, weight, !transposed)
+        });
+    }
+}
+
+#[derive(Debug)]
+struct QuantizedMatmulBackward;
+
+impl<B: FusedTrainingOps> Backward<B, 1> for QuantizedMatmulBackward {
+    /// `(codes, scales, layout, whether the forward transposed the matrix)`.
+    type State = (IntTensor<B>, FloatTensor<B>, QuantLayout, bool);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (codes, scales, layout, transposed) = ops.state;
+        unary::<B, _>(ops.parents, ops.node, grads, |grad| {
+            B::quantized_matmul(grad, codes, scales, layout, !transposed)
         });
     }
 }
@@ -259,6 +277,37 @@ impl<B: FusedTrainingOps, C: CheckpointStrategy> FusedTrainingOps for Autodiff<B
                 prep.finish((weight, transpose_weight), output)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::frozen_matmul(x, weight, transpose_weight)),
+        }
+    }
+
+    fn quantized_matmul(
+        x: FloatTensor<Self>,
+        codes: IntTensor<Self>,
+        scales: FloatTensor<Self>,
+        layout: QuantLayout,
+        transpose_weight: bool,
+    ) -> FloatTensor<Self> {
+        let node = x.node();
+        let x = x.into_primitive();
+        // Frozen: the scales' autodiff node, if any, is not followed.
+        let scales = <Self as AutodiffBackend>::inner(scales);
+        match QuantizedMatmulBackward
+            .prepare::<C>([node])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let output =
+                    B::quantized_matmul(x, codes.clone(), scales.clone(), layout, transpose_weight);
+                prep.finish((codes, scales, layout, transpose_weight), output)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::quantized_matmul(
+                x,
+                codes,
+                scales,
+                layout,
+                transpose_weight,
+            )),
         }
     }
 }

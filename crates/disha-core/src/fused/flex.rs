@@ -21,6 +21,7 @@ use half::slice::HalfFloatSliceExt;
 use super::ops::{
     AdamWFactors, AdamWStep, FusedTrainingOps, IGNORE_INDEX, reference, rows_and_width,
 };
+use crate::quantized::{QUANT_BLOCK, QuantLayout, dequantize_span};
 
 /// Elements per task of the element-wise ops (large enough to amortize a task, small enough to
 /// balance two to a few dozen threads over one `[512, 1376]` activation).
@@ -42,6 +43,44 @@ impl FusedTrainingOps for Flex {
             return reference::frozen_matmul::<Self>(x, weight, transpose_weight);
         }
         frozen_matmul_blocked(x, weight, transpose_weight, FROZEN_BLOCK_ELEMENTS)
+    }
+
+    /// A block-quantized matrix under `f32` compute: dequantized a block of rows at a time in
+    /// parallel (at most 64 MiB of `f32` at a time) instead of the reference's whole-matrix
+    /// tensor ops.
+    fn quantized_matmul(
+        x: FloatTensor<Self>,
+        codes: IntTensor<Self>,
+        scales: FloatTensor<Self>,
+        layout: QuantLayout,
+        transpose_weight: bool,
+    ) -> FloatTensor<Self> {
+        if x.dtype() != DType::F32 || scales.dtype() != DType::F16 {
+            return reference::quantized_matmul::<Self>(x, codes, scales, layout, transpose_weight);
+        }
+        let (codes, scales) = (codes.to_contiguous(), scales.to_contiguous());
+        let code_bytes: &[u8] = match codes.dtype() {
+            DType::I8 => pulp::bytemuck::cast_slice(codes.as_slice::<i8>().expect("i8 codes")),
+            DType::U8 => codes.as_slice::<u8>().expect("u8 codes"),
+            _ => {
+                return reference::quantized_matmul::<Self>(
+                    x,
+                    codes,
+                    scales,
+                    layout,
+                    transpose_weight,
+                );
+            }
+        };
+        let scales = scales.as_slice::<half::f16>().expect("f16 scales");
+        quantized_matmul_blocked(
+            x,
+            code_bytes,
+            scales,
+            layout,
+            transpose_weight,
+            FROZEN_BLOCK_ELEMENTS,
+        )
     }
 
     /// Flex's own softmax is row-parallel too, but calls libm's `expf` per element (4 % of a
@@ -421,9 +460,7 @@ fn adamw_chunk<const FIRST: bool, const DECAY: bool>(
 const FROZEN_BLOCK_ELEMENTS: usize = 16 << 20;
 
 /// `x · W` (`x · Wᵀ` when `transpose`) for a half-precision `W` stored `[r, c]` and an `f32`
-/// `x`: the product in blocks of output columns, each converting only its block of `W` (one
-/// parallel pass) and multiplying the rows of `x` by it in one 2-D matmul. Every output element
-/// is still one dot product over the whole inner dimension.
+/// `x`, through [`blocked_product`]: each block converted in one parallel pass.
 fn frozen_matmul_blocked(
     x: FlexTensor,
     weight: FlexTensor,
@@ -433,28 +470,92 @@ fn frozen_matmul_blocked(
     let w = weight.to_contiguous();
     let dims = w.layout().shape().clone();
     let (r, c) = (dims[0], dims[1]);
+    blocked_product(x, [r, c], transpose, block_elements, 1, |n0, nb, out| {
+        // Transposed: rows `n0..n0 + nb` of the stored `[n, k]`, one contiguous run; else
+        // columns `n0..n0 + nb` of each of the `k` stored rows.
+        let width = if transpose { c } else { nb };
+        let source_row = |row: usize| match transpose {
+            true => (n0 + row) * c,
+            false => row * c + n0,
+        };
+        match w.dtype() {
+            DType::BF16 => convert_rows::<half::bf16>(&w, out, width, source_row),
+            _ => convert_rows::<half::f16>(&w, out, width, source_row),
+        }
+    })
+}
+
+/// `x · Mᵀ` (`x · M` without `transpose`) for a block-quantized `M` `[rows, layout.cols]` and
+/// an `f32` `x`, through [`blocked_product`]: each block of `M` dequantized row by row in
+/// parallel (whole quantization blocks: column blocks start at multiples of 32).
+fn quantized_matmul_blocked(
+    x: FlexTensor,
+    codes: &[u8],
+    scales: &[half::f16],
+    layout: QuantLayout,
+    transpose: bool,
+    block_elements: usize,
+) -> FlexTensor {
+    let (row_bytes, cols) = (layout.row_bytes(), layout.cols);
+    let row_params = layout.blocks() * layout.format.block_params();
+    let rows = codes.len() / row_bytes.max(1);
+    let row = |r: usize| {
+        (
+            &codes[r * row_bytes..(r + 1) * row_bytes],
+            &scales[r * row_params..(r + 1) * row_params],
+        )
+    };
+    blocked_product(
+        x,
+        [rows, cols],
+        transpose,
+        block_elements,
+        QUANT_BLOCK,
+        |n0, nb, out| match transpose {
+            // Rows `n0..n0 + nb`, whole.
+            true => for_each_row(out, cols, cols, |i, out| {
+                let (codes, scales) = row(n0 + i);
+                dequantize_span(layout.format, codes, scales, 0, out);
+            }),
+            // Columns `n0..n0 + nb` of every row.
+            false => for_each_row(out, nb, nb, |r, out| {
+                let (codes, scales) = row(r);
+                dequantize_span(layout.format, codes, scales, n0, out);
+            }),
+        },
+    )
+}
+
+/// `x · W` (`x · Wᵀ` when `transpose`) for a frozen `W` stored `[r, c]` in a form only `fill`
+/// reads: the product in blocks of output columns (of `block_elements` weight values at most,
+/// a multiple of `align` columns), `fill(n0, nb, out)` writing the `f32` block of `W` that
+/// produces output columns `n0..n0 + nb` (transposed: stored rows `n0..n0 + nb`, `[nb, k]`;
+/// else stored columns `n0..n0 + nb` of each row, `[k, nb]`), and the rows of `x` multiplied by
+/// it in one 2-D matmul. Every output element is still one dot product over the whole inner
+/// dimension.
+fn blocked_product(
+    x: FlexTensor,
+    [r, c]: [usize; 2],
+    transpose: bool,
+    block_elements: usize,
+    align: usize,
+    fill: impl Fn(usize, usize, &mut [f32]),
+) -> FlexTensor {
     // Output columns `n`, inner dimension `k`.
     let (k, n) = if transpose { (c, r) } else { (r, c) };
     let x_shape = x.layout().shape().clone();
     let rank = x_shape.num_dims();
     let rows = x_shape.num_elements() / k.max(1);
     let x2 = Flex::float_reshape(x, Shape::new([rows, k]));
-    let block = (block_elements / k.max(1)).clamp(1, n.max(1));
+    let mut block = (block_elements / k.max(1)).clamp(1, n.max(1));
+    if !transpose && block < n {
+        block = (block / align * align).max(align);
+    }
     let mut outputs = Vec::with_capacity(n.div_ceil(block));
     for n0 in (0..n).step_by(block) {
         let nb = block.min(n - n0);
         let mut converted = vec![0.0f32; nb * k];
-        // Transposed: rows `n0..n0 + nb` of the stored `[n, k]`, one contiguous run; else
-        // columns `n0..n0 + nb` of each of the `k` stored rows.
-        let width = if transpose { k } else { nb };
-        let source_row = |row: usize| match transpose {
-            true => (n0 + row) * k,
-            false => row * n + n0,
-        };
-        match w.dtype() {
-            DType::BF16 => convert_rows::<half::bf16>(&w, &mut converted, width, source_row),
-            _ => convert_rows::<half::f16>(&w, &mut converted, width, source_row),
-        }
+        fill(n0, nb, &mut converted);
         let block_w = match transpose {
             true => Flex::float_transpose(tensor(converted, Shape::new([nb, k]))),
             false => tensor(converted, Shape::new([k, nb])),
@@ -702,17 +803,6 @@ mod tests {
     #[test]
     fn blocked_frozen_matmul_matches_the_reference() {
         use burn::tensor::TensorData;
-        let values = |n: usize, seed: u64| -> Vec<f32> {
-            let mut state = seed;
-            (0..n)
-                .map(|_| {
-                    state = state
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-                })
-                .collect()
-        };
         let x = FlexTensor::from_data(TensorData::new(values(2 * 5 * 40, 1), [2, 5, 40]));
         for dtype in [DType::BF16, DType::F16] {
             for transpose in [false, true] {
@@ -722,13 +812,83 @@ mod tests {
                 let ours = frozen_matmul_blocked(x.clone(), w.clone(), transpose, 3 * 40);
                 let theirs = reference::frozen_matmul::<Flex>(x.clone(), w, transpose);
                 assert_eq!(ours.layout().shape().to_vec(), vec![2, 5, 11]);
-                let (a, b) = (ours.to_contiguous(), theirs.to_contiguous());
-                let d = slice(&a)
-                    .iter()
-                    .zip(slice(&b))
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0.0f32, f32::max);
+                let d = max_abs_diff(&ours, &theirs);
                 assert!(d <= 1e-5, "{dtype:?}, transpose {transpose}: {d}");
+            }
+        }
+    }
+
+    /// The largest elementwise difference of two f32 tensors of one shape.
+    fn max_abs_diff(a: &FlexTensor, b: &FlexTensor) -> f32 {
+        let (a, b) = (a.to_contiguous(), b.to_contiguous());
+        slice(&a)
+            .iter()
+            .zip(slice(&b))
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max)
+    }
+
+    /// Seeded values in `[-1, 1)`.
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed;
+        (0..n)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// The blocked quantized product against the reference (whole-matrix dequantization with
+    /// tensor ops, then Burn's `linear`), both formats, both orientations, a ragged last
+    /// quantization block (72 columns = 2¼ blocks) and several blocks of the product (64
+    /// columns of the non-transposed product per block: two aligned blocks and a ragged one;
+    /// 3 rows per block transposed). Same dequantized values, same dot products up to the
+    /// matmul's blocking.
+    #[test]
+    fn blocked_quantized_matmul_matches_the_reference() {
+        use crate::quantized::{QuantFormat, QuantizedMatrix};
+        use burn::tensor::TensorData;
+        let device = burn::tensor::Device::default();
+        let (rows, cols) = (7, 72);
+        for format in [QuantFormat::Q8, QuantFormat::Q4, QuantFormat::Q4_1] {
+            let m = QuantizedMatrix::quantize(
+                &values(rows * cols, 3),
+                [rows, cols],
+                format,
+                "m",
+                &device,
+            )
+            .unwrap();
+            let codes = FlexTensor::from_data(m.codes.val().into_data());
+            let scales = FlexTensor::from_data(m.scales.val().into_data());
+            let bytes: Vec<u8> = match format {
+                QuantFormat::Q8 => {
+                    pulp::bytemuck::cast_slice(codes.as_slice::<i8>().unwrap()).to_vec()
+                }
+                QuantFormat::Q4 | QuantFormat::Q4_1 => codes.as_slice::<u8>().unwrap().to_vec(),
+            };
+            let sc = scales.as_slice::<half::f16>().unwrap().to_vec();
+            for transpose in [true, false] {
+                let width = if transpose { cols } else { rows };
+                let x =
+                    FlexTensor::from_data(TensorData::new(values(2 * 3 * width, 4), [2, 3, width]));
+                let block = if transpose { 3 * cols } else { 64 * rows };
+                let ours =
+                    quantized_matmul_blocked(x.clone(), &bytes, &sc, m.layout(), transpose, block);
+                let theirs = reference::quantized_matmul::<Flex>(
+                    x,
+                    codes.clone(),
+                    scales.clone(),
+                    m.layout(),
+                    transpose,
+                );
+                let out = if transpose { rows } else { cols };
+                assert_eq!(ours.layout().shape().to_vec(), vec![2, 3, out]);
+                let d = max_abs_diff(&ours, &theirs);
+                assert!(d <= 1e-5, "{format:?}, transpose {transpose}: {d}");
             }
         }
     }

@@ -11,7 +11,13 @@ mod flex;
 mod ops;
 
 use burn::backend::Dispatch;
+use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::tensor::{Int, Tensor};
+
+use crate::quantized::QuantLayout;
+
+type DispatchFloatTensor = FloatTensor<Dispatch>;
+type DispatchIntTensor = IntTensor<Dispatch>;
 
 pub use ops::{AdamWStep, FusedTrainingOps, IGNORE_INDEX};
 
@@ -183,6 +189,40 @@ pub fn frozen_matmul_transposed<const D: usize>(x: Tensor<D>, weight: Tensor<2>)
         weight.into_dispatch(),
         true,
     ))
+}
+
+/// `x · Mᵀ` for a block-quantized frozen matrix `M` `[rows, cols]` held as `codes` and `scales`
+/// (see [`QuantizedMatrix::matmul_transposed`](crate::QuantizedMatrix::matmul_transposed)).
+///
+/// # Shapes
+/// - `x`: `[..., cols]`; output: `[..., rows]`, in `x`'s dtype
+pub(crate) fn quantized_matmul<const D: usize>(
+    x: Tensor<D>,
+    codes: Tensor<2, Int>,
+    scales: Tensor<2>,
+    layout: QuantLayout,
+) -> Tensor<D> {
+    assert_eq!(
+        x.dims()[D - 1],
+        layout.cols,
+        "quantized_matmul: input width and matrix columns differ"
+    );
+    Tensor::from_dispatch(<Dispatch as FusedTrainingOps>::quantized_matmul(
+        x.into_dispatch(),
+        codes.into_dispatch(),
+        scales.into_dispatch(),
+        layout,
+        true,
+    ))
+}
+
+/// The dense f32 matrix of `codes` and `scales` (the reference's tensor ops, on any backend).
+pub(crate) fn dequantize(
+    codes: DispatchIntTensor,
+    scales: DispatchFloatTensor,
+    layout: QuantLayout,
+) -> DispatchFloatTensor {
+    ops::reference::dequantize::<Dispatch>(codes, scales, layout)
 }
 
 #[cfg(test)]

@@ -6,6 +6,8 @@ use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{Backend, TensorMetadata, backend_extension, get_or_init_device_settings};
 use burn::tensor::{FloatDType, IndexingUpdateOp, Shape, Slice};
 
+use crate::quantized::{QUANT_BLOCK, QuantFormat, QuantLayout};
+
 /// The label of positions that do not count in the loss (PEFT's and transformers' `-100`).
 pub const IGNORE_INDEX: i64 = -100;
 
@@ -47,6 +49,9 @@ pub const IGNORE_INDEX: i64 = -100;
 /// - `adamw_step`: `param`, `grad`, `moment_1`, `moment_2` of one shape; outputs of that shape
 /// - `frozen_matmul`: `x` `[..., k]`, `weight` `[k, n]` (`[n, k]` when `transpose_weight`);
 ///   output `[..., n]` in `x`'s dtype
+/// - `quantized_matmul`: `codes` `[rows, row_bytes]`, `scales` `[rows, blocks]` standing for
+///   `M` `[rows, cols]`; `x` `[..., cols]` and output `[..., rows]` when `transpose_weight`
+///   (`x · Mᵀ`), else `x` `[..., rows]` and output `[..., cols]` (`x · M`)
 #[backend_extension(
     Cube: cfg(any(feature = "wgpu", feature = "cuda")),
     Flex: cfg(feature = "flex"),
@@ -182,6 +187,20 @@ pub trait FusedTrainingOps: Backend {
         transpose_weight: bool,
     ) -> FloatTensor<Self> {
         reference::frozen_matmul::<Self>(x, weight, transpose_weight)
+    }
+
+    /// `x · Mᵀ` (or `x · M` without `transpose_weight`) for a block-quantized frozen matrix `M`
+    /// ([`QuantizedMatrix`](crate::QuantizedMatrix): `codes`, f16 `scales`, `layout`),
+    /// dequantized for this product only. Differentiable in `x`; `M` gets no gradient.
+    #[fusion(default)]
+    fn quantized_matmul(
+        x: FloatTensor<Self>,
+        codes: IntTensor<Self>,
+        scales: FloatTensor<Self>,
+        layout: QuantLayout,
+        transpose_weight: bool,
+    ) -> FloatTensor<Self> {
+        reference::quantized_matmul::<Self>(x, codes, scales, layout, transpose_weight)
     }
 }
 
@@ -416,6 +435,67 @@ pub(crate) mod reference {
             true => B::linear_x_backward(weight, x),
             false => B::linear(x, weight, None),
         }
+    }
+
+    /// The dense `[rows, cols]` matrix of `codes` and `scales`, in `f32`: the codes as floats
+    /// (the 4-bit formats' two nibbles split with a floor division by 16), minus Q4's offset 8,
+    /// times each block's scale, plus Q4_1's offset — the same f32 operations as ggml's
+    /// dequantizers.
+    pub(crate) fn dequantize<B: Backend>(
+        codes: IntTensor<B>,
+        scales: FloatTensor<B>,
+        layout: QuantLayout,
+    ) -> FloatTensor<B> {
+        let rows = codes.shape()[0];
+        let blocks = layout.blocks();
+        let codes = B::int_into_float(codes, FloatDType::F32);
+        let nibbles = |codes: FloatTensor<B>| {
+            let packed = B::float_reshape(codes, Shape::new([rows, blocks, QUANT_BLOCK / 2]));
+            let high = B::float_floor(B::float_div_scalar(packed.clone(), 16.0.into()));
+            let low = B::float_sub(packed, B::float_mul_scalar(high.clone(), 16.0.into()));
+            B::float_cat(vec![low, high], 2)
+        };
+        let q = match layout.format {
+            QuantFormat::Q8 => B::float_reshape(codes, Shape::new([rows, blocks, QUANT_BLOCK])),
+            QuantFormat::Q4 => B::float_sub_scalar(nibbles(codes), 8.0.into()),
+            QuantFormat::Q4_1 => nibbles(codes),
+        };
+        let params = layout.format.block_params();
+        let scales = B::float_reshape(
+            B::float_cast(scales, FloatDType::F32),
+            Shape::new([rows, blocks, params]),
+        );
+        let param = |p: usize| {
+            let end = Some((p + 1) as isize);
+            B::float_slice(
+                scales.clone(),
+                &[Slice::full(), Slice::full(), Slice::new(p as isize, end, 1)],
+            )
+        };
+        let mut dense = B::float_mul(q, param(0));
+        if layout.format == QuantFormat::Q4_1 {
+            dense = B::float_add(dense, param(1));
+        }
+        let dense = B::float_reshape(dense, Shape::new([rows, blocks * QUANT_BLOCK]));
+        match blocks * QUANT_BLOCK == layout.cols {
+            true => dense,
+            false => B::float_slice(
+                dense,
+                &[Slice::full(), Slice::new(0, Some(layout.cols as isize), 1)],
+            ),
+        }
+    }
+
+    /// [`dequantize`] for this product, then Burn's own `linear` (or its input-gradient
+    /// product) in `x`'s dtype, as [`frozen_matmul`] does for a half-precision weight.
+    pub(crate) fn quantized_matmul<B: Backend>(
+        x: FloatTensor<B>,
+        codes: IntTensor<B>,
+        scales: FloatTensor<B>,
+        layout: QuantLayout,
+        transpose_weight: bool,
+    ) -> FloatTensor<B> {
+        frozen_matmul::<B>(x, dequantize::<B>(codes, scales, layout), transpose_weight)
     }
 
     pub(crate) fn rotary<B: Backend>(

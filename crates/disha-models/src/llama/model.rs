@@ -11,7 +11,9 @@ use super::config::LlamaConfig;
 use super::mlp::LlamaMlp;
 use super::rope::RotaryEmbedding;
 use crate::error::Result;
-use crate::weights::{WeightSource, base_matrix, check_all_taken, device_tensor, linear, take};
+use crate::weights::{
+    WeightSource, base_matrix, check_all_taken, dense_linear, device_tensor, linear, take,
+};
 
 /// One decoder layer: pre-norm attention and pre-norm MLP, each with a residual.
 #[derive(Module, Debug)]
@@ -198,7 +200,7 @@ impl Llama {
             source.take("lm_head.weight")?;
             None
         } else {
-            Some(linear(source, "lm_head", [v, h], false, device)?)
+            Some(dense_linear(source, "lm_head", [v, h], false, device)?)
         };
         check_all_taken(source)?;
         Ok(Self {

@@ -10,7 +10,9 @@ use super::config::{DECAY_SCALE, GROUP_NORM_EPS, L2_NORM_EPS, LAYER_NORM_EPS, Rw
 use super::state::{RwkvLayerState, RwkvState};
 use super::wkv::{DEFAULT_WKV_CHUNK_LEN, MAX_WKV_CHUNK_LEN, wkv7_chunked};
 use crate::error::{ModelError, Result};
-use crate::weights::{WeightSource, base_matrix, check_all_taken, device_tensor, linear, take};
+use crate::weights::{
+    WeightSource, base_matrix, check_all_taken, dense_linear, device_tensor, linear, take,
+};
 
 /// A frozen parameter.
 fn frozen<const D: usize>(t: Tensor<D>) -> Param<Tensor<D>> {
@@ -381,7 +383,7 @@ impl Rwkv7 {
             });
         }
         let ln_out = layer_norm(source, "ln_out", c, device)?;
-        let head = linear(source, "head", [v, c], false, device)?;
+        let head = dense_linear(source, "head", [v, c], false, device)?;
         check_all_taken(source)?;
         Ok(Self {
             emb,

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use disha_core::{PeftModelExt, peft_key, read_adapter_dir, write_adapter_dir};
-use disha_models::BaseDtype;
+use disha_models::LoadOptions;
 use disha_models::rwkv::RwkvPeftCheckpoint;
 
 use super::{ADAPTER_NAME, load_with_adapter};
@@ -65,7 +65,7 @@ pub fn run(args: ExportAdapterArgs) -> CliResult {
             })?;
             let device = args.device.device()?;
             let (loaded, config) =
-                load_with_adapter(model, Some(&args.adapter), BaseDtype::Auto, &device)?;
+                load_with_adapter(model, Some(&args.adapter), &LoadOptions::default(), &device)?;
             let config = config.expect("adapter given");
             loaded
                 .model
@@ -78,7 +78,7 @@ pub fn run(args: ExportAdapterArgs) -> CliResult {
             })?;
             let device = args.device.device()?;
             let (loaded, _) =
-                load_with_adapter(model, Some(&args.adapter), BaseDtype::Auto, &device)?;
+                load_with_adapter(model, Some(&args.adapter), &LoadOptions::default(), &device)?;
             let rwkv = loaded.model.as_rwkv7().ok_or_else(|| {
                 CliError::Usage(format!(
                     "--to rwkv-peft: {} is a {} model; RWKV-PEFT checkpoints are for RWKV-7",

@@ -40,6 +40,24 @@ pub fn run(args: InspectArgs) -> CliResult {
         ),
         Err(e) => writeln!(out, "tokenizer    none ({e})"),
     };
+    let (mut quantized, mut bytes, mut format) = (0, 0, None);
+    disha_core::AdaptableModel::visit_linears(&loaded.model, &mut |_, linear| {
+        if let Some(q) = &linear.quantized {
+            quantized += 1;
+            bytes += q.size_bytes();
+            format = Some(q.layout().format);
+        }
+    });
+    let _ = match format {
+        Some(format) => writeln!(
+            out,
+            "base         {}; {quantized} linears in {format} (ggml {}, {:.1} MB)",
+            loaded.model.base_dtype_name(),
+            format.ggml_name(),
+            bytes as f64 / 1e6
+        ),
+        None => writeln!(out, "base         {}", loaded.model.base_dtype_name()),
+    };
     // The seven projections of layer 0 (every layer has the same shapes).
     let sites = loaded.model.linear_sites();
     let _ = writeln!(out, "linear layers {} adaptable:", sites.len());

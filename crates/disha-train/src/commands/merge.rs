@@ -1,5 +1,6 @@
 //! `disha merge`: base + adapter → a plain HF directory.
 
+use disha_models::LoadOptions;
 use disha_models::{export_merged, export_merged_pth};
 
 use super::load_with_adapter;
@@ -25,8 +26,12 @@ pub fn run(args: MergeArgs) -> CliResult {
         }
     }
     let device = args.device.device()?;
-    let (loaded, _) =
-        load_with_adapter(&args.model, Some(&args.adapter), args.base_dtype, &device)?;
+    let (loaded, _) = load_with_adapter(
+        &args.model,
+        Some(&args.adapter),
+        &LoadOptions::default().with_base_dtype(args.base_dtype),
+        &device,
+    )?;
     if args.out.extension().is_some_and(|e| e == "pth") {
         // A BlinkDL checkpoint, as RWKV-PEFT's merge script writes.
         let rwkv = loaded.model.as_rwkv7().ok_or_else(|| {

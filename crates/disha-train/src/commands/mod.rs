@@ -15,7 +15,7 @@ use std::time::Instant;
 use burn::tensor::Device;
 use disha_core::{PeftConfig, PeftModelExt};
 use disha_models::rwkv::RwkvPeftCheckpoint;
-use disha_models::{BaseDtype, CausalLm, LoadOptions, LoadedModel, TextTokenizer, load_model_with};
+use disha_models::{CausalLm, LoadOptions, LoadedModel, TextTokenizer, load_model_with};
 use disha_train::data::{PromptTemplate, Record};
 use disha_train::evaluate::ExactMatch;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -46,16 +46,16 @@ pub fn run(cli: Cli) -> CliResult {
 pub fn load_with_adapter(
     model: &Path,
     adapter: Option<&Path>,
-    base_dtype: BaseDtype,
+    options: &LoadOptions,
     device: &Device,
 ) -> CliResult<(LoadedModel, Option<PeftConfig>)> {
     let start = Instant::now();
-    let options = LoadOptions::default().with_base_dtype(base_dtype);
-    let mut loaded = load_model_with(model, device, &options)?;
+    let mut loaded = load_model_with(model, device, options)?;
     tracing::info!(
         path = %model.display(),
         secs = start.elapsed().as_secs_f64(),
         base_dtype = %loaded.model.base_dtype_name(),
+        base_quant = %options.base_quant.map_or("none".to_string(), |q| q.to_string()),
         "model loaded"
     );
     let config = match adapter {
@@ -94,7 +94,7 @@ pub fn load_model_args(args: &ModelArgs) -> CliResult<(LoadedModel, Option<PeftC
     let (loaded, config) = load_with_adapter(
         &args.model,
         args.adapter.as_deref(),
-        args.base_dtype,
+        &args.load_options(),
         &device,
     )?;
     Ok((loaded, config, device))

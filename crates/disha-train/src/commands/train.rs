@@ -259,7 +259,7 @@ pub fn run(args: TrainArgs) -> CliResult {
     if settings.gradient_checkpointing {
         device = device.gradient_checkpointing();
     }
-    let (loaded, _) = load_with_adapter(&model_path, None, settings.base_dtype, &device)?;
+    let (loaded, _) = load_with_adapter(&model_path, None, &settings.load_options(), &device)?;
     let tokenizer = tokenizer_arg(tokenizer_spec.as_deref(), &loaded)?;
     let options = RunOptions {
         resume: args.resume,
