@@ -379,35 +379,55 @@ fn quantize_block(
 /// Dequantizes `out.len() / 32` whole blocks of one row: `codes` holds their codes, `params`
 /// their scales (and Q4_1's offsets), from the first of these blocks on (ggml's
 /// `dequantize_row_q8_0` / `_q4_0` / `_q4_1`). The caller cuts the padding of a ragged last
-/// block.
+/// block. Inlined, so that it vectorizes for the caller's target features (the Flex kernels
+/// run it under run-time AVX2 / AVX-512 dispatch).
+#[inline(always)]
 pub(crate) fn dequantize_blocks(
     format: QuantFormat,
     codes: &[u8],
     params: &[f16],
     out: &mut [f32],
 ) {
-    let half = QUANT_BLOCK / 2;
     let (per, code_bytes) = (format.block_params(), format.code_bytes());
-    for (b, out) in out.chunks_exact_mut(QUANT_BLOCK).enumerate() {
-        let d = params[b * per].to_f32();
-        let codes = &codes[b * code_bytes..(b + 1) * code_bytes];
-        match format {
-            QuantFormat::Q8 => {
+    let blocks = out
+        .chunks_exact_mut(QUANT_BLOCK)
+        .zip(codes.chunks_exact(code_bytes))
+        .zip(params.chunks_exact(per));
+    // One loop per format, iterators only (no indexing), and the 4-bit codes unpacked into a
+    // block of bytes first, so that each block's conversion is one loop over 32 lanes that
+    // vectorizes.
+    let unpack = |codes: &[u8], nibbles: &mut [u8; QUANT_BLOCK]| {
+        let (low, high) = nibbles.split_at_mut(QUANT_BLOCK / 2);
+        for ((l, h), &c) in low.iter_mut().zip(high).zip(codes) {
+            *l = c & 0x0F;
+            *h = c >> 4;
+        }
+    };
+    let mut nibbles = [0u8; QUANT_BLOCK];
+    match format {
+        QuantFormat::Q8 => {
+            for ((out, codes), params) in blocks {
+                let d = params[0].to_f32();
                 for (o, &c) in out.iter_mut().zip(codes) {
                     *o = f32::from(c as i8) * d;
                 }
             }
-            QuantFormat::Q4 => {
-                for (j, &c) in codes.iter().enumerate() {
-                    out[j] = ((c & 0x0F) as i8 - 8) as f32 * d;
-                    out[j + half] = ((c >> 4) as i8 - 8) as f32 * d;
+        }
+        QuantFormat::Q4 => {
+            for ((out, codes), params) in blocks {
+                let d = params[0].to_f32();
+                unpack(codes, &mut nibbles);
+                for (o, &q) in out.iter_mut().zip(&nibbles) {
+                    *o = f32::from(q as i8 - 8) * d;
                 }
             }
-            QuantFormat::Q4_1 => {
-                let m = params[b * per + 1].to_f32();
-                for (j, &c) in codes.iter().enumerate() {
-                    out[j] = f32::from(c & 0x0F) * d + m;
-                    out[j + half] = f32::from(c >> 4) * d + m;
+        }
+        QuantFormat::Q4_1 => {
+            for ((out, codes), params) in blocks {
+                let (d, m) = (params[0].to_f32(), params[1].to_f32());
+                unpack(codes, &mut nibbles);
+                for (o, &q) in out.iter_mut().zip(&nibbles) {
+                    *o = f32::from(q) * d + m;
                 }
             }
         }
@@ -416,6 +436,7 @@ pub(crate) fn dequantize_blocks(
 
 /// Dequantizes `out.len()` values of one row starting at column `col0` (a multiple of 32):
 /// `codes` and `params` are the whole row's; a ragged end takes the front of its block.
+#[inline(always)]
 pub(crate) fn dequantize_span(
     format: QuantFormat,
     codes: &[u8],

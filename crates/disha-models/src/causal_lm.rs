@@ -108,6 +108,27 @@ impl CausalLm {
         }
     }
 
+    /// Computes the activations in `dtype` (inference; see
+    /// [`Llama::with_compute_dtype`]).
+    ///
+    /// # Errors
+    /// A half-precision compute dtype on RWKV-7 (not implemented: it computes in f32).
+    pub fn with_compute_dtype(self, dtype: crate::ComputeDtype) -> crate::Result<Self> {
+        match self {
+            Self::Llama(model) => Ok(Self::Llama(model.with_compute_dtype(dtype.dtype()))),
+            Self::Rwkv7(_) if dtype != crate::ComputeDtype::F32 => {
+                Err(crate::ModelError::InvalidArgument {
+                    name: "compute dtype".into(),
+                    value: dtype.to_string(),
+                    message: "RWKV-7 computes in f32 (a half-precision RWKV-7 forward is not \
+                              implemented)"
+                        .into(),
+                })
+            }
+            other => Ok(other),
+        }
+    }
+
     /// [`base_dtype`](Self::base_dtype) as `f32`, `f16` or `bf16`.
     pub fn base_dtype_name(&self) -> &'static str {
         match self.base_dtype() {

@@ -43,7 +43,7 @@ mod tokenizer;
 mod weights;
 mod world_tokenizer;
 
-pub use base_dtype::{BaseDtype, BaseDtypeSource};
+pub use base_dtype::{BaseDtype, BaseDtypeSource, ComputeDtype};
 #[cfg(feature = "burn-train")]
 pub use burn_train::CausalLmBatch;
 pub use causal_lm::{CausalLm, DecodeState, ModelFamily};

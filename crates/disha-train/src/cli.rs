@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use disha_core::QuantFormat;
-use disha_models::{BaseDtype, LoadOptions};
+use disha_models::{BaseDtype, ComputeDtype, LoadOptions};
 
 use crate::device::DeviceChoice;
 
@@ -163,6 +163,10 @@ pub struct ModelArgs {
     /// quantized].
     #[arg(long, value_enum)]
     pub base_quant: Option<QuantFormat>,
+    /// Dtype the activations are computed in: f32, or bf16 / f16 as transformers runs a
+    /// half-precision model (Llama; norms and softmax in f32, each op rounded).
+    #[arg(long, value_name = "f32|f16|bf16", default_value_t = ComputeDtype::F32)]
+    pub compute_dtype: ComputeDtype,
     /// Compute backend.
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,

@@ -1066,3 +1066,42 @@ fn a_q4_base_trains_and_lowers_the_loss() {
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(err.contains("q8") && err.contains("q4"), "{err}");
 }
+
+/// `--compute-dtype bf16` on `logits`: the tiny model's logits computed in bf16 come back as
+/// F32 values close to the f32 ones (bf16 keeps 8 bits: within 0.25 on these O(1) logits
+/// through two layers) but not equal to them; an unknown dtype is a usage error.
+#[test]
+fn logits_in_bf16_compute() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, _) = tiny_run_inputs(tmp.path());
+    let run = |dtype: &str| {
+        let out = tmp.path().join(format!("{dtype}.safetensors"));
+        let report = ok(&[
+            "logits",
+            "--model",
+            s(&model),
+            "--tokens",
+            "1,2,3,4,5",
+            "--compute-dtype",
+            dtype,
+            "--out",
+            s(&out),
+        ]);
+        assert!(report.contains("logits [1, 5,"), "{report}");
+        tensors(&out).remove("logits").expect("logits").1
+    };
+    let (bf16, f32) = (run("bf16"), run("f32"));
+    let d = max_abs_diff(&bf16, &f32);
+    assert!(d > 0.0 && d < 0.25, "{d}");
+    let bad = disha(&[
+        "logits",
+        "--model",
+        s(&model),
+        "--tokens",
+        "1",
+        "--compute-dtype",
+        "q4",
+    ]);
+    assert_eq!(bad.status.code(), Some(2), "a usage error");
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("use f32, f16 or bf16"));
+}

@@ -470,7 +470,25 @@ fn frozen_matmul_blocked(
     let w = weight.to_contiguous();
     let dims = w.layout().shape().clone();
     let (r, c) = (dims[0], dims[1]);
-    blocked_product(x, [r, c], transpose, block_elements, 1, |n0, nb, out| {
+    let x_shape = x.layout().shape().clone();
+    let rows = x_shape.num_elements() / r.max(1);
+    if !transpose && rows <= HALF_DIRECT_ROWS {
+        let x = x.to_contiguous();
+        let y = match w.dtype() {
+            DType::BF16 => stored_row_updates::<half::bf16>(slice(&x), rows, &w),
+            _ => stored_row_updates::<half::f16>(slice(&x), rows, &w),
+        };
+        let mut out = x_shape;
+        let rank = out.num_dims();
+        out[rank - 1] = c;
+        return tensor(y, out);
+    }
+    let plan = BlockPlan {
+        block_elements,
+        align: 1,
+        direct_rows: HALF_DIRECT_ROWS,
+    };
+    blocked_product(x, [r, c], transpose, plan, |n0, nb, out| {
         // Transposed: rows `n0..n0 + nb` of the stored `[n, k]`, one contiguous run; else
         // columns `n0..n0 + nb` of each of the `k` stored rows.
         let width = if transpose { c } else { nb };
@@ -483,6 +501,25 @@ fn frozen_matmul_blocked(
             _ => convert_rows::<half::f16>(&w, out, width, source_row),
         }
     })
+}
+
+/// [`dequantize_span`] as a [`pulp::WithSimd`] operation: its loops compiled for the CPU's
+/// vector extensions (a closure body would be compiled for the baseline target, scalar).
+struct DequantizeSpan<'a> {
+    format: crate::quantized::QuantFormat,
+    codes: &'a [u8],
+    params: &'a [half::f16],
+    col0: usize,
+    out: &'a mut [f32],
+}
+
+impl pulp::WithSimd for DequantizeSpan<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) {
+        dequantize_span(self.format, self.codes, self.params, self.col0, self.out);
+    }
 }
 
 /// `x · Mᵀ` (`x · M` without `transpose`) for a block-quantized `M` `[rows, layout.cols]` and
@@ -505,47 +542,92 @@ fn quantized_matmul_blocked(
             &scales[r * row_params..(r + 1) * row_params],
         )
     };
-    blocked_product(
-        x,
-        [rows, cols],
-        transpose,
+    let plan = BlockPlan {
         block_elements,
-        QUANT_BLOCK,
-        |n0, nb, out| match transpose {
+        align: QUANT_BLOCK,
+        direct_rows: QUANT_DIRECT_ROWS,
+    };
+    blocked_product(x, [rows, cols], transpose, plan, |n0, nb, out| {
+        match transpose {
             // Rows `n0..n0 + nb`, whole.
             true => for_each_row(out, cols, cols, |i, out| {
-                let (codes, scales) = row(n0 + i);
-                dequantize_span(layout.format, codes, scales, 0, out);
+                let (codes, params) = row(n0 + i);
+                let span = DequantizeSpan {
+                    format: layout.format,
+                    codes,
+                    params,
+                    col0: 0,
+                    out,
+                };
+                pulp::Arch::new().dispatch(span);
             }),
             // Columns `n0..n0 + nb` of every row.
             false => for_each_row(out, nb, nb, |r, out| {
-                let (codes, scales) = row(r);
-                dequantize_span(layout.format, codes, scales, n0, out);
+                let (codes, params) = row(r);
+                let span = DequantizeSpan {
+                    format: layout.format,
+                    codes,
+                    params,
+                    col0: n0,
+                    out,
+                };
+                pulp::Arch::new().dispatch(span);
             }),
-        },
-    )
+        }
+    })
 }
 
+/// How [`blocked_product`] cuts a product.
+#[derive(Clone, Copy, Debug)]
+struct BlockPlan {
+    /// Weight values converted per block of the matmul route.
+    block_elements: usize,
+    /// Blocks of output columns are a multiple of this many columns (quantization blocks).
+    align: usize,
+    /// Up to this many rows of `x`, the direct route ([`direct_product`]).
+    direct_rows: usize,
+}
+
+/// Rows of `x` up to which a half-precision product takes the direct route: one, a decoding
+/// step. Larger products go through Flex's matmul, which gives the same bits as an f32 weight
+/// holding the same values (the direct route sums in another order).
+const HALF_DIRECT_ROWS: usize = 1;
+
+/// Rows of `x` up to which a quantized product takes the direct route (a few sequences
+/// decoding together).
+const QUANT_DIRECT_ROWS: usize = 8;
+
 /// `x · W` (`x · Wᵀ` when `transpose`) for a frozen `W` stored `[r, c]` in a form only `fill`
-/// reads: the product in blocks of output columns (of `block_elements` weight values at most,
-/// a multiple of `align` columns), `fill(n0, nb, out)` writing the `f32` block of `W` that
-/// produces output columns `n0..n0 + nb` (transposed: stored rows `n0..n0 + nb`, `[nb, k]`;
-/// else stored columns `n0..n0 + nb` of each row, `[k, nb]`), and the rows of `x` multiplied by
-/// it in one 2-D matmul. Every output element is still one dot product over the whole inner
-/// dimension.
+/// reads: the product in blocks of output columns (of `plan.block_elements` weight values at
+/// most, a multiple of `plan.align` columns), `fill(n0, nb, out)` writing the `f32` block of
+/// `W` that produces output columns `n0..n0 + nb` (transposed: stored rows `n0..n0 + nb`,
+/// `[nb, k]`; else stored columns `n0..n0 + nb` of each row, `[k, nb]`), and the rows of `x`
+/// multiplied by it in one 2-D matmul. Every output element is still one dot product over the
+/// whole inner dimension. Up to `plan.direct_rows` rows of `x` take [`direct_product`].
 fn blocked_product(
     x: FlexTensor,
     [r, c]: [usize; 2],
     transpose: bool,
-    block_elements: usize,
-    align: usize,
-    fill: impl Fn(usize, usize, &mut [f32]),
+    plan: BlockPlan,
+    fill: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) -> FlexTensor {
+    let BlockPlan {
+        block_elements,
+        align,
+        direct_rows,
+    } = plan;
     // Output columns `n`, inner dimension `k`.
     let (k, n) = if transpose { (c, r) } else { (r, c) };
     let x_shape = x.layout().shape().clone();
     let rank = x_shape.num_dims();
     let rows = x_shape.num_elements() / k.max(1);
+    let mut out = x_shape.clone();
+    out[rank - 1] = n;
+    if rows <= direct_rows {
+        let x = x.to_contiguous();
+        let y = direct_product(slice(&x), rows, [r, c], transpose, align, fill);
+        return tensor(y, out);
+    }
     let x2 = Flex::float_reshape(x, Shape::new([rows, k]));
     let mut block = (block_elements / k.max(1)).clamp(1, n.max(1));
     if !transpose && block < n {
@@ -566,9 +648,162 @@ fn blocked_product(
         1 => outputs.pop().expect("one block"),
         _ => Flex::float_cat(outputs, 1),
     };
-    let mut out = x_shape;
-    out[rank - 1] = n;
     Flex::float_reshape(y, out)
+}
+
+/// Stored rows (transposed) or columns per task of [`direct_product`].
+const DIRECT_GROUP: usize = 32;
+
+/// [`blocked_product`] for a few rows of `x` (`[rows, k]`, row-major): the weight converted a
+/// group of [`DIRECT_GROUP`] output columns at a time, per task and into a task-sized buffer,
+/// and multiplied straight away (dot products, or row updates when not transposed), so the
+/// converted weight is written and read once in cache instead of going through a matmul.
+/// Returns `[rows, n]`.
+fn direct_product(
+    x: &[f32],
+    rows: usize,
+    [r, c]: [usize; 2],
+    transpose: bool,
+    align: usize,
+    fill: impl Fn(usize, usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let (k, n) = if transpose { (c, r) } else { (r, c) };
+    let group = DIRECT_GROUP.div_ceil(align.max(1)) * align.max(1);
+    // Per group of output columns, `[rows, group]` results.
+    let mut grouped = vec![0.0f32; n.div_ceil(group) * rows * group];
+    for_each_row(&mut grouped, rows * group, k * group, |g, out| {
+        let n0 = g * group;
+        let width = group.min(n - n0);
+        let xs = x.chunks_exact(k.max(1)).take(rows);
+        match transpose {
+            // One stored row at a time (it stays in L1), a dot product per row of `x`.
+            true => {
+                let mut w = vec![0.0f32; k];
+                for j in 0..width {
+                    fill(n0 + j, 1, &mut w);
+                    for (i, x) in xs.clone().enumerate() {
+                        out[i * group + j] = pulp::Arch::new().dispatch(Dot { a: x, b: &w });
+                    }
+                }
+            }
+            // `[k, width]`: each output row accumulates `x[j] · w[j, ..]`.
+            false => {
+                let mut w = vec![0.0f32; width * k];
+                fill(n0, width, &mut w);
+                for (i, x) in xs.enumerate() {
+                    let out = &mut out[i * group..i * group + width];
+                    pulp::Arch::new().dispatch(RowUpdates { x, w: &w, out });
+                }
+            }
+        }
+    });
+    let mut y = vec![0.0f32; rows * n];
+    for (g, block) in grouped.chunks_exact(rows * group).enumerate() {
+        let n0 = g * group;
+        let width = group.min(n - n0);
+        for i in 0..rows {
+            y[i * n + n0..i * n + n0 + width].copy_from_slice(&block[i * group..i * group + width]);
+        }
+    }
+    y
+}
+
+/// `Σ a[i] · b[i]` over sixteen running sums, then the tail; a [`pulp::WithSimd`] operation
+/// so that it vectorizes for the CPU at hand.
+struct Dot<'a> {
+    a: &'a [f32],
+    b: &'a [f32],
+}
+
+impl pulp::WithSimd for Dot<'_> {
+    type Output = f32;
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) -> f32 {
+        let mut lanes = [0.0f32; 16];
+        let (a16, b16) = (self.a.chunks_exact(16), self.b.chunks_exact(16));
+        let tail: f32 = a16
+            .remainder()
+            .iter()
+            .zip(b16.remainder())
+            .map(|(a, b)| a * b)
+            .sum();
+        for (a, b) in a16.zip(b16) {
+            for i in 0..16 {
+                lanes[i] += a[i] * b[i];
+            }
+        }
+        lanes.iter().sum::<f32>() + tail
+    }
+}
+
+/// `out += Σ_j x[j] · w[j, ..]` for `w` `[x.len(), out.len()]`, a [`pulp::WithSimd`]
+/// operation like [`Dot`].
+struct RowUpdates<'a> {
+    x: &'a [f32],
+    w: &'a [f32],
+    out: &'a mut [f32],
+}
+
+impl pulp::WithSimd for RowUpdates<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) {
+        let width = self.out.len().max(1);
+        for (xj, w) in self.x.iter().zip(self.w.chunks_exact(width)) {
+            for (o, w) in self.out.iter_mut().zip(w) {
+                *o += xj * w;
+            }
+        }
+    }
+}
+
+/// Stored rows per task of [`stored_row_updates`].
+const ROW_UPDATE_CHUNK: usize = 64;
+
+/// `x · W` for a few rows of `x` (`[rows, k]`) and a contiguous half-precision `W` `[k, n]`
+/// (a linear's Burn-layout weight while decoding): each task converts its chunk of
+/// [`ROW_UPDATE_CHUNK`] stored rows one at a time (contiguous reads, the row in L1) into a
+/// partial output `out += x[.., j] · W[j, ..]`; the partials are added in chunk order, so the
+/// result does not depend on the thread count.
+fn stored_row_updates<T: burn::tensor::Element + pulp::bytemuck::Pod>(
+    x: &[f32],
+    rows: usize,
+    w: &FlexTensor,
+) -> Vec<f32>
+where
+    [T]: HalfFloatSliceExt,
+{
+    let dims = w.layout().shape().clone();
+    let (k, n) = (dims[0], dims[1]);
+    let src = w
+        .as_slice::<T>()
+        .expect("a contiguous half-precision weight");
+    let chunks = k.div_ceil(ROW_UPDATE_CHUNK);
+    let mut partial = vec![0.0f32; chunks * rows * n];
+    for_each_row(
+        &mut partial,
+        rows * n,
+        ROW_UPDATE_CHUNK * n,
+        |chunk, out| {
+            let mut row = vec![0.0f32; n];
+            for j in chunk * ROW_UPDATE_CHUNK..((chunk + 1) * ROW_UPDATE_CHUNK).min(k) {
+                src[j * n..(j + 1) * n].convert_to_f32_slice(&mut row);
+                for (i, out) in out.chunks_exact_mut(n.max(1)).enumerate() {
+                    let x = &x[i * k + j..i * k + j + 1];
+                    pulp::Arch::new().dispatch(RowUpdates { x, w: &row, out });
+                }
+            }
+        },
+    );
+    let mut y = vec![0.0f32; rows * n];
+    for part in partial.chunks_exact(rows * n) {
+        for (y, p) in y.iter_mut().zip(part) {
+            *y += p;
+        }
+    }
+    y
 }
 
 /// Fills `out` row by row (`width` elements each, in parallel) with the `f32` values of the
@@ -803,17 +1038,29 @@ mod tests {
     #[test]
     fn blocked_frozen_matmul_matches_the_reference() {
         use burn::tensor::TensorData;
-        let x = FlexTensor::from_data(TensorData::new(values(2 * 5 * 40, 1), [2, 5, 40]));
-        for dtype in [DType::BF16, DType::F16] {
-            for transpose in [false, true] {
-                let shape = if transpose { [11, 40] } else { [40, 11] };
-                let w = TensorData::new(values(440, 2), shape).convert_dtype(dtype);
-                let w = FlexTensor::from_data(w);
-                let ours = frozen_matmul_blocked(x.clone(), w.clone(), transpose, 3 * 40);
-                let theirs = reference::frozen_matmul::<Flex>(x.clone(), w, transpose);
-                assert_eq!(ours.layout().shape().to_vec(), vec![2, 5, 11]);
-                let d = max_abs_diff(&ours, &theirs);
-                assert!(d <= 1e-5, "{dtype:?}, transpose {transpose}: {d}");
+        // 10 rows of `x`: blocks of 3 output columns through the matmul; 1 row: the direct
+        // routes (transposed: groups of 32 output columns, a ragged third of 6; else stored
+        // rows updating the output, chunk by chunk).
+        for batch in [[2, 5], [1, 1]] {
+            let rows = batch[0] * batch[1];
+            let x = FlexTensor::from_data(TensorData::new(
+                values(rows * 40, 1),
+                [batch[0], batch[1], 40],
+            ));
+            for dtype in [DType::BF16, DType::F16] {
+                for transpose in [false, true] {
+                    let shape = if transpose { [70, 40] } else { [40, 70] };
+                    let w = TensorData::new(values(40 * 70, 2), shape).convert_dtype(dtype);
+                    let w = FlexTensor::from_data(w);
+                    let ours = frozen_matmul_blocked(x.clone(), w.clone(), transpose, 3 * 40);
+                    let theirs = reference::frozen_matmul::<Flex>(x.clone(), w, transpose);
+                    assert_eq!(ours.layout().shape().to_vec(), vec![batch[0], batch[1], 70]);
+                    let d = max_abs_diff(&ours, &theirs);
+                    assert!(
+                        d <= 1e-5,
+                        "{rows} rows, {dtype:?}, transpose {transpose}: {d}"
+                    );
+                }
             }
         }
     }
@@ -842,17 +1089,18 @@ mod tests {
     }
 
     /// The blocked quantized product against the reference (whole-matrix dequantization with
-    /// tensor ops, then Burn's `linear`), both formats, both orientations, a ragged last
-    /// quantization block (72 columns = 2¼ blocks) and several blocks of the product (64
-    /// columns of the non-transposed product per block: two aligned blocks and a ragged one;
-    /// 3 rows per block transposed). Same dequantized values, same dot products up to the
-    /// matmul's blocking.
+    /// tensor ops, then Burn's `linear`), every format, both orientations, a ragged last
+    /// quantization block (72 columns = 2¼ blocks), 12 rows of `x` (several blocks of the
+    /// matmul route: 64 columns of the non-transposed product per block, two aligned blocks and
+    /// a ragged one; 3 rows per block transposed) and 6 (the direct route: groups of 32 output
+    /// columns, a ragged last one either way). Same dequantized values, same dot products up to
+    /// the summation order.
     #[test]
     fn blocked_quantized_matmul_matches_the_reference() {
         use crate::quantized::{QuantFormat, QuantizedMatrix};
         use burn::tensor::TensorData;
         let device = burn::tensor::Device::default();
-        let (rows, cols) = (7, 72);
+        let (rows, cols) = (40, 72);
         for format in [QuantFormat::Q8, QuantFormat::Q4, QuantFormat::Q4_1] {
             let m = QuantizedMatrix::quantize(
                 &values(rows * cols, 3),
@@ -871,10 +1119,15 @@ mod tests {
                 QuantFormat::Q4 | QuantFormat::Q4_1 => codes.as_slice::<u8>().unwrap().to_vec(),
             };
             let sc = scales.as_slice::<half::f16>().unwrap().to_vec();
-            for transpose in [true, false] {
+            for (transpose, batch) in [true, false]
+                .into_iter()
+                .flat_map(|t| [(t, [2, 3]), (t, [3, 4])])
+            {
                 let width = if transpose { cols } else { rows };
-                let x =
-                    FlexTensor::from_data(TensorData::new(values(2 * 3 * width, 4), [2, 3, width]));
+                let x = FlexTensor::from_data(TensorData::new(
+                    values(batch[0] * batch[1] * width, 4),
+                    [batch[0], batch[1], width],
+                ));
                 let block = if transpose { 3 * cols } else { 64 * rows };
                 let ours =
                     quantized_matmul_blocked(x.clone(), &bytes, &sc, m.layout(), transpose, block);
@@ -886,7 +1139,10 @@ mod tests {
                     transpose,
                 );
                 let out = if transpose { rows } else { cols };
-                assert_eq!(ours.layout().shape().to_vec(), vec![2, 3, out]);
+                assert_eq!(
+                    ours.layout().shape().to_vec(),
+                    vec![batch[0], batch[1], out]
+                );
                 let d = max_abs_diff(&ours, &theirs);
                 assert!(d <= 1e-5, "{format:?}, transpose {transpose}: {d}");
             }

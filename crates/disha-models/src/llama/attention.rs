@@ -1,7 +1,7 @@
 //! Grouped-query causal self-attention with rotate-half RoPE and a KV cache.
 
 use burn::module::Module;
-use burn::tensor::{Bool, Tensor, TensorData};
+use burn::tensor::{Bool, DType, Tensor, TensorData};
 use disha_core::AdaptedLinear;
 use disha_core::fused::softmax_last;
 
@@ -97,8 +97,17 @@ impl LlamaAttention {
         // The 1/√d scale goes into the queries' rotation (`cos` and `sin` are `[.., seq, hd]`)
         // rather than on the scores (`[.., seq, seq + past]`): the same product, with no pass of
         // its own forward or backward.
+        // In a half-precision compute dtype the tables are rounded to it, as transformers
+        // does (with a power-of-two scale, `round(q · round(cos · s))` is then `s · round(q ·
+        // round(cos))`: transformers' scaled scores, exactly).
+        let dtype = x.dtype();
         let scale = (hd as f64).powf(-0.5);
-        let (q_cos, q_sin) = (cos.clone().mul_scalar(scale), sin.clone().mul_scalar(scale));
+        let in_dtype = |t: Tensor<4>| if t.dtype() == dtype { t } else { t.cast(dtype) };
+        let (q_cos, q_sin) = (
+            in_dtype(cos.clone().mul_scalar(scale)),
+            in_dtype(sin.clone().mul_scalar(scale)),
+        );
+        let (cos, sin) = (&in_dtype(cos.clone()), &in_dtype(sin.clone()));
         let q = apply_rotary(heads(self.q_proj.forward(x.clone()), h), &q_cos, &q_sin);
         let mut k = apply_rotary(heads(self.k_proj.forward(x.clone()), kvh), cos, sin);
         let mut v = heads(self.v_proj.forward(x), kvh);
@@ -125,7 +134,12 @@ impl LlamaAttention {
             }
             None => scores,
         };
-        let out = softmax_last(scores).matmul(v);
+        // transformers' softmax is computed in f32 whatever the compute dtype.
+        let probs = match dtype {
+            DType::F32 => softmax_last(scores),
+            _ => softmax_last(scores.cast(DType::F32)).cast(dtype),
+        };
+        let out = probs.matmul(v);
         let out = out.swap_dims(1, 2).reshape([batch, seq, h * hd]);
         self.o_proj.forward(out)
     }

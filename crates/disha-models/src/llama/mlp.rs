@@ -1,7 +1,8 @@
 //! The SwiGLU feed-forward block.
 
 use burn::module::Module;
-use burn::tensor::Tensor;
+use burn::tensor::activation::silu;
+use burn::tensor::{DType, Tensor};
 use disha_core::AdaptedLinear;
 use disha_core::fused::silu_mul;
 
@@ -23,7 +24,13 @@ impl LlamaMlp {
     /// Applies the block.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let gate = self.gate_proj.forward(x.clone());
-        self.down_proj
-            .forward(silu_mul(gate, self.up_proj.forward(x)))
+        let up = self.up_proj.forward(x);
+        let hidden = match gate.dtype() {
+            DType::F32 => silu_mul(gate, up),
+            // transformers in half precision: SiLU computed in f32 and rounded once, then the
+            // product rounded.
+            dtype => silu(gate.cast(DType::F32)).cast(dtype) * up,
+        };
+        self.down_proj.forward(hidden)
     }
 }

@@ -99,6 +99,9 @@ pub struct Llama {
     config: LlamaConfig,
     #[module(skip)]
     rope: RotaryEmbedding,
+    /// The dtype activations are computed in ([`with_compute_dtype`](Self::with_compute_dtype)).
+    #[module(skip)]
+    compute_dtype: DType,
 }
 
 /// HF names of the seven projections of layer `i`, with their `[out, in]` shapes.
@@ -129,8 +132,18 @@ pub(crate) fn layer_projections(config: &LlamaConfig, i: usize) -> [(String, [us
 
 /// `module`'s RMS norm as one fused op (the same formula as `RmsNorm::forward`, one pass each way
 /// on Flex).
+///
+/// In a half-precision compute dtype it is transformers' `LlamaRMSNorm`: normalized in f32,
+/// rounded, then scaled by the (rounded) weight in that dtype.
 fn norm(module: &RmsNorm, x: Tensor<3>) -> Tensor<3> {
-    rms_norm(x, module.gamma.val(), module.epsilon)
+    let dtype = x.dtype();
+    let gamma = module.gamma.val();
+    if dtype == DType::F32 {
+        return rms_norm(x, gamma, module.epsilon);
+    }
+    let ones = Tensor::ones(gamma.dims(), &gamma.device());
+    let normed = rms_norm(x.cast(DType::F32), ones, module.epsilon).cast(dtype);
+    normed * gamma.cast(dtype).unsqueeze::<3>()
 }
 
 fn load_rms_norm(
@@ -210,7 +223,32 @@ impl Llama {
             lm_head,
             config: config.clone(),
             rope: RotaryEmbedding::new(config),
+            compute_dtype: DType::F32,
         })
+    }
+
+    /// Computes the activations in `dtype`: f32 (the default), or bf16 / f16 as transformers
+    /// runs a model loaded with `torch_dtype=torch.bfloat16`: every product and element-wise op
+    /// rounded to that dtype, the RMS norms and the attention softmax computed in f32 and
+    /// rounded once, the logits returned in f32 (holding the rounded values). Adapter terms
+    /// are still computed in f32 and rounded once (PEFT's autocast rule). For inference
+    /// (logits, generation, evaluation); training computes in f32.
+    ///
+    /// # Panics
+    /// A dtype other than F32, BF16 or F16 (a programmer error).
+    pub fn with_compute_dtype(mut self, dtype: DType) -> Self {
+        assert!(
+            matches!(dtype, DType::F32 | DType::BF16 | DType::F16),
+            "Llama::with_compute_dtype: {dtype:?} is not a float dtype to compute in"
+        );
+        self.compute_dtype = dtype;
+        self
+    }
+
+    /// The dtype activations are computed in (f32 unless
+    /// [`with_compute_dtype`](Self::with_compute_dtype) said otherwise).
+    pub fn compute_dtype(&self) -> DType {
+        self.compute_dtype
     }
 
     /// The architecture.
@@ -311,11 +349,20 @@ impl Llama {
         states
     }
 
-    /// Applies the output head (tied or not) to hidden states.
+    /// Applies the output head (tied or not) to hidden states; the logits are f32 whatever
+    /// the compute dtype.
     ///
     /// # Shapes
     /// - `[batch, seq, hidden]` → `[batch, seq, vocab]`
     pub fn head(&self, hidden: Tensor<3>) -> Tensor<3> {
+        let logits = self.head_in_compute_dtype(hidden);
+        match logits.dtype() {
+            DType::F32 => logits,
+            _ => logits.cast(DType::F32),
+        }
+    }
+
+    fn head_in_compute_dtype(&self, hidden: Tensor<3>) -> Tensor<3> {
         match &self.lm_head {
             Some(head) => head.forward(hidden),
             None => {
@@ -361,10 +408,10 @@ impl Llama {
                 mask: None,
             }
         });
-        // Rows of a half-precision embedding, in the f32 the model computes in.
+        // Rows of the embedding, in the dtype the model computes in.
         let mut x = self.embed_tokens.forward(input_ids);
-        if x.dtype() != DType::F32 {
-            x = x.cast(DType::F32);
+        if x.dtype() != self.compute_dtype {
+            x = x.cast(self.compute_dtype);
         }
         let mut slots = cache;
         if let Some(c) = slots.as_deref_mut()

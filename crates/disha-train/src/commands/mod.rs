@@ -91,12 +91,13 @@ pub fn load_with_adapter(
 /// [`load_with_adapter`] for the shared `--model/--adapter/--device` arguments.
 pub fn load_model_args(args: &ModelArgs) -> CliResult<(LoadedModel, Option<PeftConfig>, Device)> {
     let device = args.device.device()?;
-    let (loaded, config) = load_with_adapter(
+    let (mut loaded, config) = load_with_adapter(
         &args.model,
         args.adapter.as_deref(),
         &args.load_options(),
         &device,
     )?;
+    loaded.model = loaded.model.with_compute_dtype(args.compute_dtype)?;
     Ok((loaded, config, device))
 }
 
