@@ -185,9 +185,8 @@ impl AdaptedLinear {
         let values = to_f32(weight)
             .transpose()
             .into_data()
-            .convert::<f32>()
             .try_into_vec::<f32>()
-            .expect("f32 after convert");
+            .expect("an f32 tensor after to_f32");
         let quantized = QuantizedMatrix::quantize(
             &values,
             [d_output, d_input],

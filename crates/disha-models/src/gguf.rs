@@ -597,21 +597,9 @@ impl GgufFile {
         let Some(info) = self.tensors.get(name) else {
             return Ok(None);
         };
-        let start = self.data_start + info.offset;
-        let bytes = match &self.source {
-            Source::Memory(bytes) => {
-                bytes[start as usize..(start + info.byte_len) as usize].to_vec()
-            }
-            Source::File(file) => {
-                let io = |e| ModelError::io(&self.path, e);
-                let mut reader = file;
-                reader.seek(SeekFrom::Start(start)).map_err(io)?;
-                let mut buffer = vec![0u8; info.byte_len as usize];
-                reader.read_exact(&mut buffer).map_err(io)?;
-                buffer
-            }
-        };
-        Ok(Some(bytes))
+        let mut out = Vec::with_capacity(info.byte_len as usize);
+        self.read_chunks(info, 1 << 20, |bytes| out.extend_from_slice(bytes))?;
+        Ok(Some(out))
     }
 
     /// Tensor `name` dequantized to f32, in GGUF element order (row-major over the
@@ -634,14 +622,27 @@ impl GgufFile {
             });
         }
         let (_, block, block_bytes) = ggml_type(info.type_id).expect("validated at open");
-        let start = self.data_start + info.offset;
         let mut out = Vec::with_capacity(info.elements());
         let chunk = ((1 << 20) / block_bytes).max(1) * block_bytes;
+        self.read_chunks(info, chunk, |bytes| {
+            dequantize_into(info.type_id, bytes, &mut out)
+        })?;
+        debug_assert_eq!(out.len() as u64, info.byte_len / block_bytes * block);
+        Ok(Some(out))
+    }
+
+    /// Hands the bytes of the tensor `info` describes to `each`: from a file in pieces of at
+    /// most `chunk` bytes read one at a time (whole blocks when `chunk` is a multiple of the
+    /// block size), from memory whole.
+    fn read_chunks(
+        &self,
+        info: &GgufTensorInfo,
+        chunk: u64,
+        mut each: impl FnMut(&[u8]),
+    ) -> Result<()> {
+        let start = self.data_start + info.offset;
         match &self.source {
-            Source::Memory(bytes) => {
-                let data = &bytes[start as usize..(start + info.byte_len) as usize];
-                dequantize_into(info.type_id, data, &mut out);
-            }
+            Source::Memory(bytes) => each(&bytes[start as usize..(start + info.byte_len) as usize]),
             Source::File(file) => {
                 let io = |e| ModelError::io(&self.path, e);
                 let mut reader = file;
@@ -651,13 +652,12 @@ impl GgufFile {
                 while left > 0 {
                     let n = left.min(chunk) as usize;
                     reader.read_exact(&mut buffer[..n]).map_err(io)?;
-                    dequantize_into(info.type_id, &buffer[..n], &mut out);
+                    each(&buffer[..n]);
                     left -= n as u64;
                 }
             }
         }
-        debug_assert_eq!(out.len() as u64, info.byte_len / block_bytes * block);
-        Ok(Some(out))
+        Ok(())
     }
 }
 

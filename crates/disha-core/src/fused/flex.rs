@@ -460,7 +460,7 @@ fn adamw_chunk<const FIRST: bool, const DECAY: bool>(
 const FROZEN_BLOCK_ELEMENTS: usize = 16 << 20;
 
 /// `x · W` (`x · Wᵀ` when `transpose`) for a half-precision `W` stored `[r, c]` and an `f32`
-/// `x`, through [`blocked_product`]: each block converted in one parallel pass.
+/// `x`, through [`blocked_product`]: stored rows converted with `half`'s slice conversion.
 fn frozen_matmul_blocked(
     x: FlexTensor,
     weight: FlexTensor,
@@ -470,37 +470,32 @@ fn frozen_matmul_blocked(
     let w = weight.to_contiguous();
     let dims = w.layout().shape().clone();
     let (r, c) = (dims[0], dims[1]);
-    let x_shape = x.layout().shape().clone();
-    let rows = x_shape.num_elements() / r.max(1);
-    if !transpose && rows <= HALF_DIRECT_ROWS {
-        let x = x.to_contiguous();
-        let y = match w.dtype() {
-            DType::BF16 => stored_row_updates::<half::bf16>(slice(&x), rows, &w),
-            _ => stored_row_updates::<half::f16>(slice(&x), rows, &w),
-        };
-        let mut out = x_shape;
-        let rank = out.num_dims();
-        out[rank - 1] = c;
-        return tensor(y, out);
-    }
     let plan = BlockPlan {
         block_elements,
         align: 1,
         direct_rows: HALF_DIRECT_ROWS,
     };
-    blocked_product(x, [r, c], transpose, plan, |n0, nb, out| {
-        // Transposed: rows `n0..n0 + nb` of the stored `[n, k]`, one contiguous run; else
-        // columns `n0..n0 + nb` of each of the `k` stored rows.
-        let width = if transpose { c } else { nb };
-        let source_row = |row: usize| match transpose {
-            true => (n0 + row) * c,
-            false => row * c + n0,
-        };
-        match w.dtype() {
-            DType::BF16 => convert_rows::<half::bf16>(&w, out, width, source_row),
-            _ => convert_rows::<half::f16>(&w, out, width, source_row),
-        }
-    })
+    match w.dtype() {
+        DType::BF16 => blocked_product(x, [r, c], transpose, plan, half_span::<half::bf16>(&w)),
+        _ => blocked_product(x, [r, c], transpose, plan, half_span::<half::f16>(&w)),
+    }
+}
+
+/// The span reader of a contiguous half-precision `w` `[r, c]` for [`blocked_product`].
+fn half_span<T: burn::tensor::Element + pulp::bytemuck::Pod>(
+    w: &FlexTensor,
+) -> impl Fn(usize, usize, &mut [f32]) + Sync + '_
+where
+    [T]: HalfFloatSliceExt,
+{
+    let c = w.layout().shape()[1];
+    let src = w
+        .as_slice::<T>()
+        .expect("a contiguous half-precision weight");
+    move |i, col0, out| {
+        let start = i * c + col0;
+        src[start..start + out.len()].convert_to_f32_slice(out);
+    }
 }
 
 /// [`dequantize_span`] as a [`pulp::WithSimd`] operation: its loops compiled for the CPU's
@@ -523,8 +518,8 @@ impl pulp::WithSimd for DequantizeSpan<'_> {
 }
 
 /// `x · Mᵀ` (`x · M` without `transpose`) for a block-quantized `M` `[rows, layout.cols]` and
-/// an `f32` `x`, through [`blocked_product`]: each block of `M` dequantized row by row in
-/// parallel (whole quantization blocks: column blocks start at multiples of 32).
+/// an `f32` `x`, through [`blocked_product`]: stored rows dequantized under run-time SIMD
+/// dispatch (column blocks start at multiples of 32, whole quantization blocks).
 fn quantized_matmul_blocked(
     x: FlexTensor,
     codes: &[u8],
@@ -533,48 +528,24 @@ fn quantized_matmul_blocked(
     transpose: bool,
     block_elements: usize,
 ) -> FlexTensor {
-    let (row_bytes, cols) = (layout.row_bytes(), layout.cols);
+    let row_bytes = layout.row_bytes();
     let row_params = layout.blocks() * layout.format.block_params();
     let rows = codes.len() / row_bytes.max(1);
-    let row = |r: usize| {
-        (
-            &codes[r * row_bytes..(r + 1) * row_bytes],
-            &scales[r * row_params..(r + 1) * row_params],
-        )
-    };
     let plan = BlockPlan {
         block_elements,
         align: QUANT_BLOCK,
         direct_rows: QUANT_DIRECT_ROWS,
     };
-    blocked_product(x, [rows, cols], transpose, plan, |n0, nb, out| {
-        match transpose {
-            // Rows `n0..n0 + nb`, whole.
-            true => for_each_row(out, cols, cols, |i, out| {
-                let (codes, params) = row(n0 + i);
-                let span = DequantizeSpan {
-                    format: layout.format,
-                    codes,
-                    params,
-                    col0: 0,
-                    out,
-                };
-                pulp::Arch::new().dispatch(span);
-            }),
-            // Columns `n0..n0 + nb` of every row.
-            false => for_each_row(out, nb, nb, |r, out| {
-                let (codes, params) = row(r);
-                let span = DequantizeSpan {
-                    format: layout.format,
-                    codes,
-                    params,
-                    col0: n0,
-                    out,
-                };
-                pulp::Arch::new().dispatch(span);
-            }),
-        }
-    })
+    let span = |i: usize, col0: usize, out: &mut [f32]| {
+        pulp::Arch::new().dispatch(DequantizeSpan {
+            format: layout.format,
+            codes: &codes[i * row_bytes..(i + 1) * row_bytes],
+            params: &scales[i * row_params..(i + 1) * row_params],
+            col0,
+            out,
+        })
+    };
+    blocked_product(x, [rows, layout.cols], transpose, plan, span)
 }
 
 /// How [`blocked_product`] cuts a product.
@@ -597,19 +568,20 @@ const HALF_DIRECT_ROWS: usize = 1;
 /// decoding together).
 const QUANT_DIRECT_ROWS: usize = 8;
 
-/// `x · W` (`x · Wᵀ` when `transpose`) for a frozen `W` stored `[r, c]` in a form only `fill`
-/// reads: the product in blocks of output columns (of `plan.block_elements` weight values at
-/// most, a multiple of `plan.align` columns), `fill(n0, nb, out)` writing the `f32` block of
-/// `W` that produces output columns `n0..n0 + nb` (transposed: stored rows `n0..n0 + nb`,
-/// `[nb, k]`; else stored columns `n0..n0 + nb` of each row, `[k, nb]`), and the rows of `x`
-/// multiplied by it in one 2-D matmul. Every output element is still one dot product over the
-/// whole inner dimension. Up to `plan.direct_rows` rows of `x` take [`direct_product`].
+/// `x · W` (`x · Wᵀ` when `transpose`) for a frozen `W` stored `[r, c]` in a form only `span`
+/// reads: `span(i, col0, out)` writes the `f32` values `col0..col0 + out.len()` of stored row
+/// `i` (`col0` a multiple of `plan.align`). The product runs in blocks of output columns (of
+/// `plan.block_elements` weight values at most, a multiple of `plan.align` columns), each block
+/// of `W` converted by all threads (transposed: stored rows `n0..n0 + nb`, `[nb, k]`; else
+/// stored columns `n0..n0 + nb` of each row, `[k, nb]`) and the rows of `x` multiplied by it in
+/// one 2-D matmul; every output element is still one dot product over the whole inner
+/// dimension. Up to `plan.direct_rows` rows of `x` take [`direct_product`].
 fn blocked_product(
     x: FlexTensor,
     [r, c]: [usize; 2],
     transpose: bool,
     plan: BlockPlan,
-    fill: impl Fn(usize, usize, &mut [f32]) + Sync,
+    span: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) -> FlexTensor {
     let BlockPlan {
         block_elements,
@@ -625,7 +597,7 @@ fn blocked_product(
     out[rank - 1] = n;
     if rows <= direct_rows {
         let x = x.to_contiguous();
-        let y = direct_product(slice(&x), rows, [r, c], transpose, align, fill);
+        let y = direct_product(slice(&x), rows, [r, c], transpose, span);
         return tensor(y, out);
     }
     let x2 = Flex::float_reshape(x, Shape::new([rows, k]));
@@ -637,10 +609,15 @@ fn blocked_product(
     for n0 in (0..n).step_by(block) {
         let nb = block.min(n - n0);
         let mut converted = vec![0.0f32; nb * k];
-        fill(n0, nb, &mut converted);
         let block_w = match transpose {
-            true => Flex::float_transpose(tensor(converted, Shape::new([nb, k]))),
-            false => tensor(converted, Shape::new([k, nb])),
+            true => {
+                for_each_row(&mut converted, k, k, |i, out| span(n0 + i, 0, out));
+                Flex::float_transpose(tensor(converted, Shape::new([nb, k])))
+            }
+            false => {
+                for_each_row(&mut converted, nb, nb, |i, out| span(i, n0, out));
+                tensor(converted, Shape::new([k, nb]))
+            }
         };
         outputs.push(Flex::float_matmul(x2.clone(), block_w));
     }
@@ -651,58 +628,75 @@ fn blocked_product(
     Flex::float_reshape(y, out)
 }
 
-/// Stored rows (transposed) or columns per task of [`direct_product`].
+/// Stored rows per task of [`direct_product`] (transposed: output columns per task).
 const DIRECT_GROUP: usize = 32;
 
-/// [`blocked_product`] for a few rows of `x` (`[rows, k]`, row-major): the weight converted a
-/// group of [`DIRECT_GROUP`] output columns at a time, per task and into a task-sized buffer,
-/// and multiplied straight away (dot products, or row updates when not transposed), so the
-/// converted weight is written and read once in cache instead of going through a matmul.
+/// Stored rows per task of [`direct_product`]'s row updates.
+const ROW_UPDATE_CHUNK: usize = 64;
+
+/// [`blocked_product`] for a few rows of `x` (`[rows, k]`, row-major): the weight read one
+/// stored row at a time into a task's buffer (it stays in L1) and used straight away, instead
+/// of converting blocks for a matmul. Transposed, each stored row gives one output column (a
+/// dot product per row of `x`), [`DIRECT_GROUP`] rows per task; else each stored row `j` adds
+/// `x[.., j] · W[j, ..]` to a task's partial output, [`ROW_UPDATE_CHUNK`] rows per task, and
+/// the partials are added in task order (the result does not depend on the thread count).
 /// Returns `[rows, n]`.
 fn direct_product(
     x: &[f32],
     rows: usize,
     [r, c]: [usize; 2],
     transpose: bool,
-    align: usize,
-    fill: impl Fn(usize, usize, &mut [f32]) + Sync,
+    span: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) -> Vec<f32> {
     let (k, n) = if transpose { (c, r) } else { (r, c) };
-    let group = DIRECT_GROUP.div_ceil(align.max(1)) * align.max(1);
-    // Per group of output columns, `[rows, group]` results.
-    let mut grouped = vec![0.0f32; n.div_ceil(group) * rows * group];
-    for_each_row(&mut grouped, rows * group, k * group, |g, out| {
-        let n0 = g * group;
-        let width = group.min(n - n0);
-        let xs = x.chunks_exact(k.max(1)).take(rows);
-        match transpose {
-            // One stored row at a time (it stays in L1), a dot product per row of `x`.
-            true => {
-                let mut w = vec![0.0f32; k];
-                for j in 0..width {
-                    fill(n0 + j, 1, &mut w);
-                    for (i, x) in xs.clone().enumerate() {
-                        out[i * group + j] = pulp::Arch::new().dispatch(Dot { a: x, b: &w });
-                    }
+    let xs = x.chunks_exact(k.max(1)).take(rows);
+    if transpose {
+        let group = DIRECT_GROUP;
+        // Per group of output columns, `[rows, group]` results.
+        let mut grouped = vec![0.0f32; n.div_ceil(group) * rows * group];
+        for_each_row(&mut grouped, rows * group, k * group, |g, out| {
+            let mut w = vec![0.0f32; k];
+            for j in 0..group.min(n - g * group) {
+                span(g * group + j, 0, &mut w);
+                for (i, x) in xs.clone().enumerate() {
+                    out[i * group + j] = pulp::Arch::new().dispatch(Dot { a: x, b: &w });
                 }
             }
-            // `[k, width]`: each output row accumulates `x[j] · w[j, ..]`.
-            false => {
-                let mut w = vec![0.0f32; width * k];
-                fill(n0, width, &mut w);
-                for (i, x) in xs.enumerate() {
-                    let out = &mut out[i * group..i * group + width];
-                    pulp::Arch::new().dispatch(RowUpdates { x, w: &w, out });
-                }
+        });
+        let mut y = vec![0.0f32; rows * n];
+        for (g, block) in grouped.chunks_exact(rows * group).enumerate() {
+            let (n0, width) = (g * group, group.min(n - g * group));
+            for i in 0..rows {
+                y[i * n + n0..i * n + n0 + width]
+                    .copy_from_slice(&block[i * group..i * group + width]);
             }
         }
-    });
+        return y;
+    }
+    let chunks = k.div_ceil(ROW_UPDATE_CHUNK);
+    let mut partial = vec![0.0f32; chunks * rows * n];
+    for_each_row(
+        &mut partial,
+        rows * n,
+        ROW_UPDATE_CHUNK * n,
+        |chunk, out| {
+            let mut w = vec![0.0f32; n];
+            for j in chunk * ROW_UPDATE_CHUNK..((chunk + 1) * ROW_UPDATE_CHUNK).min(k) {
+                span(j, 0, &mut w);
+                for (x, out) in xs.clone().zip(out.chunks_exact_mut(n.max(1))) {
+                    pulp::Arch::new().dispatch(Axpy {
+                        a: x[j],
+                        w: &w,
+                        out,
+                    });
+                }
+            }
+        },
+    );
     let mut y = vec![0.0f32; rows * n];
-    for (g, block) in grouped.chunks_exact(rows * group).enumerate() {
-        let n0 = g * group;
-        let width = group.min(n - n0);
-        for i in 0..rows {
-            y[i * n + n0..i * n + n0 + width].copy_from_slice(&block[i * group..i * group + width]);
+    for part in partial.chunks_exact(rows * n) {
+        for (y, p) in y.iter_mut().zip(part) {
+            *y += p;
         }
     }
     y
@@ -737,92 +731,22 @@ impl pulp::WithSimd for Dot<'_> {
     }
 }
 
-/// `out += Σ_j x[j] · w[j, ..]` for `w` `[x.len(), out.len()]`, a [`pulp::WithSimd`]
-/// operation like [`Dot`].
-struct RowUpdates<'a> {
-    x: &'a [f32],
+/// `out += a · w`, a [`pulp::WithSimd`] operation like [`Dot`].
+struct Axpy<'a> {
+    a: f32,
     w: &'a [f32],
     out: &'a mut [f32],
 }
 
-impl pulp::WithSimd for RowUpdates<'_> {
+impl pulp::WithSimd for Axpy<'_> {
     type Output = ();
 
     #[inline(always)]
     fn with_simd<S: pulp::Simd>(self, _: S) {
-        let width = self.out.len().max(1);
-        for (xj, w) in self.x.iter().zip(self.w.chunks_exact(width)) {
-            for (o, w) in self.out.iter_mut().zip(w) {
-                *o += xj * w;
-            }
+        for (o, w) in self.out.iter_mut().zip(self.w) {
+            *o += self.a * w;
         }
     }
-}
-
-/// Stored rows per task of [`stored_row_updates`].
-const ROW_UPDATE_CHUNK: usize = 64;
-
-/// `x · W` for a few rows of `x` (`[rows, k]`) and a contiguous half-precision `W` `[k, n]`
-/// (a linear's Burn-layout weight while decoding): each task converts its chunk of
-/// [`ROW_UPDATE_CHUNK`] stored rows one at a time (contiguous reads, the row in L1) into a
-/// partial output `out += x[.., j] · W[j, ..]`; the partials are added in chunk order, so the
-/// result does not depend on the thread count.
-fn stored_row_updates<T: burn::tensor::Element + pulp::bytemuck::Pod>(
-    x: &[f32],
-    rows: usize,
-    w: &FlexTensor,
-) -> Vec<f32>
-where
-    [T]: HalfFloatSliceExt,
-{
-    let dims = w.layout().shape().clone();
-    let (k, n) = (dims[0], dims[1]);
-    let src = w
-        .as_slice::<T>()
-        .expect("a contiguous half-precision weight");
-    let chunks = k.div_ceil(ROW_UPDATE_CHUNK);
-    let mut partial = vec![0.0f32; chunks * rows * n];
-    for_each_row(
-        &mut partial,
-        rows * n,
-        ROW_UPDATE_CHUNK * n,
-        |chunk, out| {
-            let mut row = vec![0.0f32; n];
-            for j in chunk * ROW_UPDATE_CHUNK..((chunk + 1) * ROW_UPDATE_CHUNK).min(k) {
-                src[j * n..(j + 1) * n].convert_to_f32_slice(&mut row);
-                for (i, out) in out.chunks_exact_mut(n.max(1)).enumerate() {
-                    let x = &x[i * k + j..i * k + j + 1];
-                    pulp::Arch::new().dispatch(RowUpdates { x, w: &row, out });
-                }
-            }
-        },
-    );
-    let mut y = vec![0.0f32; rows * n];
-    for part in partial.chunks_exact(rows * n) {
-        for (y, p) in y.iter_mut().zip(part) {
-            *y += p;
-        }
-    }
-    y
-}
-
-/// Fills `out` row by row (`width` elements each, in parallel) with the `f32` values of the
-/// contiguous half-precision tensor `w` starting at `source_row(row)`.
-fn convert_rows<T: burn::tensor::Element + pulp::bytemuck::Pod>(
-    w: &FlexTensor,
-    out: &mut [f32],
-    width: usize,
-    source_row: impl Fn(usize) -> usize + Send + Sync,
-) where
-    [T]: HalfFloatSliceExt,
-{
-    let src = w
-        .as_slice::<T>()
-        .expect("a contiguous half-precision weight");
-    for_each_row(out, width, width, |row, out| {
-        let start = source_row(row);
-        src[start..start + width].convert_to_f32_slice(out);
-    });
 }
 
 /// `t` as a contiguous `f32` tensor this op may write into: `t` itself when it owns its
@@ -1040,7 +964,7 @@ mod tests {
         use burn::tensor::TensorData;
         // 10 rows of `x`: blocks of 3 output columns through the matmul; 1 row: the direct
         // routes (transposed: groups of 32 output columns, a ragged third of 6; else stored
-        // rows updating the output, chunk by chunk).
+        // rows updating the output).
         for batch in [[2, 5], [1, 1]] {
             let rows = batch[0] * batch[1];
             let x = FlexTensor::from_data(TensorData::new(
@@ -1092,9 +1016,9 @@ mod tests {
     /// tensor ops, then Burn's `linear`), every format, both orientations, a ragged last
     /// quantization block (72 columns = 2¼ blocks), 12 rows of `x` (several blocks of the
     /// matmul route: 64 columns of the non-transposed product per block, two aligned blocks and
-    /// a ragged one; 3 rows per block transposed) and 6 (the direct route: groups of 32 output
-    /// columns, a ragged last one either way). Same dequantized values, same dot products up to
-    /// the summation order.
+    /// a ragged one; 3 rows per block transposed) and 6 (the direct route: transposed, groups of
+    /// 32 output columns, a ragged last one; else stored rows updating the output). Same
+    /// dequantized values, same dot products up to the summation order.
     #[test]
     fn blocked_quantized_matmul_matches_the_reference() {
         use crate::quantized::{QuantFormat, QuantizedMatrix};
