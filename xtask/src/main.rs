@@ -5,12 +5,14 @@
 //!   opt-in feature (type-checks the GPU backends); `--kernels` adds the WGPU kernel tests.
 //! - `cargo xtask bench [adapters|kernels|models|rwkv|compare|memory]` — the benchmarks, with
 //!   their summary tables (`compare`: disha against PyTorch + PEFT, one training step side by
-//!   side; `memory`: resident memory of a real-size Llama per base dtype).
+//!   side; `memory`: resident memory of a real-size Llama per base dtype); `bench gpu` prepares
+//!   the one-shot GPU benchmark (a CUDA release binary and its run script, `target/gpu-bench/`).
 //! - `cargo xtask converge` — Bone vs LoRA vs BAT fine-tuning convergence on SmolLM2 + GSM8K.
 //! - `cargo xtask make-demo` — rebuild the embedded demo model and data under `assets/demo/`.
 //! - `cargo xtask fuzz` — a long fuzzing campaign over every reader (`crates/disha-fuzz`).
 
 mod converge;
+mod gpu_bench;
 
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
@@ -47,7 +49,9 @@ enum Task {
         /// `compare` (disha against PyTorch + PEFT: frozen forward, full fine-tune, Bone, BAT,
         /// mini, LoRA; one training step side by side, JSON / markdown / PNG in target/bench/)
         /// or `memory` (a generated Llama-3.2-1B- or Llama-2-7B-shaped bf16 checkpoint: resident
-        /// memory after load and at one Bone r64 step's peak, per base dtype).
+        /// memory after load and at one Bone r64 step's peak, per base dtype) or `gpu` (builds
+        /// the one-shot GPU benchmark for CUDA into target/gpu-bench/: binary + run.sh; it does
+        /// not run it).
         #[arg(default_value = "adapters")]
         which: String,
         /// Arguments for the benchmark binary, after `--` (criterion's for the others;
@@ -150,11 +154,12 @@ const FEATURE_CHECK_STEPS: &[Step] = &[Step {
 
 /// The CubeCL kernels run on the CPU through WGPU over Mesa's software Vulkan driver (lavapipe:
 /// `apt-get install mesa-vulkan-drivers libvulkan1`): the kernel suite against the reference,
-/// the Llama adapter goldens (logits, gradients, 3 SGD steps) with the kernels active, and
-/// burn-train's step. One invocation, so the three test targets share one WGPU build of the
+/// the Llama adapter goldens (logits, gradients, 3 SGD steps) with the kernels active, the
+/// RWKV-7 goldens (logits, states, RWKV-PEFT merges) through the WKV kernels, and burn-train's
+/// step. One invocation, so the three test targets share one WGPU build of the
 /// Burn stack. Not part of CI: that build alone takes about 45 minutes on CI's 2 cores.
 const KERNEL_TEST_STEPS: &[Step] = &[Step {
-    label: "kernel suite + Llama adapter goldens + burn-train step on WGPU (lavapipe)",
+    label: "kernel suite + Llama / RWKV-7 goldens + burn-train step on WGPU (lavapipe)",
     args: &[
         "test",
         "-p",
@@ -167,6 +172,10 @@ const KERNEL_TEST_STEPS: &[Step] = &[Step {
         "kernels",
         "--test",
         "llama_adapters",
+        "--test",
+        "rwkv7",
+        "--test",
+        "rwkv_peft",
         "--test",
         "burn_train",
     ],
@@ -247,6 +256,24 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Task::Bench { which, .. } = &cli.command
+        && which == "gpu"
+    {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+        return match gpu_bench::prepare(&root) {
+            Ok(out) => {
+                println!(
+                    "ready: {}/ (disha-gpu-bench.xz + run.sh). On the GPU machine: sh run.sh",
+                    out.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("xtask bench gpu: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Task::MakeDemo { steps } = &cli.command {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -320,7 +347,7 @@ fn main() -> ExitCode {
                 ),
                 other => {
                     eprintln!(
-                        "unknown benchmark `{other}` (available: adapters, models, rwkv, kernels, compare, memory)"
+                        "unknown benchmark `{other}` (available: adapters, models, rwkv, kernels, compare, memory, gpu)"
                     );
                     return ExitCode::from(2);
                 }

@@ -42,6 +42,7 @@ mod spec;
 mod targets;
 #[cfg(test)]
 mod test_util;
+pub mod wkv;
 
 pub use adapted_linear::{AdaptedLinear, AdaptedLinearConfig, replace_param_value};
 pub use adapter::{Adapter, AdapterSet};

@@ -302,3 +302,76 @@ fn bat_training_step_keeps_no_weight_sized_tensor() {
         "the materializing reference should keep W' ({weight_bytes} B) but keeps {reference} B"
     );
 }
+
+/// The WKV-7 recurrence one token at a time in plain tensor ops (differentiated by Burn's
+/// autodiff): `sa = S·α_t; S ← S ⊙ w_tᵀ + sa·β_tᵀ + v_t·k_tᵀ; y_t = S·r_t`.
+fn wkv7_per_token(inputs: [Tensor<4>; 7]) -> (Tensor<4>, Tensor<4>) {
+    let [r, w, k, v, alpha, beta, mut s] = inputs;
+    let [b, t, h, n] = r.dims();
+    let at = |x: &Tensor<4>, i: usize, column: bool| {
+        let x = x.clone().narrow(1, i, 1);
+        x.reshape(if column { [b, h, n, 1] } else { [b, h, 1, n] })
+    };
+    let mut ys = Vec::new();
+    for i in 0..t {
+        let sa = s.clone().matmul(at(&alpha, i, true));
+        s = s * at(&w, i, false) + sa * at(&beta, i, false) + at(&v, i, true) * at(&k, i, false);
+        ys.push(s.clone().matmul(at(&r, i, true)).reshape([b, 1, h, n]));
+    }
+    (Tensor::cat(ys, 1), s)
+}
+
+/// The fused WKV-7 op ([`disha_core::wkv::wkv7`]: the CubeCL kernels on WGPU / CUDA, the Flex
+/// kernel on Flex) against the per-token recurrence on Flex: outputs, final state and the
+/// gradients of all seven inputs. Shapes: RWKV-7's head size 64 with a ragged last chunk (37
+/// tokens in chunks of 16), several heads and batch rows, one chunk longer than the sequence,
+/// chunks of one token, small head sizes. The decay lies in `[0.5, 0.95)` as the model's does;
+/// state entries stay O(1)–O(10), so the tolerance of the module docs holds.
+#[test]
+fn wkv7_forward_and_gradients_match_the_per_token_recurrence() {
+    let _device = exclusive_device();
+    let cases = [
+        ([2, 37, 3, 64], 16),
+        ([1, 10, 2, 8], 3),
+        ([1, 6, 1, 4], 1),
+        ([1, 20, 2, 64], 64),
+    ];
+    for (case, (dims, chunk_len)) in cases.into_iter().enumerate() {
+        let [b, _, h, n] = dims;
+        let seed = 100 * case as u64;
+        let run = |device: &Device, fused: bool| {
+            let device = device.clone().autodiff();
+            let leaf = |i: u64, shape: [usize; 4]| tensor(seed + i, shape, &device).require_grad();
+            let mut inputs = [0, 1, 2, 3, 4, 5].map(|i| leaf(i, dims)).to_vec();
+            inputs[1] = tensor(seed + 1, dims, &device)
+                .mul_scalar(0.9)
+                .add_scalar(0.725)
+                .require_grad();
+            inputs.push(leaf(6, [b, h, n, n]));
+            let inputs: [Tensor<4>; 7] = inputs.try_into().expect("seven inputs");
+            let (y, s) = match fused {
+                true => {
+                    let [r, w, k, v, a, bb, s] = inputs.clone();
+                    disha_core::wkv::wkv7(r, w, k, v, a, bb, s, chunk_len)
+                }
+                false => wkv7_per_token(inputs.clone()),
+            };
+            let cy = tensor(seed + 7, dims, &device);
+            let cs = tensor(seed + 8, [b, h, n, n], &device);
+            let grads = ((y.clone() * cy).sum() + (s.clone() * cs).sum()).backward();
+            let mut out = vec![host(y), host(s)];
+            out.extend(
+                inputs
+                    .iter()
+                    .map(|x| host(x.grad(&grads).expect("every input is tracked"))),
+            );
+            out
+        };
+        let actual = run(&Device::default(), true);
+        let expected = run(&Device::flex(), false);
+        let names = ["y", "state", "δr", "δw", "δk", "δv", "δα", "δβ", "δstate"];
+        for ((name, a), e) in names.iter().zip(actual).zip(expected) {
+            assert_agree(&format!("WKV {dims:?} chunk {chunk_len}: {name}"), a, e);
+        }
+    }
+}

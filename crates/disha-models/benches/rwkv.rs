@@ -3,13 +3,15 @@
 //! r16, LoRA r8 and BAT r16 (RWKV-PEFT orientation) on RWKV-PEFT's six projections of every
 //! block, and the peak live heap of a prefill and of a training step against sequence length.
 //!
-//! Two models: the trained 834K one from `../shared/assets` (skipped without it) and a random
+//! First the WKV recurrence alone (the fused op against the chunked tensor-op form), then two
+//! models: the trained 834K one from `../shared/assets` (skipped without it) and a random
 //! RWKV-7 of the 0.1B shape (C 768, 12 layers, 12 heads of 64, vocab 65,536; 191 M parameters).
 //! Each timing is the median of `RUNS` runs after one warm-up run; heap numbers come from a
 //! counting global allocator (bytes live at the sampled peak, above those live before the call).
 //!
 //! ```sh
 //! cargo xtask bench rwkv          # or: cargo bench -p disha-models --bench rwkv
+//! cargo xtask bench rwkv -- wkv   # the WKV section alone
 //! ```
 
 use std::hint::black_box;
@@ -122,7 +124,7 @@ fn report(name: &str, model: &CausalLm, train_base: &CausalLm, tokens: usize) {
         black_box(model.forward_last(input.clone(), &mut state).into_data());
     };
     row(
-        &format!("prefill {tokens} tok (chunked WKV, last logits)"),
+        &format!("prefill {tokens} tok (last logits)"),
         median_secs(prefill),
         tokens,
         Some(peak_mib(prefill)),
@@ -167,7 +169,7 @@ fn report(name: &str, model: &CausalLm, train_base: &CausalLm, tokens: usize) {
     println!("\n{name}: peak live heap (MiB) against sequence length");
     println!(
         "{:>8} {:>18} {:>22}",
-        "tokens", "prefill (chunked)", "train step Bone r16"
+        "tokens", "prefill", "train step Bone r16"
     );
     let bone = PeftConfig::miss(
         16,
@@ -207,27 +209,98 @@ fn assets() -> Option<PathBuf> {
 /// The RWKV-7 0.1B shape (C 768, 12 layers, heads of 64, vocab 65,536; low-rank widths 64 / 64
 /// / 32 / 128), random weights.
 fn random_0_1b(device: &Device) -> CausalLm {
-    let config = RwkvConfig {
-        vocab_size: 65_536,
-        hidden_size: 768,
-        num_layers: 12,
-        num_heads: 12,
-        head_size: 64,
-        ffn_size: 3072,
-        decay_rank: 64,
-        iclr_rank: 64,
-        value_rank: 32,
-        gate_rank: 128,
-        layer0_value_residual: false,
-    };
+    let config = RwkvConfig::rwkv7_0_1b_shape();
     let mut weights = RandomWeights::from_shapes(config.tensor_shapes(), 0.02, 7);
     Rwkv7::from_source(&config, &mut weights, device)
         .expect("random weights fit their own config")
         .into()
 }
 
+/// The WKV recurrence alone on the 0.1B shape's heads (12 of 64, batch 1): the fused op
+/// (`disha_core::wkv::wkv7`, this backend's kernels) next to the chunked tensor-op form
+/// (`wkv7_chunked`, Burn's autodiff), chunks of 16. Forward alone (inference) and forward +
+/// backward (a loss over `y` and the final state), median seconds and peak MiB.
+fn wkv_report(device: &Device) {
+    println!("\nWKV-7 alone: batch 1, 12 heads of 64, chunks of 16, default device");
+    println!(
+        "{:<40} {:>12} {:>12} {:>10}",
+        "case", "median", "tokens/s", "peak MiB"
+    );
+    for tokens in [128, 1024] {
+        let ad = device.clone().autodiff();
+        let make = |seed: f32, shape: [usize; 4], lo: f32, hi: f32, device: &Device| {
+            let n: usize = shape.iter().product();
+            let values: Vec<f32> = (0..n)
+                .map(|i| lo + (hi - lo) * (((i as f32 + seed) * 0.618_034).fract()))
+                .collect();
+            Tensor::<4>::from_data(TensorData::new(values, shape), device)
+        };
+        let inputs = |device: &Device| {
+            let shape = [1, tokens, 12, 64];
+            [
+                make(0.1, shape, -1.0, 1.0, device),
+                make(0.2, shape, 0.55, 0.99, device),
+                make(0.3, shape, -1.0, 1.0, device),
+                make(0.4, shape, -1.0, 1.0, device),
+                make(0.5, shape, -0.125, 0.0, device),
+                make(0.6, shape, 0.0, 0.125, device),
+                make(0.7, [1, 12, 64, 64], -0.1, 0.1, device),
+            ]
+        };
+        for fused in [false, true] {
+            let run = |x: [Tensor<4>; 7]| {
+                let [r, w, k, v, a, b, s] = x;
+                match fused {
+                    true => disha_core::wkv::wkv7(r, w, k, v, a, b, s, 16),
+                    false => disha_models::rwkv::wkv7_chunked(r, w, k, v, a, b, s, 16),
+                }
+            };
+            let form = if fused {
+                "fused op"
+            } else {
+                "chunked tensor ops"
+            };
+            let plain = inputs(device);
+            let forward = || {
+                let (y, s) = run(plain.clone());
+                black_box((y.into_data(), s.into_data()));
+            };
+            let secs = median_secs(forward);
+            let row = |case: String, secs: f64, mib: f64| {
+                println!(
+                    "{case:<40} {:>10.2}ms {:>12.0} {mib:>10.1}",
+                    secs * 1e3,
+                    tokens as f64 / secs
+                )
+            };
+            row(
+                format!("{form}, {tokens} tok, forward"),
+                secs,
+                peak_mib(forward),
+            );
+            let leaves = inputs(&ad).map(|t| t.require_grad());
+            let train = || {
+                let (y, s) = run(leaves.clone());
+                let grads = (y.sum() + s.sum()).backward();
+                black_box(leaves[0].grad(&grads).map(|g| g.into_data()));
+            };
+            let secs = median_secs(train);
+            row(
+                format!("{form}, {tokens} tok, fwd+bwd"),
+                secs,
+                peak_mib(train),
+            );
+        }
+    }
+}
+
 fn main() {
     let device = Device::default();
+    wkv_report(&device);
+    // `-- wkv`: the WKV section alone.
+    if std::env::args().any(|a| a == "wkv") {
+        return;
+    }
     if let Some(path) = assets() {
         let model = load_model(&path, &device).expect("834K loads").model;
         let train = load_model(&path, &device.clone().autodiff())

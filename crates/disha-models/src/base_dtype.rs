@@ -5,10 +5,10 @@ use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
 
-use burn::tensor::{DType, TensorData};
+use burn::tensor::{DType, Device, TensorData};
 use disha_core::{HostTensor, QuantFormat};
 
-use crate::error::Result;
+use crate::error::{ModelError, Result};
 use crate::weights::WeightSource;
 
 /// The dtype of the frozen base's matrices (every adaptable linear's weight and the token
@@ -67,6 +67,43 @@ impl BaseDtype {
             _ => "float32",
         }
     }
+}
+
+/// Refuses a frozen base `device` cannot hold, naming the setting: a half dtype it has no
+/// tensors of (WGPU has no bf16) or quantized codes without 8-bit integer tensors (WGSL has
+/// none), instead of computing with values the backend cannot represent.
+pub(crate) fn check_device_support(
+    dtype: DType,
+    quant: Option<QuantFormat>,
+    device: &Device,
+) -> Result<()> {
+    if !device.supports_dtype(dtype) {
+        return Err(ModelError::InvalidArgument {
+            name: "base dtype".into(),
+            value: BaseDtype::config_name(dtype).into(),
+            message: format!(
+                "{device:?} has no {dtype:?} tensors; load the base as f32 \
+                 (--base-dtype f32) on this device"
+            ),
+        });
+    }
+    if let Some(format) = quant {
+        let codes = match format {
+            QuantFormat::Q8 => DType::I8,
+            QuantFormat::Q4 | QuantFormat::Q4_1 => DType::U8,
+        };
+        if !device.supports_dtype(codes) {
+            return Err(ModelError::InvalidArgument {
+                name: "base quantization".into(),
+                value: format.to_string(),
+                message: format!(
+                    "{device:?} has no {codes:?} tensors (the quantized codes); use a dense \
+                     base (--base-dtype) on this device"
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The dtype a model computes its activations in, for inference

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use burn::tensor::{DType, Device};
 use serde_json::Value;
 
-use crate::base_dtype::{BaseDtype, BaseDtypeSource};
+use crate::base_dtype::{BaseDtype, BaseDtypeSource, check_device_support};
 use crate::causal_lm::CausalLm;
 use crate::error::{ModelError, Result};
 use crate::gguf::{GgufFile, GgufValue};
@@ -156,6 +156,7 @@ fn load_rwkv(
         });
     }
     let config = RwkvConfig::infer(shapes, weights.path())?;
+    check_device_support(base_dtype, base_quant, device)?;
     let mut weights = BaseDtypeSource::new(weights, base_dtype).with_quant(base_quant);
     let model = Rwkv7::from_source(&config, &mut weights, device)?.into();
     Ok(LoadedModel {
@@ -213,6 +214,7 @@ pub fn load_model_with(path: &Path, device: &Device, options: &LoadOptions) -> R
         let checkpoint = BaseDtype::from_config_name(&config.dtype).unwrap_or(DType::F32);
         let dtype = options.base_dtype.resolve(checkpoint);
         config.dtype = BaseDtype::config_name(dtype).to_string();
+        check_device_support(dtype, options.base_quant, device)?;
         let mut source = BaseDtypeSource::new(source, dtype).with_quant(options.base_quant);
         Llama::from_source(&config, &mut source, device).map(CausalLm::from)
     };

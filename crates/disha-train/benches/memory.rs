@@ -29,7 +29,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use disha_core::{
     AdapterSpec, PeftConfig, PeftModelExt, QuantFormat, TargetModules, safetensors_header,
 };
-use disha_models::llama::{LlamaConfig, RopeScaling, hf_tensor_shapes};
+use disha_models::llama::{LlamaConfig, hf_tensor_shapes};
 use disha_models::{BaseDtype, LoadOptions, SplitMix64, load_model_with};
 use disha_train::data::{DataLoader, Example};
 use disha_train::learner::{
@@ -95,28 +95,9 @@ impl Shape {
     }
 
     fn config(self) -> LlamaConfig {
-        let (vocab, hidden, mlp, layers, heads, kv, tied) = match self {
-            Self::Llama1b => (128_256, 2048, 8192, 16, 32, 8, true),
-            Self::Llama7b => (32_000, 4096, 11_008, 32, 32, 32, false),
-        };
-        LlamaConfig {
-            vocab_size: vocab,
-            hidden_size: hidden,
-            intermediate_size: mlp,
-            num_hidden_layers: layers,
-            num_attention_heads: heads,
-            num_key_value_heads: kv,
-            head_dim: hidden / heads,
-            rms_norm_eps: 1e-5,
-            rope_theta: 500_000.0,
-            rope_scaling: RopeScaling::Default,
-            max_position_embeddings: 4096,
-            tie_word_embeddings: tied,
-            attention_bias: false,
-            mlp_bias: false,
-            bos_token_id: Some(1),
-            eos_token_ids: vec![2],
-            dtype: "bfloat16".into(),
+        match self {
+            Self::Llama1b => LlamaConfig::llama_3_2_1b_shape(),
+            Self::Llama7b => LlamaConfig::llama_2_7b_shape(),
         }
     }
 }

@@ -14,7 +14,8 @@ pub enum KernelPolicy {
     /// BAT through [`BlockAffineOps`](super::BlockAffineOps) with the hand-written backward, its
     /// products in the backend's own matmul (CubeK on GPUs), `W'` one bounded chunk at a time and
     /// never kept. Bone in plain tensor ops (the op would keep the same `S(x̃)` and do the same
-    /// products; plain ops fuse better with their neighbours). The default.
+    /// products; plain ops fuse better with their neighbours). RWKV-7's WKV recurrence
+    /// through [`Wkv7Ops`](crate::wkv::Wkv7Ops). The default.
     Fused,
     /// Bone and BAT through the ops, and on Cube backends every product that contracts with `W'`
     /// in disha's single-pass CubeCL GEMM, which forms `W'` tile by tile while loading it (no
@@ -22,7 +23,8 @@ pub enum KernelPolicy {
     /// the kernels chapter); elsewhere the ops run their bodies.
     SinglePass,
     /// Through ordinary differentiable tensor ops, with Burn's own autodiff (the formulation
-    /// every other method uses). For debugging and for comparing against the kernels.
+    /// every other method uses; RWKV-7's WKV in its chunked tensor-op form). For debugging
+    /// and for comparing against the kernels.
     Reference,
 }
 

@@ -75,6 +75,50 @@ pub struct LlamaConfig {
 }
 
 impl LlamaConfig {
+    /// The architecture of Llama-3.2-1B (hidden 2048, 16 layers, 32 query / 8 key-value heads,
+    /// MLP 8192, vocabulary 128,256, tied head), for benchmarks with random weights.
+    pub fn llama_3_2_1b_shape() -> Self {
+        Self::benchmark_shape(128_256, 2048, 8192, 16, 32, 8, true)
+    }
+
+    /// The architecture of Llama-2-7B (hidden 4096, 32 layers, 32 heads, MLP 11,008,
+    /// vocabulary 32,000, untied head), for benchmarks with random weights.
+    pub fn llama_2_7b_shape() -> Self {
+        Self::benchmark_shape(32_000, 4096, 11_008, 32, 32, 32, false)
+    }
+
+    /// A Llama shape with RoPE θ 500,000, 4,096 positions and no biases (bf16 checkpoint).
+    #[allow(clippy::too_many_arguments)]
+    pub fn benchmark_shape(
+        vocab_size: usize,
+        hidden_size: usize,
+        intermediate_size: usize,
+        num_hidden_layers: usize,
+        num_attention_heads: usize,
+        num_key_value_heads: usize,
+        tie_word_embeddings: bool,
+    ) -> Self {
+        Self {
+            vocab_size,
+            hidden_size,
+            intermediate_size,
+            num_hidden_layers,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim: hidden_size / num_attention_heads,
+            rms_norm_eps: 1e-5,
+            rope_theta: 500_000.0,
+            rope_scaling: RopeScaling::Default,
+            max_position_embeddings: 4096,
+            tie_word_embeddings,
+            attention_bias: false,
+            mlp_bias: false,
+            bos_token_id: Some(1),
+            eos_token_ids: vec![2],
+            dtype: "bfloat16".into(),
+        }
+    }
+
     /// Reads an HF `config.json`.
     ///
     /// # Errors

@@ -62,6 +62,24 @@ fn shape<'a>(
 }
 
 impl RwkvConfig {
+    /// The architecture of RWKV-7 0.1B (C 768, 12 layers, 12 heads of 64, FFN 3072, vocabulary
+    /// 65,536; low-rank widths 64 / 64 / 32 / 128), for benchmarks with random weights.
+    pub fn rwkv7_0_1b_shape() -> Self {
+        Self {
+            vocab_size: 65_536,
+            hidden_size: 768,
+            num_layers: 12,
+            num_heads: 12,
+            head_size: 64,
+            ffn_size: 3072,
+            decay_rank: 64,
+            iclr_rank: 64,
+            value_rank: 32,
+            gate_rank: 128,
+            layer0_value_residual: false,
+        }
+    }
+
     /// Whether `names` look like a BlinkDL RWKV-7 checkpoint (the x070 marker keys of layer 0,
     /// as web-rwkv detects versions).
     pub fn is_rwkv7<'a>(names: impl IntoIterator<Item = &'a String>) -> bool {

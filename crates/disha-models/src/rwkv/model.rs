@@ -4,6 +4,7 @@ use burn::module::{Module, Param};
 use burn::nn::{Embedding, LayerNorm, LayerNormConfig};
 use burn::tensor::activation::{relu, sigmoid};
 use burn::tensor::{DType, Device, Int, Tensor};
+use disha_core::kernels::kernel_policy;
 use disha_core::{AdaptableModel, AdaptedLinear, HostTensor, LinearSite};
 
 use super::config::{DECAY_SCALE, GROUP_NORM_EPS, L2_NORM_EPS, LAYER_NORM_EPS, RwkvConfig};
@@ -205,7 +206,13 @@ impl RwkvTimeMix {
         let kk = kk / norm;
         let k = k * (a.clone().sub_scalar(1.0) * row(&self.k_a)).add_scalar(1.0);
         let (r, k, v, a) = (heads(r), heads(k), heads(v), heads(a));
-        let (y, s) = wkv7_chunked(
+        // The fused op (one node, kernels on Flex and Cube backends) unless the kernel policy
+        // asks for the tensor-op formulation under Burn's autodiff.
+        let wkv = match kernel_policy().uses_ops() {
+            true => disha_core::wkv::wkv7,
+            false => wkv7_chunked,
+        };
+        let (y, s) = wkv(
             r.clone(),
             heads(w),
             k.clone(),

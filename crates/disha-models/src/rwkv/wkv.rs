@@ -237,7 +237,7 @@ mod tests {
 
     /// Output and final state of the per-token loop vs the chunked form, and the gradients of a
     /// random linear function of both with respect to every input.
-    fn compare(t: usize, chunk_len: usize) -> (f32, f32) {
+    fn compare(t: usize, chunk_len: usize, form: Form) -> (f32, f32) {
         let device = Device::default().autodiff();
         let leaves: Vec<Tensor<4>> = inputs(t, 7 + t as u64)
             .into_iter()
@@ -251,20 +251,18 @@ mod tests {
             Tensor::<4>::from_data(TensorData::new(values, shape), &device)
         };
         let (cy, cs) = (cotangent([B, t, H, N]), cotangent([B, H, N, N]));
-        let run = |chunked: bool| {
-            let l = leaves.clone();
-            let (y, s) = if chunked {
-                let [r, w, k, v, a, b, s] = l.try_into().unwrap();
-                wkv7_chunked(r, w, k, v, a, b, s, chunk_len)
-            } else {
-                let [r, w, k, v, a, b, s] = l.try_into().unwrap();
-                wkv7(r, w, k, v, a, b, s)
+        let run = |form: Form| {
+            let [r, w, k, v, a, b, s] = leaves.clone().try_into().unwrap();
+            let (y, s) = match form {
+                Form::PerToken => wkv7(r, w, k, v, a, b, s),
+                Form::Chunked => wkv7_chunked(r, w, k, v, a, b, s, chunk_len),
+                Form::Fused => disha_core::wkv::wkv7(r, w, k, v, a, b, s, chunk_len),
             };
             let loss = (y.clone() * cy.clone()).sum() + (s.clone() * cs.clone()).sum();
             (y, s, loss.backward())
         };
-        let (y0, s0, g0) = run(false);
-        let (y1, s1, g1) = run(true);
+        let (y0, s0, g0) = run(Form::PerToken);
+        let (y1, s1, g1) = run(form);
         let value = max_abs(y0 - y1).max(max_abs(s0 - s1));
         let mut gradient = 0f32;
         for leaf in &leaves {
@@ -275,19 +273,33 @@ mod tests {
         (value, gradient)
     }
 
+    /// How [`compare`] computes the recurrence it holds to the per-token loop.
+    #[derive(Clone, Copy, Debug)]
+    enum Form {
+        PerToken,
+        Chunked,
+        /// `disha_core::wkv::wkv7`: the fused op with its own backward (the Flex kernel here).
+        Fused,
+    }
+
     /// Chunk lengths 1 (the plain step), 3 (a partial last chunk), 16, and the whole
-    /// sequence: outputs and states agree to f32 rounding of O(1) sums over ≤ 40 steps (1e-4),
+    /// sequence, for the chunked form and the fused op (whose checkpoints are these chunks):
+    /// outputs and states agree to f32 rounding of O(1) sums over ≤ 40 steps (1e-4),
     /// gradients to 1e-4 relative to each gradient's largest entry.
     #[test]
     fn chunked_wkv_equals_the_per_token_recurrence_with_gradients() {
         let t = 40;
         for chunk_len in [1, 3, 16, MAX_WKV_CHUNK_LEN.min(t)] {
-            let (value, gradient) = compare(t, chunk_len);
-            eprintln!("chunk {chunk_len}: values {value:e}, gradients {gradient:e} (relative)");
-            assert!(
-                value <= 1e-4 && gradient <= 1e-4,
-                "chunk {chunk_len}: values differ by {value:e}, gradients by {gradient:e} (relative)"
-            );
+            for form in [Form::Chunked, Form::Fused] {
+                let (value, gradient) = compare(t, chunk_len, form);
+                eprintln!(
+                    "{form:?}, chunk {chunk_len}: values {value:e}, gradients {gradient:e} (relative)"
+                );
+                assert!(
+                    value <= 1e-4 && gradient <= 1e-4,
+                    "{form:?}, chunk {chunk_len}: values differ by {value:e}, gradients by {gradient:e} (relative)"
+                );
+            }
         }
     }
 }

@@ -1,0 +1,90 @@
+//! `cargo xtask bench gpu`: prepares the one-shot GPU benchmark (`benches/gpu.rs` of
+//! disha-train) for a machine with an NVIDIA GPU and no Rust toolchain: a release build with
+//! the `cuda` feature, stripped and xz-compressed, and a POSIX script that unpacks and runs it
+//! and prints its JSON. Output in `target/gpu-bench/` (about 20 MB).
+//!
+//! Burn's `cuda` feature builds CubeCL's LLVM back end, whose build script downloads an LLVM
+//! bundle; offline, an installed LLVM must stand in for it (docs: kernels chapter, "Building
+//! for CUDA offline"). This task checks for that before a build of half an hour.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// Where CubeCL's LLVM bundler looks for its bundle, and the file that marks it installed.
+const LLVM_BUNDLE: &str = ".local/share/tracel/tracel-llvm-23.1.0-4";
+const LLVM_SENTINEL: &str = ".tracel-llvm-installed";
+
+/// The script that runs on the GPU machine.
+const RUN_SCRIPT: &str = r#"#!/bin/sh
+# disha one-shot GPU benchmark: unpacks the binary, runs it (at most 8 minutes), prints one JSON
+# and writes it to $OUT/gpu-bench.json (or next to this script). Progress goes to stderr.
+# DISHA_GPU_BENCH=smoke runs the small shapes instead.
+set -e
+here=$(cd "$(dirname "$0")" && pwd)
+bin="${TMPDIR:-/tmp}/disha-gpu-bench"
+xz -dc "$here/disha-gpu-bench.xz" > "$bin"
+chmod +x "$bin"
+out="${OUT:-$here}"
+timeout 480 "$bin" > "$out/gpu-bench.json"
+cat "$out/gpu-bench.json"
+"#;
+
+/// Builds, strips and compresses the benchmark and writes the run script.
+pub(crate) fn prepare(root: &Path) -> Result<PathBuf, String> {
+    let home = std::env::var_os("HOME").ok_or("HOME is not set")?;
+    let bundle = PathBuf::from(home).join(LLVM_BUNDLE);
+    if std::env::var_os("DISHA_ONLINE_LLVM").is_none() && !bundle.join(LLVM_SENTINEL).is_file() {
+        return Err(format!(
+            "no LLVM bundle at {} (CubeCL's CUDA back end needs one at build time and would \
+             download it): install one as the kernels chapter's \"Building for CUDA offline\" \
+             says, or set DISHA_ONLINE_LLVM=1 where the download works",
+            bundle.display()
+        ));
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    println!(
+        "==> release build of the GPU benchmark with `cuda` (about 35 minutes cold on 2 cores)"
+    );
+    let output = Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "disha-train",
+            "--features",
+            "cuda",
+        ])
+        .args(["--bench", "gpu", "--message-format=json-render-diagnostics"])
+        .current_dir(root)
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("could not start cargo: {e}"))?;
+    if !output.status.success() {
+        return Err("the release build failed (see above)".into());
+    }
+    let executable = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "gpu")
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .ok_or("cargo reported no executable for the `gpu` bench")?;
+    let out = root.join("target/gpu-bench");
+    std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let binary = out.join("disha-gpu-bench");
+    std::fs::copy(&executable, &binary).map_err(|e| format!("{}: {e}", executable.display()))?;
+    run_tool("strip", &[binary.as_os_str()])?;
+    let _ = std::fs::remove_file(out.join("disha-gpu-bench.xz"));
+    run_tool("xz", &["-6".as_ref(), "-T0".as_ref(), binary.as_os_str()])?;
+    let script = out.join("run.sh");
+    std::fs::write(&script, RUN_SCRIPT).map_err(|e| format!("{}: {e}", script.display()))?;
+    run_tool("chmod", &["+x".as_ref(), script.as_os_str()])?;
+    Ok(out)
+}
+
+fn run_tool(program: &str, args: &[&std::ffi::OsStr]) -> Result<(), String> {
+    match Command::new(program).args(args).status() {
+        Ok(s) if s.success() => Ok(()),
+        Ok(s) => Err(format!("{program} failed ({s})")),
+        Err(e) => Err(format!("could not start {program}: {e}")),
+    }
+}
