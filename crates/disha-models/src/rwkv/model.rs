@@ -207,8 +207,10 @@ impl RwkvTimeMix {
         let k = k * (a.clone().sub_scalar(1.0) * row(&self.k_a)).add_scalar(1.0);
         let (r, k, v, a) = (heads(r), heads(k), heads(v), heads(a));
         // The fused op (one node, kernels on Flex and Cube backends) unless the kernel policy
-        // asks for the tensor-op formulation under Burn's autodiff.
-        let wkv = match kernel_policy().uses_ops() {
+        // asks for the tensor-op formulation under Burn's autodiff. A single token (RNN
+        // decoding) takes the plain step: the op's per-call overhead (gathering the heads,
+        // packing the state) exceeds one token's work.
+        let wkv = match kernel_policy().uses_ops() && t > 1 {
             true => disha_core::wkv::wkv7,
             false => wkv7_chunked,
         };
