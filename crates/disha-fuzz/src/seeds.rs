@@ -857,6 +857,8 @@ pub fn checkpoint_settings(out: &Path) -> RunSettings {
         max_len: Some(16),
         lr: Some(1e-2),
         save_every: Some(2),
+        // f16 compute, so `state.json` holds a loss scale for the mutations to reach.
+        compute_dtype: Some(disha_models::ComputeDtype::F16),
         ..TrainSettings::default()
     }
     .resolve()
@@ -864,14 +866,16 @@ pub fn checkpoint_settings(out: &Path) -> RunSettings {
 }
 
 /// A run directory after 2 steps of Bone training of the tiny model (`base` holds it as an
-/// HF directory): `run.json` and `checkpoints/step-000002/`.
+/// HF directory) in f16 compute: `run.json` and `checkpoints/step-000002/`.
 fn checkpoint(base: &Path, dir: &Path) -> Files {
     let out = dir.join("run");
     let settings = checkpoint_settings(&out);
     let device = Device::default().autodiff();
     let mut model = disha_models::load_model(base, &device)
         .expect("seed model")
-        .model;
+        .model
+        .with_compute_dtype(settings.compute_dtype)
+        .expect("Flex computes in f16");
     let peft = settings.peft_config(disha_models::ModelFamily::Llama);
     model.add_adapter("default", &peft).expect("adapter");
     let model = freeze_all_but_active_adapters(model);

@@ -681,9 +681,13 @@ fn resume_and_step(ctx: &Context, run: &Path) -> Result<(), String> {
     if settings.packing {
         data = data.with_packing(settings.max_len);
     }
+    let model = ctx
+        .base_autodiff
+        .clone()
+        .with_compute_dtype(settings.compute_dtype)
+        .map_err(text)?;
     let (mut learner, _) =
-        disha_train::checkpoint::resume(run, &settings, ctx.base_autodiff.clone(), &mut data)
-            .map_err(text)?;
+        disha_train::checkpoint::resume(run, &settings, model, &mut data).map_err(text)?;
     learner.train_step(&mut data).map_err(|e| match e {
         disha_train::TrainError::NonFinite { .. } => format!("{COMPUTED}{e}"),
         e => e.to_string(),

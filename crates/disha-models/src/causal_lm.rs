@@ -108,12 +108,25 @@ impl CausalLm {
         }
     }
 
-    /// Computes the activations in `dtype` (inference; see
-    /// [`Llama::with_compute_dtype`]).
+    /// Computes the activations in `dtype` (see [`Llama::with_compute_dtype`]): inference, or
+    /// mixed-precision training (adapters, their gradients and optimizer state stay f32).
     ///
     /// # Errors
-    /// A half-precision compute dtype on RWKV-7 (not implemented: it computes in f32).
+    /// A half-precision compute dtype on RWKV-7 (not implemented: it computes in f32), or on a
+    /// device without tensors of that dtype (WGPU has no bf16).
     pub fn with_compute_dtype(self, dtype: crate::ComputeDtype) -> crate::Result<Self> {
+        let device = self.device();
+        if !device.supports_dtype(dtype.dtype()) {
+            return Err(crate::ModelError::InvalidArgument {
+                name: "compute dtype".into(),
+                value: dtype.to_string(),
+                message: format!(
+                    "{device:?} has no {:?} tensors; compute in f32 (or f16 where the device \
+                     has it)",
+                    dtype.dtype()
+                ),
+            });
+        }
         match self {
             Self::Llama(model) => Ok(Self::Llama(model.with_compute_dtype(dtype.dtype()))),
             Self::Rwkv7(_) if dtype != crate::ComputeDtype::F32 => {
@@ -126,6 +139,15 @@ impl CausalLm {
                 })
             }
             other => Ok(other),
+        }
+    }
+
+    /// The dtype activations are computed in ([`with_compute_dtype`](Self::with_compute_dtype);
+    /// RWKV-7 always computes in f32).
+    pub fn compute_dtype(&self) -> burn::tensor::DType {
+        match self {
+            Self::Llama(model) => model.compute_dtype(),
+            Self::Rwkv7(_) => burn::tensor::DType::F32,
         }
     }
 

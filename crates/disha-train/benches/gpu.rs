@@ -9,7 +9,8 @@
 //! - `llama_3_2_1b`: one training step (forward, loss, backward, gradient norm, AdamW;
 //!   [`Learner::train_step`]) of a Llama-3.2-1B-shaped model with random weights and a bf16
 //!   frozen base, adapters on every projection: Bone r64, BAT r64, LoRA r32, and the frozen
-//!   base's forward + loss alone as the floor.
+//!   base's forward + loss alone as the floor; each in bf16 compute (mixed precision: adapters
+//!   and optimizer state f32) and in f32 compute.
 //! - `rwkv7_0_1b`: the same step for an RWKV-7 0.1B-shaped model (Bone r64, BAT r64 in
 //!   RWKV-PEFT's orientation, LoRA r32 on its six projections).
 //! - `targets`: the targets, computed from the rows above.
@@ -34,7 +35,7 @@ use disha_core::{AdapterSpec, BatOrientation, PeftConfig, PeftModelExt, TargetMo
 use disha_models::llama::{Llama, LlamaConfig};
 use disha_models::rwkv::{Rwkv7, RwkvConfig};
 use disha_models::{
-    BaseDtypeSource, CausalLm, ModelFamily, RandomWeights, SplitMix64, causal_lm_loss,
+    BaseDtypeSource, CausalLm, ComputeDtype, ModelFamily, RandomWeights, SplitMix64, causal_lm_loss,
 };
 use disha_train::data::{DataLoader, Example};
 use disha_train::learner::{Learner, LearnerConfig, mark_trainable};
@@ -210,16 +211,26 @@ fn train_steps(device: &Device, family: ModelFamily, scale: Scale) -> Vec<Value>
         ("bat r64", Some(AdapterSpec::bat(64, bat))),
         ("lora r32", Some(AdapterSpec::lora(32, 64.0))),
     ];
+    // RWKV-7 computes in f32 (its half-precision forward is not implemented).
+    let computes: &[ComputeDtype] = match family {
+        ModelFamily::Llama => &[ComputeDtype::Bf16, ComputeDtype::F32],
+        ModelFamily::Rwkv7 => &[ComputeDtype::F32],
+    };
     let device = device.clone().autodiff();
     let mut rows = Vec::new();
-    for (name, spec) in methods {
-        eprintln!("{family:?} train step: {name}, {batch} × {seq} tokens");
+    for (&compute, (name, spec)) in computes
+        .iter()
+        .flat_map(|c| methods.iter().map(move |m| (c, m)))
+    {
+        eprintln!("{family:?} train step: {name}, {compute} compute, {batch} × {seq} tokens");
         device.memory_cleanup();
-        let mut model = model(family, scale, &device);
+        let mut model = model(family, scale, &device)
+            .with_compute_dtype(compute)
+            .expect("the device computes in this dtype");
         let vocab = model.vocab_size();
         let mut data = data(vocab, batch, seq);
         let tokens = batch * seq;
-        let (secs, loss) = match spec {
+        let (secs, loss) = match spec.clone() {
             None => {
                 let batch = data.next_batch();
                 let ids = Tensor::<2, Int>::from_data(
@@ -248,7 +259,8 @@ fn train_steps(device: &Device, family: ModelFamily, scale: Scale) -> Vec<Value>
             }
         };
         rows.push(json!({
-            "method": name, "batch": batch, "seq": seq, "step_ms": secs * 1e3,
+            "method": name, "compute": compute.to_string(), "batch": batch, "seq": seq,
+            "step_ms": secs * 1e3,
             "tokens_per_s": tokens as f64 / secs, "device_reserved_mb": reserved_mb(&device),
             "loss": loss,
         }));
@@ -300,10 +312,11 @@ fn targets(kernels: &[Value], llama: &[Value]) -> Value {
         }
         worst
     };
+    // Memory is compared in bf16 compute, the way a real run trains on a GPU.
     let memory = |method: &str| {
         llama
             .iter()
-            .find(|r| r["method"] == method)
+            .find(|r| r["method"] == method && r["compute"] == "bf16")
             .and_then(|r| r["device_reserved_mb"].as_f64())
     };
     let bone = best_per_shape("bone");

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::TrainError;
 use crate::data::{DataLoader, DataPosition};
 use crate::learner::{Learner, mark_trainable, trainable_param_ids};
+use crate::loss_scale::LossScaler;
 use crate::settings::RunSettings;
 
 /// The adapter name training uses.
@@ -23,7 +24,7 @@ const PREFIX: &str = "step-";
 const TEMP_PREFIX: &str = ".tmp-checkpoint-";
 
 /// What besides tensors a run needs to continue exactly.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CheckpointState {
     /// Optimizer steps completed.
     pub step: usize,
@@ -31,6 +32,9 @@ pub struct CheckpointState {
     pub position: DataPosition,
     /// Ids of the trainable parameters (the optimizer state is keyed by them).
     pub param_ids: Vec<u64>,
+    /// The dynamic loss scale of a run computing in f16 (absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scaler: Option<LossScaler>,
 }
 
 /// A checkpoint read back.
@@ -96,6 +100,7 @@ pub fn save(
         step: learner.step(),
         position,
         param_ids: trainable_param_ids(model),
+        loss_scaler: learner.loss_scaler(),
     };
     let json = serde_json::to_string_pretty(&state).expect("state serializes");
     write_atomic(&staging.path().join("state.json"), json.as_bytes())?;
@@ -294,13 +299,35 @@ pub fn resume(
             ),
         });
     }
-    let learner = Learner::resume(
+    let mut learner = Learner::resume(
         model,
         settings.learner.clone(),
         ckpt.state.step,
         &ckpt.state.param_ids,
         &ckpt.optimizer_path(),
     )?;
+    let state_file = || ckpt.dir.join("state.json");
+    match (ckpt.state.loss_scaler, learner.loss_scaler().is_some()) {
+        (Some(scaler), true) => {
+            scaler.validate().map_err(|message| TrainError::File {
+                path: state_file(),
+                message,
+            })?;
+            learner.set_loss_scaler(scaler)?;
+        }
+        (None, false) => {}
+        (saved, _) => {
+            return Err(TrainError::File {
+                path: state_file(),
+                message: format!(
+                    "{} a loss scale, but the run computes in {:?}; the checkpoint does not \
+                     belong to this run",
+                    if saved.is_some() { "has" } else { "has no" },
+                    learner.model().compute_dtype()
+                ),
+            });
+        }
+    }
     data.seek(ckpt.state.position);
     Ok((learner, ckpt))
 }

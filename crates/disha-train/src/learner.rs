@@ -1,6 +1,7 @@
 //! The training loop: AdamW on the adapter parameters only, gradient accumulation with the loss
 //! normalized over every target token of the effective batch, global gradient-norm clipping,
-//! warmup + decay schedules, NaN / Inf guards and per-step metrics.
+//! warmup + decay schedules, dynamic loss scaling in f16 compute ([`LossScaler`]), NaN / Inf
+//! guards and per-step metrics.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -9,7 +10,7 @@ use std::time::Instant;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer, OptimizerRecord};
-use burn::tensor::{Bytes, Int, Tensor, TensorData};
+use burn::tensor::{Bytes, DType, Int, Tensor, TensorData};
 use disha_core::freeze_all_but_active_adapters;
 use disha_models::{CausalLm, causal_lm_loss_sum};
 use serde::{Deserialize, Serialize};
@@ -17,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::TrainError;
 use crate::adamw::FusedAdamW;
 use crate::data::{DataLoader, HostBatch, IGNORE_INDEX};
+use crate::loss_scale::LossScaler;
 use crate::schedule::LrSchedule;
 use crate::settings::TrainPart;
 
@@ -109,6 +111,9 @@ pub struct StepMetrics {
     /// so this is its high-water mark so far.
     #[serde(default)]
     pub device_memory_mb: Option<f64>,
+    /// The loss scale this step's gradients were computed at (f16 compute; `None` otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<f64>,
 }
 
 /// Peak resident set size of this process in MB, from `/proc/self/status` (Linux).
@@ -358,6 +363,7 @@ pub struct Learner {
     optim: ModuleOptimizer,
     config: LearnerConfig,
     step: usize,
+    loss_scaler: Option<LossScaler>,
 }
 
 impl std::fmt::Debug for Learner {
@@ -365,13 +371,15 @@ impl std::fmt::Debug for Learner {
         f.debug_struct("Learner")
             .field("config", &self.config)
             .field("step", &self.step)
+            .field("loss_scaler", &self.loss_scaler)
             .finish_non_exhaustive()
     }
 }
 
 impl Learner {
     /// A learner for `model`, which must live on an autodiff device with only the adapter
-    /// parameters requiring gradients (see `disha_core::freeze_all_but_active_adapters`).
+    /// parameters requiring gradients (see `disha_core::freeze_all_but_active_adapters`). A
+    /// model computing in f16 gets a [`LossScaler`] at its initial scale.
     ///
     /// # Errors
     /// An invalid config.
@@ -379,12 +387,41 @@ impl Learner {
         config.validate()?;
         let optim =
             FusedAdamW::new(config.beta1, config.beta2, config.eps, config.weight_decay).init();
+        let loss_scaler = (model.compute_dtype() == DType::F16).then(LossScaler::default);
         Ok(Self {
             model: Some(model),
             optim,
             config,
             step: 0,
+            loss_scaler,
         })
+    }
+
+    /// The dynamic loss scale (f16 compute), `None` for a run that needs none.
+    pub fn loss_scaler(&self) -> Option<LossScaler> {
+        self.loss_scaler
+    }
+
+    /// Replaces the loss scale (a resumed run's, or a test's starting point).
+    ///
+    /// # Errors
+    /// A learner whose model does not compute in f16 (it has no loss scale to replace), or a
+    /// scaler that [`LossScaler::validate`] rejects.
+    pub fn set_loss_scaler(&mut self, scaler: LossScaler) -> Result<(), TrainError> {
+        scaler
+            .validate()
+            .map_err(|message| TrainError::config("loss scale", scaler.scale(), message))?;
+        match &mut self.loss_scaler {
+            Some(current) => {
+                *current = scaler;
+                Ok(())
+            }
+            None => Err(TrainError::config(
+                "loss scale",
+                scaler.scale(),
+                "only a run computing in f16 scales its loss",
+            )),
+        }
     }
 
     /// Continues a run: `model` with the checkpoint's adapter, the optimizer state file saved
@@ -484,10 +521,14 @@ impl Learner {
 
     /// Runs one optimizer step over `grad_accum` micro-batches from `data`.
     ///
+    /// In f16 compute the loss is scaled before backward and the gradients unscaled before
+    /// clipping; a backward that overflows halves the scale and runs the step's micro-batches
+    /// again ([`LossScaler`]).
+    ///
     /// # Errors
     /// A batch with an id or label outside the model's vocabulary; [`TrainError::NonFinite`]
-    /// when the loss or the gradient norm is NaN / Inf. The model and optimizer are left as they
-    /// were before the step.
+    /// when the loss or the gradient norm is NaN / Inf (in f16 compute: still at the smallest
+    /// loss scale). The model and optimizer are left as they were before the step.
     pub fn train_step(&mut self, data: &mut DataLoader) -> Result<StepMetrics, TrainError> {
         let start = Instant::now();
         let batches: Vec<HostBatch> = (0..self.config.grad_accum)
@@ -502,34 +543,44 @@ impl Learner {
         }
         let model = self.model.take().expect("the model is always put back");
         let device = model.device();
-        let mut accumulator = GradientsAccumulator::<CausalLm>::new();
-        let mut loss_sum = 0.0;
-        for batch in &batches {
-            let ids = Tensor::<2, Int>::from_data(
-                TensorData::new(batch.input_ids.clone(), batch.shape),
-                &device,
-            );
-            let labels = Tensor::<2, Int>::from_data(
-                TensorData::new(batch.labels.clone(), batch.shape),
-                &device,
-            );
-            let logits = match &batch.segments {
-                Some(segments) => model.forward_packed(ids, segments),
-                None => model.forward(ids),
-            };
-            let loss = causal_lm_loss_sum(logits, labels).div_scalar(targets as f64);
-            loss_sum += loss.clone().into_scalar::<f64>();
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            accumulator.accumulate(&model, grads);
-        }
         let step = self.step + 1;
-        let mut grads = accumulator.grads();
-        let grad_norm = global_grad_norm(&model, &grads);
-        for (what, value) in [("loss", loss_sum), ("gradient norm", grad_norm)] {
-            if !value.is_finite() {
+        let (mut grads, loss_sum, grad_norm, scale) = loop {
+            let scale = self.loss_scaler.map_or(1.0, |s| s.scale());
+            let (grads, loss_sum) = self.accumulate(&model, &batches, targets, scale);
+            // The norm of the unscaled gradients (the scale is a power of two: exact).
+            let grad_norm = global_grad_norm(&model, &grads) / scale;
+            if !loss_sum.is_finite() {
                 self.model = Some(model);
-                return Err(TrainError::NonFinite { step, what, value });
+                return Err(TrainError::NonFinite {
+                    step,
+                    what: "loss",
+                    value: loss_sum,
+                });
             }
+            if grad_norm.is_finite() {
+                break (grads, loss_sum, grad_norm, scale);
+            }
+            // An overflow in the scaled backward: halve the scale and run the batches again.
+            if !self.loss_scaler.as_mut().is_some_and(LossScaler::backoff) {
+                self.model = Some(model);
+                return Err(TrainError::NonFinite {
+                    step,
+                    what: "gradient norm",
+                    value: grad_norm,
+                });
+            }
+            tracing::debug!(
+                step,
+                scale = scale / 2.0,
+                "f16 gradients overflowed; loss scale halved"
+            );
+        };
+        if let Some(scaler) = &mut self.loss_scaler {
+            model.visit(&mut ScaleGrads {
+                grads: &mut grads,
+                scale: 1.0 / scale,
+            });
+            scaler.record_finite_step();
         }
         if let Some(max) = self.config.max_grad_norm {
             clip_grad_norm(&model, &mut grads, max);
@@ -550,6 +601,45 @@ impl Learner {
             device_memory_mb: device
                 .memory_pool_usage()
                 .map(|usage| usage.bytes_reserved as f64 / (1024.0 * 1024.0)),
+            loss_scale: self.loss_scaler.is_some().then_some(scale),
         })
+    }
+
+    /// Forward and backward over `batches` with the loss (normalized by `targets`) scaled by
+    /// `scale`; returns the accumulated gradients and the unscaled loss.
+    fn accumulate(
+        &self,
+        model: &CausalLm,
+        batches: &[HostBatch],
+        targets: usize,
+        scale: f64,
+    ) -> (GradientsParams, f64) {
+        let device = model.device();
+        let mut accumulator = GradientsAccumulator::<CausalLm>::new();
+        let mut loss_sum = 0.0;
+        for batch in batches {
+            let ids = Tensor::<2, Int>::from_data(
+                TensorData::new(batch.input_ids.clone(), batch.shape),
+                &device,
+            );
+            let labels = Tensor::<2, Int>::from_data(
+                TensorData::new(batch.labels.clone(), batch.shape),
+                &device,
+            );
+            let logits = match &batch.segments {
+                Some(segments) => model.forward_packed(ids, segments),
+                None => model.forward(ids),
+            };
+            let loss = causal_lm_loss_sum(logits, labels).div_scalar(targets as f64);
+            loss_sum += loss.clone().into_scalar::<f64>();
+            let loss = if scale == 1.0 {
+                loss
+            } else {
+                loss.mul_scalar(scale)
+            };
+            let grads = GradientsParams::from_grads(loss.backward(), model);
+            accumulator.accumulate(model, grads);
+        }
+        (accumulator.grads(), loss_sum)
     }
 }

@@ -15,6 +15,7 @@ pub mod data;
 pub mod demo;
 pub mod evaluate;
 pub mod learner;
+pub mod loss_scale;
 pub mod plot;
 pub mod run;
 pub mod schedule;

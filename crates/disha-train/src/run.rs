@@ -151,6 +151,8 @@ pub fn run(
     observer: &mut dyn RunObserver,
 ) -> Result<RunOutcome, TrainError> {
     let metrics_path = settings.out.join(METRICS_FILE);
+    // Mixed precision: activations in the compute dtype, adapters and their state in f32.
+    let model = model.with_compute_dtype(settings.compute_dtype)?;
     // Every id the tokenizer can produce must index the model's embedding: checked once here,
     // before any example is encoded (and again per batch by the learner).
     tokenizer.check_fits(model.vocab_size())?;

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use clap::{Args, ValueEnum};
 use disha_core::QuantFormat;
 use disha_core::{AdapterKind, AdapterSpec, BatOrientation, PeftConfig, TargetModules};
-use disha_models::BaseDtype;
+use disha_models::{BaseDtype, ComputeDtype};
 use serde::{Deserialize, Serialize};
 
 use disha_models::llama::projection_names;
@@ -128,9 +128,15 @@ pub struct TrainSettings {
     pub gradient_checkpointing: Option<bool>,
     /// Dtype the frozen base's matrices are kept in: auto (the checkpoint's: bf16 / f16 for a
     /// half-precision HF directory or RWKV checkpoint), f32, f16 or bf16. Adapters, their
-    /// gradients, optimizer state and activations stay f32 [default: auto].
+    /// gradients and optimizer state stay f32 [default: auto].
     #[arg(long, value_name = "auto|f32|f16|bf16")]
     pub base_dtype: Option<BaseDtype>,
+    /// Dtype the activations are computed in: f32, or bf16 / f16 for mixed-precision training
+    /// as PEFT trains on a half-precision base (products and activations in the half dtype,
+    /// norms and softmax in f32, adapter terms, gradients of the adapters and optimizer state
+    /// in f32; f16 with dynamic loss scaling; Llama) [default: f32].
+    #[arg(long, value_name = "f32|bf16|f16")]
+    pub compute_dtype: Option<ComputeDtype>,
     /// Keep the decoder blocks' linear weights block-quantized, QLoRA-style: q8 (ggml Q8_0,
     /// 8.5 bits per weight), q4 (ggml Q4_0, 4.5 bits) or q4_1 (ggml Q4_1, 5 bits); a GGUF's
     /// blocks of that type are kept as they are. Embeddings, the output head and norms stay in
@@ -205,6 +211,9 @@ pub struct RunSettings {
     /// Dtype of the frozen base's matrices.
     #[serde(default)]
     pub base_dtype: BaseDtype,
+    /// Dtype the activations are computed in.
+    #[serde(default)]
+    pub compute_dtype: ComputeDtype,
     /// Block format of the decoder blocks' frozen linear weights (`None`: not quantized).
     #[serde(default)]
     pub base_quant: Option<QuantFormat>,
@@ -305,6 +314,7 @@ impl TrainSettings {
             packing,
             gradient_checkpointing,
             base_dtype,
+            compute_dtype,
             base_quant,
             train_parts,
             save_every,
@@ -375,6 +385,7 @@ impl TrainSettings {
             packing: self.packing.unwrap_or(false),
             gradient_checkpointing: self.gradient_checkpointing.unwrap_or(false),
             base_dtype: self.base_dtype.unwrap_or_default(),
+            compute_dtype: self.compute_dtype.unwrap_or_default(),
             base_quant: self.base_quant,
             train_parts: self.train_parts.unwrap_or_default(),
             save_every: self.save_every.unwrap_or(0),

@@ -602,6 +602,59 @@ fn a_bf16_base_trains_like_its_f32_upcast() {
     assert_eq!(out.status.code(), Some(2), "a usage error");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("use auto, f32, f16 or bf16"), "{err}");
+
+    // Mixed precision (`--compute-dtype bf16|f16`): the same run with activations in a half
+    // dtype. bf16 keeps 8 bits of mantissa, f16 11, so the trajectory parts from the f32 one
+    // by that noise (measured: ≤ 1.9e-3 relative for bf16, ≤ 2.5e-4 for f16 on
+    // these losses); a run that dropped the adapter's gradient or mis-scaled it would not track
+    // the f32 losses at all. Parity with PEFT's half-precision training is pinned in
+    // disha-models (`llama_adapters.rs`). f16 scales its loss: each step's scale is in
+    // `metrics.jsonl`, and checkpoints keep it.
+    for (dtype, tol) in [("bf16", 1e-2), ("f16", 2e-3)] {
+        let out = tmp.path().join(format!("{dtype}-compute"));
+        let mut args = tiny_train_args(&model_dir, &data, &out, "12");
+        args.extend(["--compute-dtype", dtype]);
+        ok(&args);
+        let c = loss_values(&out);
+        assert_eq!(c.len(), 12);
+        let worst = c
+            .iter()
+            .zip(&a)
+            .fold(0.0f64, |m, (c, a)| m.max((c - a).abs() / a.abs()));
+        eprintln!("{dtype} compute: losses within {worst:e} (relative) of f32 compute");
+        assert!(worst <= tol, "{dtype} compute: {c:?} vs f32 {a:?}");
+        let settings: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
+        assert_eq!(settings["compute_dtype"], dtype, "{settings}");
+        let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+        let scales: Vec<Option<f64>> = metrics
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss_scale"].as_f64())
+            .collect();
+        let expected = (dtype == "f16").then_some(65536.0);
+        assert!(scales.iter().all(|s| *s == expected), "{dtype}: {scales:?}");
+        if dtype == "f16" {
+            // A checkpoint keeps the loss scale; `--resume` continues the trace exactly.
+            let split = tmp.path().join("f16-split");
+            let mut first = tiny_train_args(&model_dir, &data, &split, "12");
+            first.extend(["--compute-dtype", dtype, "--stop-after-steps", "6"]);
+            ok(&first);
+            let state =
+                std::fs::read_to_string(split.join("checkpoints/step-000006/state.json")).unwrap();
+            assert!(state.contains("\"loss_scaler\""), "{state}");
+            ok(&[
+                "train",
+                "--model",
+                s(&model_dir),
+                "--tokenizer",
+                "byte-level",
+                "--resume",
+                "--out",
+                s(&split),
+            ]);
+            assert_eq!(loss_values(&split), c, "f16 resumed trace");
+        }
+    }
 }
 
 /// `kill -9` at an arbitrary moment (checkpoints every step, so likely mid-write) leaves a
