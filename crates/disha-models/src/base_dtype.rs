@@ -13,8 +13,9 @@ use crate::weights::WeightSource;
 
 /// The dtype of the frozen base's matrices (every adaptable linear's weight and the token
 /// embedding). Norms, biases and RWKV's small per-channel tensors stay f32, and so do adapters,
-/// their gradients and optimizer state; activations are f32 (each frozen product casts its
-/// weight for that product only — Memory chapter of the docs).
+/// their gradients and optimizer state; activations are f32 unless a [`ComputeDtype`] says
+/// otherwise (each frozen product casts its weight for that product only — Memory chapter of
+/// the docs).
 ///
 /// `Auto` keeps the checkpoint's own dtype: bf16 / f16 for an HF directory whose `config.json`
 /// says so or a half-precision RWKV checkpoint, f32 otherwise (GGUF blocks are dequantized to
@@ -106,9 +107,10 @@ pub(crate) fn check_device_support(
     Ok(())
 }
 
-/// The dtype a model computes its activations in, for inference
+/// The dtype a model computes its activations in
 /// ([`Llama::with_compute_dtype`](crate::llama::Llama::with_compute_dtype)): f32 (the default),
-/// or f16 / bf16 as transformers runs a half-precision model. Training computes in f32.
+/// or f16 / bf16 as transformers runs a half-precision model — for inference, and for
+/// mixed-precision training (adapters and optimizer state stay f32; f16 scales its loss).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ComputeDtype {

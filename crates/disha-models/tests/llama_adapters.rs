@@ -372,9 +372,9 @@ fn one_sgd_step_from_every_peft_state_matches_the_next() {
 /// - the first update, from the same state, must agree to two half steps of its size
 ///   (`2 · 2⁻ᵐ · max |update|` per tensor; measured: bf16 ≤ 1.01 steps for mini, whose
 ///   block's gradient sums one rounded contribution per repeat, 0.68 for Bone, 0.59 for LoRA;
-///   f16 0.79 for Bone, 1.52 for LoRA — all in layer 0's attention, where several half
-///   gradient contributions meet; layer 1 agrees to 1e-6 relative, BAT to 7e-8); a wrong
-///   gradient is off by O(1);
+///   f16 0.79 for Bone, 1.52 for LoRA — all in layer 0 (bf16: most in its attention), whose
+///   gradients come through more half-precision sums; layer 1 agrees to 1e-6 relative, BAT to
+///   7e-8); a wrong gradient is off by O(1);
 /// - the losses before each step, to one half step of the loss;
 /// - after three steps, disha's adapters (worst element) must land nearer PEFT's half run than
 ///   PEFT's own f32-compute run of the same weights does (`f32.step3.*`: the half dtype's own

@@ -232,7 +232,8 @@ impl Llama {
     /// rounded to that dtype, the RMS norms and the attention softmax computed in f32 and
     /// rounded once, the logits returned in f32 (holding the rounded values). Adapter terms
     /// are still computed in f32 and rounded once (PEFT's autocast rule). For inference
-    /// (logits, generation, evaluation); training computes in f32.
+    /// (logits, generation, evaluation) and mixed-precision training, whose backward rounds
+    /// the activation gradients the same way while adapters stay f32 (Memory chapter).
     ///
     /// # Panics
     /// A dtype other than F32, BF16 or F16 (a programmer error).
