@@ -43,6 +43,8 @@ use disha_train::schedule::{LrSchedule, ScheduleKind};
 use disha_train::settings::default_targets;
 use serde_json::{Value, json};
 
+mod common;
+
 /// What one timed step does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Method {
@@ -207,15 +209,6 @@ impl ModuleMapper for TrainEverything {
     }
 }
 
-/// Seeded token ids in `[3, vocab)` (values do not matter for speed; ids 0–2 are skipped so no
-/// special token appears).
-fn random_ids(count: usize, vocab: usize, seed: u64) -> Vec<u32> {
-    let mut rng = disha_models::SplitMix64::new(seed);
-    (0..count)
-        .map(|_| 3 + (rng.next_u64() % (vocab as u64 - 3)) as u32)
-        .collect()
-}
-
 fn median(values: &[f64]) -> f64 {
     let mut v = values.to_vec();
     v.sort_by(f64::total_cmp);
@@ -255,7 +248,7 @@ fn step(args: &StepArgs) -> Result<Value, String> {
     let mut step_s = Vec::with_capacity(args.steps);
     let mut trainable = 0;
     if frozen {
-        let ids: Vec<i64> = random_ids(tokens, vocab, 1)
+        let ids: Vec<i64> = common::random_ids(tokens, vocab, 1)
             .into_iter()
             .map(i64::from)
             .collect();
@@ -287,7 +280,7 @@ fn step(args: &StepArgs) -> Result<Value, String> {
             .sum();
         let examples = (0..args.batch * total)
             .map(|k| {
-                let ids = random_ids(args.seq, vocab, 100 + k as u64);
+                let ids = common::random_ids(args.seq, vocab, 100 + k as u64);
                 Example {
                     labels: ids.iter().map(|&i| i64::from(i)).collect(),
                     input_ids: ids,

@@ -35,13 +35,13 @@ use disha_core::{AdapterSpec, BatOrientation, PeftConfig, PeftModelExt, TargetMo
 use disha_models::llama::{Llama, LlamaConfig};
 use disha_models::rwkv::{Rwkv7, RwkvConfig};
 use disha_models::{
-    BaseDtypeSource, CausalLm, ComputeDtype, ModelFamily, RandomWeights, SplitMix64, causal_lm_loss,
+    BaseDtypeSource, CausalLm, ComputeDtype, ModelFamily, RandomWeights, causal_lm_loss,
 };
-use disha_train::data::{DataLoader, Example};
-use disha_train::learner::{Learner, LearnerConfig, mark_trainable};
-use disha_train::schedule::{LrSchedule, ScheduleKind};
+use disha_train::learner::{Learner, mark_trainable};
 use disha_train::settings::default_targets;
 use serde_json::{Value, json};
+
+mod common;
 
 const RUNS: usize = 3;
 
@@ -177,23 +177,6 @@ fn model(family: ModelFamily, scale: Scale, device: &Device) -> CausalLm {
     }
 }
 
-/// `batch` sequences of `seq` random tokens.
-fn data(vocab: usize, batch: usize, seq: usize) -> DataLoader {
-    let mut rng = SplitMix64::new(11);
-    let examples = (0..batch)
-        .map(|_| {
-            let ids: Vec<u32> = (0..seq)
-                .map(|_| 3 + (rng.next_u64() % (vocab as u64 - 3)) as u32)
-                .collect();
-            Example {
-                labels: ids.iter().map(|&i| i64::from(i)).collect(),
-                input_ids: ids,
-            }
-        })
-        .collect();
-    DataLoader::new(examples, batch, 0, 0)
-}
-
 /// One training step per method (and the frozen forward + loss) for `family`.
 fn train_steps(device: &Device, family: ModelFamily, scale: Scale) -> Vec<Value> {
     let (batch, seq) = match (scale, family) {
@@ -228,7 +211,7 @@ fn train_steps(device: &Device, family: ModelFamily, scale: Scale) -> Vec<Value>
             .with_compute_dtype(compute)
             .expect("the device computes in this dtype");
         let vocab = model.vocab_size();
-        let mut data = data(vocab, batch, seq);
+        let mut data = common::random_token_loader(vocab, batch, seq, 11);
         let tokens = batch * seq;
         let (secs, loss) = match spec.clone() {
             None => {
@@ -250,7 +233,8 @@ fn train_steps(device: &Device, family: ModelFamily, scale: Scale) -> Vec<Value>
                     .add_adapter("default", &PeftConfig::from_spec(&spec, targets))
                     .expect("every projection takes every adapter");
                 let model = mark_trainable(model, &[]).expect("the adapter is trainable");
-                let mut learner = Learner::new(model, step_config()).expect("a learner");
+                let mut learner =
+                    Learner::new(model, common::constant_lr_config(usize::MAX)).expect("a learner");
                 let mut loss = 0.0;
                 let secs = median_secs(&device, || {
                     loss = learner.train_step(&mut data).expect("a training step").loss;
@@ -266,24 +250,6 @@ fn train_steps(device: &Device, family: ModelFamily, scale: Scale) -> Vec<Value>
         }));
     }
     rows
-}
-
-fn step_config() -> LearnerConfig {
-    LearnerConfig {
-        max_steps: usize::MAX,
-        grad_accum: 1,
-        schedule: LrSchedule {
-            peak: 1e-4,
-            warmup_steps: 0,
-            total_steps: usize::MAX,
-            kind: ScheduleKind::Constant,
-        },
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: 0.0,
-        max_grad_norm: Some(1.0),
-    }
 }
 
 /// `value` against `target` (`at_most`: the value must not exceed it, else not fall below it).

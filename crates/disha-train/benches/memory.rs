@@ -31,14 +31,12 @@ use disha_core::{
 };
 use disha_models::llama::{LlamaConfig, hf_tensor_shapes};
 use disha_models::{BaseDtype, LoadOptions, SplitMix64, load_model_with};
-use disha_train::data::{DataLoader, Example};
-use disha_train::learner::{
-    Learner, LearnerConfig, mark_trainable, peak_memory_mb, resident_memory_mb,
-};
-use disha_train::schedule::{LrSchedule, ScheduleKind};
+use disha_train::learner::{Learner, mark_trainable, peak_memory_mb, resident_memory_mb};
 use disha_train::settings::default_targets;
 use safetensors::Dtype;
 use serde_json::{Value, json};
+
+mod common;
 
 /// A base to measure: a dtype (`f32`, `f16`, `bf16`), or the checkpoint's bf16 with the
 /// decoder blocks' linears quantized (`q8`, `q4`, `q4_1`).
@@ -242,34 +240,8 @@ fn measure(args: &MeasureArgs) -> Result<Value, String> {
         .iter()
         .map(|s| s.iter().product::<usize>())
         .sum();
-    let mut rng = SplitMix64::new(7);
-    let examples = (0..args.batch)
-        .map(|_| {
-            let ids: Vec<u32> = (0..args.seq)
-                .map(|_| 3 + (rng.next_u64() % (vocab as u64 - 3)) as u32)
-                .collect();
-            Example {
-                labels: ids.iter().map(|&i| i64::from(i)).collect(),
-                input_ids: ids,
-            }
-        })
-        .collect();
-    let mut data = DataLoader::new(examples, args.batch, 0, 0);
-    let config = LearnerConfig {
-        max_steps: 1,
-        grad_accum: 1,
-        schedule: LrSchedule {
-            peak: 1e-4,
-            warmup_steps: 0,
-            total_steps: 1,
-            kind: ScheduleKind::Constant,
-        },
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: 0.0,
-        max_grad_norm: Some(1.0),
-    };
+    let mut data = common::random_token_loader(vocab, args.batch, args.seq, 7);
+    let config = common::constant_lr_config(1);
     let mut learner = Learner::new(model, config).map_err(|e| e.to_string())?;
     let before_step = resident_memory_mb();
     let start = Instant::now();
