@@ -22,7 +22,7 @@
 use std::time::{Duration, Instant};
 
 use burn::tensor::{DType, Device, Distribution, Tensor};
-use disha_core::kernels::{bat_linear_with, bone_linear_with};
+use disha_core::kernels::{bat_linear_with, bone_linear_with, single_pass_fallbacks};
 use disha_core::{BatAdapter, BatOrientation, BoneAdapter, reference_block_affine_linear};
 
 struct Shape {
@@ -63,10 +63,10 @@ fn dtype() -> DType {
 const CASES: [(&str, f64); 7] = [
     ("plain x·W (frozen)", 4.0),
     ("Bone op (backend matmul)", 4.0),
-    ("Bone op (single-pass GEMM)", 4.0),
+    ("Bone op (single pass: CubeK, W' view)", 4.0),
     ("Bone, plain tensor ops (x·W + S·B)", 4.0),
     ("BAT op (backend matmul, chunked W')", 6.0),
-    ("BAT op (single-pass GEMM)", 6.0),
+    ("BAT op (single pass: CubeK, W' view)", 6.0),
     ("BAT, plain tensor ops (materialized W')", 6.0),
 ];
 
@@ -131,6 +131,7 @@ fn main() {
                 device.sync().expect("device sync");
                 start.elapsed()
             };
+            let fallbacks_before = single_pass_fallbacks();
             for _ in 0..2 {
                 run();
             }
@@ -139,8 +140,13 @@ fn main() {
             let median = times[2].as_secs_f64();
             let base = *plain.get_or_insert(median);
             let nominal = flops * (shape.tokens * shape.d_input * shape.d_output) as f64;
+            // A single-pass case that CubeK declined ran the op body: say so in its row.
+            let fell_back = match single_pass_fallbacks() - fallbacks_before {
+                0 => "",
+                _ => " (fell back to the body)",
+            };
             println!(
-                "| {} × {} × {} | {name} | {:.2} | {:.3} | {:.1} |",
+                "| {} × {} × {} | {name}{fell_back} | {:.2} | {:.3} | {:.1} |",
                 shape.tokens,
                 shape.d_input,
                 shape.d_output,

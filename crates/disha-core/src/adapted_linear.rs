@@ -3,7 +3,7 @@
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::{Initializer, Linear, LinearConfig};
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{DType, Device, Tensor};
 
 use crate::adapter::{Adapter, AdapterSet};
 use crate::bat::block_affine_linear;
@@ -490,7 +490,12 @@ impl AdaptedLinear {
         // Under the single-pass policy, with no BAT adapter, one Bone adapter folds into the base
         // product. Otherwise Bone stays in plain ops: the op would compute the same products and
         // keep the same `S(x̃)`, and plain ops fuse better with their neighbours (kernels docs).
-        let single_pass = frozen && !mixed && kernel_policy() == KernelPolicy::SinglePass;
+        // The fold computes the base product in f32 (the adapter's precision), so half compute
+        // keeps plain ops: its base product is a half GEMM, as in PEFT.
+        let single_pass = frozen
+            && !mixed
+            && in_dtype == DType::F32
+            && kernel_policy() == KernelPolicy::SinglePass;
         let fused_bone = match bat.is_empty() && single_pass {
             true => additive.iter().position(|(_, a)| match a {
                 Adapter::Bone(bone) => bone.is_fusable(d_output),

@@ -8,10 +8,12 @@
 //! adapter must agree.
 //!
 //! Every case runs both ways the ops can compute on a Cube backend: through the backend's own
-//! matmul (BAT's `W'` and `G` in chunks of input blocks) and through the single-pass GEMM (on
-//! Flex both are the same bodies). Shapes are ragged on purpose: `in % r ≠ 0` for Bone, and
-//! sizes that are not multiples of the GEMM's 64 × 64 × 16 tiles; one BAT shape has enough input
-//! blocks (and weight elements) to take several chunks.
+//! matmul (BAT's `W'` and `G` in chunks of input blocks) and single-pass, in CubeK's matmul with
+//! `W'` formed as it is read (on Flex both are the same bodies). On Cube backends the single-pass
+//! cases must not have fallen back to the bodies ([`single_pass_fallbacks`]), which compute the
+//! same values. Shapes are ragged on purpose: `in % r ≠ 0` for Bone, sizes that are not multiples
+//! of any tile, and `out` / `r` chosen so that CubeK reads the weight in vectors of 1, 2 and 4
+//! elements; one BAT shape has enough input blocks (and weight elements) to take several chunks.
 //!
 //! Tolerance: every value is a sum of at most ~1000 products of O(1) f32 numbers, in a different
 //! order on each side; the f32 rounding of such sums is ~1e-6 relative, so agreement within
@@ -20,8 +22,8 @@
 //! summation order.
 
 use burn::nn::DropoutConfig;
-use burn::tensor::{Device, Tensor, TensorData};
-use disha_core::kernels::{bat_linear_with, bone_linear_with};
+use burn::tensor::{DType, Device, Tensor, TensorData};
+use disha_core::kernels::{bat_linear_with, bone_linear_with, single_pass_fallbacks};
 use disha_core::{BatAdapter, BatOrientation, BoneAdapter, reference_block_affine_linear};
 
 /// The tests of this file run one at a time: the memory test reads the device's pool, which is
@@ -131,6 +133,18 @@ fn run<const A: usize>(
     }
 }
 
+/// Whether this build runs the ops on a Cube backend (where `single_pass` is honoured).
+const CUBE: bool = cfg!(any(feature = "wgpu", feature = "cuda"));
+
+/// Fails if a single-pass product since `before` ran the op body instead of CubeK's matmul.
+fn assert_no_fallback(label: &str, before: usize) {
+    let fallbacks = single_pass_fallbacks() - before;
+    assert!(
+        !CUBE || fallbacks == 0,
+        "{label}: {fallbacks} single-pass products fell back to the op bodies"
+    );
+}
+
 fn compare(label: &str, actual: Outcome, expected: Outcome) {
     assert_agree(&format!("{label}: y"), actual.y, expected.y);
     match (actual.grad_x, expected.grad_x) {
@@ -173,13 +187,23 @@ fn bone_forward_and_gradients_match_the_reference() {
             r: 8,
             track_x: false,
         },
+        // out % 4 = 0: the weight view is read in vectors of 4.
+        Case {
+            m: 50,
+            d_input: 72,
+            d_output: 96,
+            r: 12,
+            track_x: true,
+        },
     ];
     for (case, single_pass) in cases.iter().flat_map(|c| [(c, false), (c, true)]) {
         let label = case.label(&format!("Bone (single pass: {single_pass})"));
         let shape = [case.r, case.d_output];
+        let before = single_pass_fallbacks();
         let actual = run(case, &Device::default(), shape, |x, w, b| {
             bone_linear_with(x, w, b, single_pass)
         });
+        assert_no_fallback(&label, before);
         let expected = run(case, &Device::flex(), shape, |x, w, b| {
             let adapter = BoneAdapter::new(b, DropoutConfig::new(0.0).init());
             adapter.add_to_output(x.clone(), x.matmul(w))
@@ -221,19 +245,66 @@ fn bat_forward_and_gradients_match_the_reference() {
             r: 3,
             track_x: false,
         },
+        // r = 6: a vector may not straddle two blocks, so vectors of 2 although out % 4 = 0.
+        Case {
+            m: 45,
+            d_input: 24,
+            d_output: 36,
+            r: 6,
+            track_x: true,
+        },
     ];
     for (case, single_pass) in cases.iter().flat_map(|c| [(c, false), (c, true)]) {
         let label = case.label(&format!("BAT (single pass: {single_pass})"));
         let shape = [case.d_output / case.r, case.r, case.r];
+        let before = single_pass_fallbacks();
         let actual = run(case, &Device::default(), shape, |x, w, d| {
             bat_linear_with(x, w, d, single_pass)
         });
+        assert_no_fallback(&label, before);
         let expected = run(case, &Device::flex(), shape, |x, w, d| {
             let adapter = BatAdapter::new(d, BatOrientation::Peft);
             reference_block_affine_linear(x, w, None, &adapter)
         });
         compare(&label, actual, expected);
     }
+}
+
+/// A weight stored in another dtype than the activations (an f16 base under f32 adapters): the
+/// adapted-weight view reads both with one element type, so CubeK's route declines it and the
+/// product runs in the op body — still correct, and counted by [`single_pass_fallbacks`]
+/// (exactly one fallback per product on a Cube backend, none on Flex, which has no CubeK route).
+#[test]
+fn a_weight_in_another_dtype_falls_back_to_the_body_and_is_counted() {
+    let _device = exclusive_device();
+    let device = Device::default();
+    if !device.supports_dtype(DType::F16) {
+        println!("skipped: {device:?} has no f16 tensors");
+        return;
+    }
+    let (m, d_input, d_output, r) = (33, 40, 24, 4);
+    let x = tensor(1, [m, d_input], &device);
+    let weight = tensor(2, [d_input, d_output], &device).cast(DType::F16);
+    let block = tensor(3, [r, d_output], &device).mul_scalar(0.5);
+    let before = single_pass_fallbacks();
+    let y = bone_linear_with(x.clone(), weight.clone(), block.clone(), true);
+    let fallbacks = single_pass_fallbacks() - before;
+    assert_eq!(
+        fallbacks,
+        usize::from(CUBE),
+        "fallbacks counted for one product"
+    );
+
+    let flex = Device::flex();
+    let upcast = |t: Tensor<2>| Tensor::<2>::from_data(t.cast(DType::F32).into_data(), &flex);
+    let adapter = BoneAdapter::new(upcast(block), DropoutConfig::new(0.0).init());
+    let x = upcast(x);
+    let expected = adapter.add_to_output(x.clone(), x.matmul(upcast(weight)));
+    assert_agree(
+        "Bone with an f16 weight",
+        host(y.cast(DType::F32)),
+        host(expected),
+    );
 }
 
 /// A BAT training step on a 2048 × 2048 layer with 2048 tokens must not keep any `in × out`

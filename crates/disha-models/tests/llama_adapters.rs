@@ -7,10 +7,12 @@ use std::path::{Path, PathBuf};
 
 use burn::module::Module;
 use burn::optim::{GradientsParams, SgdConfig};
-use burn::tensor::Device;
+use burn::tensor::{DType, Device};
 use common::*;
 use disha_core::{PeftModelExt, freeze_all_but_active_adapters};
-use disha_models::{CausalLm, causal_lm_loss, export_merged, load_model};
+use disha_models::{
+    BaseDtype, CausalLm, LoadOptions, causal_lm_loss, export_merged, load_model, load_model_with,
+};
 
 /// The fixtures' suggested logit tolerance (see `llama_base.rs` for the reasoning).
 const LOGITS_TOL: f32 = 1e-4;
@@ -402,7 +404,16 @@ fn half_training_reproduces_peft(compute: disha_models::ComputeDtype, variants: 
         let lr = info["lr"].as_f64().unwrap();
         assert_eq!(info["loss_scale"].as_f64(), Some(loss_scale));
         let ids = ids_tensor(&golden["input_ids"], &device);
-        let mut model = load_model(&dir.join("base"), &device).unwrap().model;
+        // PEFT's f16 run converts the bf16 checkpoint to f16 on load; a device without bf16
+        // tensors (WGPU) loads it that way too (exact for these weights), others keep bf16 and
+        // convert as they compute.
+        let options = match device.supports_dtype(DType::BF16) {
+            true => LoadOptions::default(),
+            false => LoadOptions::default().with_base_dtype(BaseDtype::F16),
+        };
+        let mut model = load_model_with(&dir.join("base"), &device, &options)
+            .unwrap()
+            .model;
         model
             .load_adapter(&fixture.join("adapter"), "default")
             .unwrap();

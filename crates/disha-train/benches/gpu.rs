@@ -4,7 +4,8 @@
 //! - `kernels`: the plain frozen layer (`x·W` forward and `δY·Wᵀ`) against the fused Bone and
 //!   BAT ops, forward + backward with `x` and the adapter tracked, on Llama-2-7B's shapes
 //!   (4096 tokens; 4096 × 4096, 4096 × 11008, 11008 × 4096), both routes of each op (the
-//!   backend's matmul; disha's single-pass GEMM). Throughput counts the plain layer's nominal
+//!   backend's matmul on materialized chunks; single pass, CubeK's matmul reading `W'` through a
+//!   view). Throughput counts the plain layer's nominal
 //!   `4·M·in·out` FLOPs for every case, so it compares directly.
 //! - `llama_3_2_1b`: one training step (forward, loss, backward, gradient norm, AdamW;
 //!   [`Learner::train_step`]) of a Llama-3.2-1B-shaped model with random weights and a bf16
@@ -30,7 +31,7 @@
 use std::time::Instant;
 
 use burn::tensor::{DType, Device, Distribution, Int, Tensor, TensorData};
-use disha_core::kernels::{bat_linear_with, bone_linear_with};
+use disha_core::kernels::{bat_linear_with, bone_linear_with, single_pass_fallbacks};
 use disha_core::{AdapterSpec, BatOrientation, PeftConfig, PeftModelExt, TargetModules};
 use disha_models::llama::{Llama, LlamaConfig};
 use disha_models::rwkv::{Rwkv7, RwkvConfig};
@@ -122,6 +123,7 @@ fn kernels(device: &Device, scale: Scale) -> Vec<Value> {
         let mut plain = None;
         for (case, forward) in cases {
             eprintln!("kernels: {tokens} × {d_input} × {d_output}, {case}");
+            let fallbacks_before = single_pass_fallbacks();
             let secs = median_secs(&device, || {
                 let grads = (forward() * cotangent.clone()).sum().backward();
                 assert!(x.grad(&grads).is_some());
@@ -131,6 +133,8 @@ fn kernels(device: &Device, scale: Scale) -> Vec<Value> {
                 "tokens": tokens, "in": d_input, "out": d_output, "r": r, "case": case,
                 "dtype": "bf16", "ms": secs * 1e3, "tflops": flops / secs / 1e12,
                 "vs_plain": secs / plain_secs,
+                // Single-pass products CubeK declined (run in the op body instead): 0 expected.
+                "fallbacks": single_pass_fallbacks() - fallbacks_before,
             }));
         }
     }

@@ -94,7 +94,7 @@ impl<B: BlockAffineOps, C: CheckpointStrategy> BlockAffineOps for Autodiff<B, C>
         {
             OpsKind::Tracked(prep) => {
                 let shard_sums = block_tracked.then(|| shard_sum::<B>(x.clone(), r));
-                // Without the single-pass GEMM the forward is the reference body: reuse `S(x̃)`.
+                // Not single-pass, the forward is the reference body: reuse `S(x̃)`.
                 let output = match (&shard_sums, single_pass) {
                     (Some(sums), false) => {
                         bone_linear_from_sums::<B>(x, weight.clone(), block.clone(), sums.clone())

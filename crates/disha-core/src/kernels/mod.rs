@@ -9,8 +9,9 @@
 //! - [`BlockAffineOps`] is a Burn backend extension with one op per product (`x·W'`, `δY·W'ᵀ`,
 //!   the BAT block gradient). Their bodies run the products in the backend's own matmul, BAT's
 //!   `W'` and `G = xᵀ·δY` one bounded chunk of input blocks at a time; on Cube backends (CUDA,
-//!   ROCm, WGPU) a single-pass CubeCL GEMM that forms `W'` tile by tile while loading it is the
-//!   alternative ([`KernelPolicy::SinglePass`]).
+//!   ROCm, WGPU) the single-pass alternative ([`KernelPolicy::SinglePass`]) runs `x·W'` and
+//!   `δY·W'ᵀ` in CubeK's matmul (tensor-core tiles where the device has them) with `W'` formed
+//!   as the routine's loader reads the weight, so it never exists in memory.
 //! - The `Autodiff` implementation is hand-written (method.md §8): Bone keeps only `S(x̃)`, BAT
 //!   keeps `x` and never `W'`.
 //! - [`bone_linear`] and [`bat_linear`] are the tensor-level entry points.
@@ -29,7 +30,9 @@ use burn::backend::Dispatch;
 use burn::tensor::Tensor;
 
 pub use ops::BlockAffineOps;
-pub use policy::{KERNELS_ENV, KernelPolicy, kernel_policy, set_kernel_policy};
+pub use policy::{
+    KERNELS_ENV, KernelPolicy, kernel_policy, set_kernel_policy, single_pass_fallbacks,
+};
 
 /// Fused Bone linear: `y = x·W + S(x̃)·B`, differentiable in `x` and `B`.
 ///
@@ -41,14 +44,15 @@ pub use policy::{KERNELS_ENV, KernelPolicy, kernel_policy, set_kernel_policy};
 /// - `x`: `[M, in]`; `weight`: `[in, out]`; `block`: `[r, out]` with `r ≤ in` (any `in`)
 /// - output: `[M, out]`
 ///
-/// Cube backends use the single-pass GEMM when the [policy](kernel_policy) is
-/// [`KernelPolicy::SinglePass`]; [`bone_linear_with`] chooses explicitly.
+/// Cube backends run it single-pass (CubeK's matmul reading `W'` through a view) when the
+/// [policy](kernel_policy) is [`KernelPolicy::SinglePass`]; [`bone_linear_with`] chooses
+/// explicitly.
 pub fn bone_linear(x: Tensor<2>, weight: Tensor<2>, block: Tensor<2>) -> Tensor<2> {
     let single_pass = kernel_policy() == KernelPolicy::SinglePass;
     bone_linear_with(x, weight, block, single_pass)
 }
 
-/// [`bone_linear`] with an explicit choice of the single-pass GEMM on Cube backends.
+/// [`bone_linear`] with an explicit choice of the single-pass route on Cube backends.
 pub fn bone_linear_with(
     x: Tensor<2>,
     weight: Tensor<2>,
@@ -73,7 +77,7 @@ pub fn bone_linear_with(
 }
 
 /// Fused BAT linear (PEFT orientation): `y = x·T_D(W)`, differentiable in `x` and `D`, without
-/// keeping `W'` (it exists one bounded chunk at a time, or not at all with the single-pass GEMM).
+/// keeping `W'` (it exists one bounded chunk at a time, or not at all single-pass).
 ///
 /// `weight` is a constant, as in [`bone_linear`].
 ///
@@ -81,14 +85,14 @@ pub fn bone_linear_with(
 /// - `x`: `[M, in]`; `weight`: `[in, out]`; `blocks` (`D`): `[out/r, r, r]`, `in % r = out % r = 0`
 /// - output: `[M, out]`
 ///
-/// Cube backends use the single-pass GEMM when the [policy](kernel_policy) is
+/// Cube backends run it single-pass when the [policy](kernel_policy) is
 /// [`KernelPolicy::SinglePass`]; [`bat_linear_with`] chooses explicitly.
 pub fn bat_linear(x: Tensor<2>, weight: Tensor<2>, blocks: Tensor<3>) -> Tensor<2> {
     let single_pass = kernel_policy() == KernelPolicy::SinglePass;
     bat_linear_with(x, weight, blocks, single_pass)
 }
 
-/// [`bat_linear`] with an explicit choice of the single-pass GEMM on Cube backends.
+/// [`bat_linear`] with an explicit choice of the single-pass route on Cube backends.
 pub fn bat_linear_with(
     x: Tensor<2>,
     weight: Tensor<2>,

@@ -11,9 +11,10 @@ use super::reference;
 /// Every method has a **body** made of ordinary backend ops (the formulas of method.md §2, §4 and
 /// §8; BAT's `W'` and `G` one bounded chunk at a time), which every backend can run: Flex uses it
 /// as is. With `single_pass`, Cube backends (CUDA, ROCm, WGPU / Vulkan / Metal) run the products
-/// that contract with `W'` in disha's single-pass CubeCL GEMM instead, which forms `W'` tile by
-/// tile while loading it (no weight-sized buffer at all, not even a chunk); other backends ignore
-/// the flag. The `Autodiff` implementation wires the ops into training with a hand-written
+/// that contract with `W'` in CubeK's matmul instead, with `W'` as a view of its right-hand
+/// operand formed as the routine reads it (no weight-sized buffer at all, not even a chunk);
+/// where CubeK declines (see [`single_pass_fallbacks`](super::single_pass_fallbacks)) they run
+/// the body. Other backends ignore the flag. The `Autodiff` implementation wires the ops into training with a hand-written
 /// backward pass. Use the tensor-level functions [`bone_linear`](super::bone_linear) and
 /// [`bat_linear`](super::bat_linear) rather than calling these primitives.
 ///

@@ -2,7 +2,7 @@
 //! tensor-op formulation.
 
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
 /// Environment variable that selects the [`KernelPolicy`]: `fused` (the default), `single-pass`
 /// or `reference`.
@@ -18,9 +18,10 @@ pub enum KernelPolicy {
     /// through [`Wkv7Ops`](crate::wkv::Wkv7Ops). The default.
     Fused,
     /// Bone and BAT through the ops, and on Cube backends every product that contracts with `W'`
-    /// in disha's single-pass CubeCL GEMM, which forms `W'` tile by tile while loading it (no
-    /// weight-sized buffer at all). Slower than the backend's matmul where that one is tuned (see
-    /// the kernels chapter); elsewhere the ops run their bodies.
+    /// in CubeK's matmul with `W'` formed as the routine reads the weight (no weight-sized buffer
+    /// at all). BAT's transform then costs `2r` FLOPs per weight element read, once per output
+    /// tile row, which the chunked route pays once (see the kernels chapter); elsewhere the ops
+    /// run their bodies.
     SinglePass,
     /// Through ordinary differentiable tensor ops, with Burn's own autodiff (the formulation
     /// every other method uses; RWKV-7's WKV in its chunked tensor-op form). For debugging
@@ -83,6 +84,23 @@ pub fn kernel_policy() -> KernelPolicy {
 /// Overrides `DISHA_KERNELS` for the whole process (for example from a CLI flag).
 pub fn set_kernel_policy(policy: KernelPolicy) {
     OVERRIDE.store(policy.code(), Ordering::Relaxed);
+}
+
+static SINGLE_PASS_FALLBACKS: AtomicUsize = AtomicUsize::new(0);
+
+/// How many products asked for the single-pass route ran the op body instead, in this process:
+/// on Cube backends, CubeK declines the adapted-weight view for a weight stored in another dtype
+/// than the activations, or for a shape or device it has no routine for (a `debug` log line
+/// names the reason). Always 0 on backends without CubeCL kernels (Flex), which ignore the
+/// request and run the body.
+pub fn single_pass_fallbacks() -> usize {
+    SINGLE_PASS_FALLBACKS.load(Ordering::Relaxed)
+}
+
+/// Counts one product that fell back to the op body ([`single_pass_fallbacks`]).
+#[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(dead_code))]
+pub(crate) fn record_single_pass_fallback() {
+    SINGLE_PASS_FALLBACKS.fetch_add(1, Ordering::Relaxed);
 }
 
 #[cfg(test)]

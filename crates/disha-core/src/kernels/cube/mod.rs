@@ -1,9 +1,10 @@
 //! [`BlockAffineOps`] on Cube backends (CUDA, ROCm, WGPU / Vulkan / Metal). With `single_pass`,
-//! every product that contracts with `W'` runs in the single-pass GEMM of [`transformed_matmul`];
-//! otherwise in the trait's bodies, whose GEMMs are the backend's own (CubeK) matmul. The BAT
-//! block gradient always keeps the trait's chunked body.
+//! every product that contracts with `W'` runs in CubeK's matmul with `W'` formed as the routine
+//! reads it ([`adapted_weight_matmul`]); otherwise, and wherever CubeK declines that launch, in
+//! the trait's bodies, whose GEMMs are the backend's own (CubeK) matmul on materialized chunks.
+//! The BAT block gradient always keeps the trait's chunked body.
 
-mod transformed_matmul;
+mod adapted_weight_matmul;
 
 use burn::backend::TensorMetadata;
 use burn::backend::tensor::FloatTensor;
@@ -11,16 +12,27 @@ use burn_cubecl::CubeBackend;
 use burn_cubecl::tensor::CubeTensor;
 
 use super::{BlockAffineOps, reference};
-use transformed_matmul::{Transform, transformed_matmul};
+use adapted_weight_matmul::adapted_weight_matmul;
 
-/// The single-pass GEMM for one product, with the adapter in `lhs`'s dtype (the kernel reads
-/// both with one element type).
+/// Which adapted weight a product reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Transform {
+    /// `W' = W + tile_rows(B)` (Bone; the adapter is `B`, `[r, out]`).
+    Bone,
+    /// `W' = T_D(W)` (BAT, PEFT orientation; the adapter is `D`, `[out/r, r, r]`).
+    Bat,
+}
+
+/// One product through [`adapted_weight_matmul`], with the adapter in `lhs`'s dtype; `body`
+/// computes it instead where CubeK declines the launch (for example a weight stored in another
+/// dtype than the activations: the view reads both with one element type).
 fn single_pass_product(
     lhs: CubeTensor,
     weight: CubeTensor,
     adapter: CubeTensor,
     transform: Transform,
     transposed: bool,
+    body: impl FnOnce(CubeTensor, CubeTensor, CubeTensor) -> CubeTensor,
 ) -> CubeTensor {
     let r = match transform {
         Transform::Bone => adapter.shape().dims::<2>()[0],
@@ -31,7 +43,23 @@ fn single_pass_product(
     } else {
         burn_cubecl::kernel::cast(adapter, lhs.dtype)
     };
-    transformed_matmul(lhs, weight, adapter, r, transform, transposed)
+    match adapted_weight_matmul(
+        lhs.clone(),
+        weight.clone(),
+        adapter.clone(),
+        r,
+        transform,
+        transposed,
+    ) {
+        Ok(out) => out,
+        Err(declined) => {
+            super::policy::record_single_pass_fallback();
+            tracing::debug!(
+                "{transform:?} product (transposed: {transposed}) runs the op body: CubeK declined the adapted-weight view ({declined:?})"
+            );
+            body(lhs, weight, adapter)
+        }
+    }
 }
 
 impl BlockAffineOps for CubeBackend {
@@ -42,7 +70,14 @@ impl BlockAffineOps for CubeBackend {
         single_pass: bool,
     ) -> FloatTensor<Self> {
         match single_pass {
-            true => single_pass_product(x, weight, block, Transform::Bone, false),
+            true => single_pass_product(
+                x,
+                weight,
+                block,
+                Transform::Bone,
+                false,
+                reference::bone_linear::<Self>,
+            ),
             false => reference::bone_linear::<Self>(x, weight, block),
         }
     }
@@ -54,7 +89,14 @@ impl BlockAffineOps for CubeBackend {
         single_pass: bool,
     ) -> FloatTensor<Self> {
         match single_pass {
-            true => single_pass_product(grad, weight, block, Transform::Bone, true),
+            true => single_pass_product(
+                grad,
+                weight,
+                block,
+                Transform::Bone,
+                true,
+                reference::bone_linear_grad_input::<Self>,
+            ),
             false => reference::bone_linear_grad_input::<Self>(grad, weight, block),
         }
     }
@@ -66,7 +108,14 @@ impl BlockAffineOps for CubeBackend {
         single_pass: bool,
     ) -> FloatTensor<Self> {
         match single_pass {
-            true => single_pass_product(x, weight, blocks, Transform::Bat, false),
+            true => single_pass_product(
+                x,
+                weight,
+                blocks,
+                Transform::Bat,
+                false,
+                reference::bat_linear::<Self>,
+            ),
             false => reference::bat_linear::<Self>(x, weight, blocks),
         }
     }
@@ -78,7 +127,14 @@ impl BlockAffineOps for CubeBackend {
         single_pass: bool,
     ) -> FloatTensor<Self> {
         match single_pass {
-            true => single_pass_product(grad, weight, blocks, Transform::Bat, true),
+            true => single_pass_product(
+                grad,
+                weight,
+                blocks,
+                Transform::Bat,
+                true,
+                reference::bat_linear_grad_input::<Self>,
+            ),
             false => reference::bat_linear_grad_input::<Self>(grad, weight, blocks),
         }
     }
