@@ -182,6 +182,28 @@ const KERNEL_TEST_STEPS: &[Step] = &[Step {
     env: &[],
 }];
 
+/// Where the Vulkan loader looks for driver (ICD) manifests.
+const VULKAN_ICD_DIRS: [&str; 3] = [
+    "/usr/share/vulkan/icd.d",
+    "/usr/local/share/vulkan/icd.d",
+    "/etc/vulkan/icd.d",
+];
+
+/// Whether a Vulkan driver (lavapipe or a GPU's) is installed for the kernel tests.
+fn vulkan_driver_installed() -> bool {
+    let listed = ["VK_ICD_FILENAMES", "VK_DRIVER_FILES"]
+        .iter()
+        .any(|var| std::env::var_os(var).is_some_and(|v| !v.is_empty()));
+    listed
+        || VULKAN_ICD_DIRS.iter().any(|dir| {
+            std::fs::read_dir(dir).is_ok_and(|entries| {
+                entries
+                    .flatten()
+                    .any(|e| e.path().extension().is_some_and(|x| x == "json"))
+            })
+        })
+}
+
 fn run(step: &Step) -> bool {
     run_with_env(step.label, step.args, step.env)
 }
@@ -300,6 +322,18 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         };
+    }
+    if let Task::Ci { kernels: true, .. } = &cli.command
+        && !vulkan_driver_installed()
+    {
+        // Without a Vulkan driver WGPU falls back to OpenGL, whose limits (8 storage buffers per
+        // shader stage) refuse the WKV-7 backward kernel with a bare "Validation Error".
+        eprintln!(
+            "xtask ci --kernels: no Vulkan driver found (no ICD file in {VULKAN_ICD_DIRS:?}, \
+             VK_ICD_FILENAMES / VK_DRIVER_FILES unset); install lavapipe with \
+             `apt-get install mesa-vulkan-drivers libvulkan1`"
+        );
+        return ExitCode::FAILURE;
     }
     let steps: Vec<&Step> = match &cli.command {
         Task::Ci {
