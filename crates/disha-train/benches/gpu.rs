@@ -45,6 +45,8 @@ use serde_json::{Value, json};
 mod common;
 
 const RUNS: usize = 3;
+/// Seed of the device's generator for the random activations and LoRA's initialization.
+const SEED: u64 = 7;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Scale {
@@ -83,6 +85,7 @@ fn kernels(device: &Device, scale: Scale) -> Vec<Value> {
         Scale::Smoke => (128, vec![(256, 256), (256, 384)], 16),
     };
     let device = device.clone().autodiff();
+    device.seed(SEED);
     let dtype = DType::BF16;
     let mut rows = Vec::new();
     for (d_input, d_output) in shapes {
@@ -211,6 +214,9 @@ fn train_steps(device: &Device, family: ModelFamily, scale: Scale) -> Vec<Value>
     {
         eprintln!("{family:?} train step: {name}, {compute} compute, {batch} × {seq} tokens");
         device.memory_cleanup();
+        // LoRA's `A` is drawn from the device's generator: seeded per row, every run (and every
+        // order of rows) starts from the same adapter.
+        device.seed(SEED);
         let mut model = model(family, scale, &device)
             .with_compute_dtype(compute)
             .expect("the device computes in this dtype");
