@@ -14,9 +14,10 @@ use super::reference;
 /// that contract with `W'` in CubeK's matmul instead, with `W'` as a view of its right-hand
 /// operand formed as the routine reads it (no weight-sized buffer at all, not even a chunk);
 /// where CubeK declines (see [`single_pass_fallbacks`](super::single_pass_fallbacks)) they run
-/// the body. Other backends ignore the flag. The `Autodiff` implementation wires the ops into training with a hand-written
-/// backward pass. Use the tensor-level functions [`bone_linear`](super::bone_linear) and
-/// [`bat_linear`](super::bat_linear) rather than calling these primitives.
+/// the body. Other backends ignore the flag. The `Autodiff` implementation wires the ops into
+/// training with a hand-written backward pass. Use the tensor-level functions
+/// [`bone_linear`](super::bone_linear) and [`bat_linear`](super::bat_linear) rather than calling
+/// these primitives.
 ///
 /// The base weight is a **constant** for every method: it never receives a gradient (the callers
 /// only route frozen weights here). All methods compute in `x`'s float dtype (the tensor-level

@@ -23,10 +23,12 @@ pub(crate) enum Transform {
     Bat,
 }
 
-/// One product through [`adapted_weight_matmul`], with the adapter in `lhs`'s dtype; `body`
-/// computes it instead where CubeK declines the launch (for example a weight stored in another
-/// dtype than the activations: the view reads both with one element type).
-fn single_pass_product(
+/// One product: its body (`body`, the trait's default), or with `single_pass` through
+/// [`adapted_weight_matmul`] with the adapter in `lhs`'s dtype, falling back to `body` where CubeK
+/// declines the launch (for example a weight stored in another dtype than the activations: the
+/// view reads both with one element type).
+fn product(
+    single_pass: bool,
     lhs: CubeTensor,
     weight: CubeTensor,
     adapter: CubeTensor,
@@ -34,6 +36,9 @@ fn single_pass_product(
     transposed: bool,
     body: impl FnOnce(CubeTensor, CubeTensor, CubeTensor) -> CubeTensor,
 ) -> CubeTensor {
+    if !single_pass {
+        return body(lhs, weight, adapter);
+    }
     let r = match transform {
         Transform::Bone => adapter.shape().dims::<2>()[0],
         Transform::Bat => adapter.shape().dims::<3>()[1],
@@ -69,17 +74,8 @@ impl BlockAffineOps for CubeBackend {
         block: FloatTensor<Self>,
         single_pass: bool,
     ) -> FloatTensor<Self> {
-        match single_pass {
-            true => single_pass_product(
-                x,
-                weight,
-                block,
-                Transform::Bone,
-                false,
-                reference::bone_linear::<Self>,
-            ),
-            false => reference::bone_linear::<Self>(x, weight, block),
-        }
+        let body = reference::bone_linear::<Self>;
+        product(single_pass, x, weight, block, Transform::Bone, false, body)
     }
 
     fn bone_linear_grad_input(
@@ -88,17 +84,16 @@ impl BlockAffineOps for CubeBackend {
         block: FloatTensor<Self>,
         single_pass: bool,
     ) -> FloatTensor<Self> {
-        match single_pass {
-            true => single_pass_product(
-                grad,
-                weight,
-                block,
-                Transform::Bone,
-                true,
-                reference::bone_linear_grad_input::<Self>,
-            ),
-            false => reference::bone_linear_grad_input::<Self>(grad, weight, block),
-        }
+        let body = reference::bone_linear_grad_input::<Self>;
+        product(
+            single_pass,
+            grad,
+            weight,
+            block,
+            Transform::Bone,
+            true,
+            body,
+        )
     }
 
     fn bat_linear(
@@ -107,17 +102,8 @@ impl BlockAffineOps for CubeBackend {
         blocks: FloatTensor<Self>,
         single_pass: bool,
     ) -> FloatTensor<Self> {
-        match single_pass {
-            true => single_pass_product(
-                x,
-                weight,
-                blocks,
-                Transform::Bat,
-                false,
-                reference::bat_linear::<Self>,
-            ),
-            false => reference::bat_linear::<Self>(x, weight, blocks),
-        }
+        let body = reference::bat_linear::<Self>;
+        product(single_pass, x, weight, blocks, Transform::Bat, false, body)
     }
 
     fn bat_linear_grad_input(
@@ -126,16 +112,15 @@ impl BlockAffineOps for CubeBackend {
         blocks: FloatTensor<Self>,
         single_pass: bool,
     ) -> FloatTensor<Self> {
-        match single_pass {
-            true => single_pass_product(
-                grad,
-                weight,
-                blocks,
-                Transform::Bat,
-                true,
-                reference::bat_linear_grad_input::<Self>,
-            ),
-            false => reference::bat_linear_grad_input::<Self>(grad, weight, blocks),
-        }
+        let body = reference::bat_linear_grad_input::<Self>;
+        product(
+            single_pass,
+            grad,
+            weight,
+            blocks,
+            Transform::Bat,
+            true,
+            body,
+        )
     }
 }
