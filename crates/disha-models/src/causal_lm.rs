@@ -108,12 +108,12 @@ impl CausalLm {
         }
     }
 
-    /// Computes the activations in `dtype` (see [`Llama::with_compute_dtype`]): inference, or
-    /// mixed-precision training (adapters, their gradients and optimizer state stay f32).
+    /// Computes the activations in `dtype` (see [`Llama::with_compute_dtype`] and
+    /// [`Rwkv7::with_compute_dtype`]): inference, or mixed-precision training (adapters, their
+    /// gradients and optimizer state stay f32).
     ///
     /// # Errors
-    /// A half-precision compute dtype on RWKV-7 (not implemented: it computes in f32), or on a
-    /// device without tensors of that dtype (WGPU has no bf16).
+    /// A device without tensors of that dtype (WGPU has no bf16).
     pub fn with_compute_dtype(self, dtype: crate::ComputeDtype) -> crate::Result<Self> {
         let device = self.device();
         if !device.supports_dtype(dtype.dtype()) {
@@ -127,27 +127,17 @@ impl CausalLm {
                 ),
             });
         }
-        match self {
-            Self::Llama(model) => Ok(Self::Llama(model.with_compute_dtype(dtype.dtype()))),
-            Self::Rwkv7(_) if dtype != crate::ComputeDtype::F32 => {
-                Err(crate::ModelError::InvalidArgument {
-                    name: "compute dtype".into(),
-                    value: dtype.to_string(),
-                    message: "RWKV-7 computes in f32 (a half-precision RWKV-7 forward is not \
-                              implemented)"
-                        .into(),
-                })
-            }
-            other => Ok(other),
-        }
+        Ok(match self {
+            Self::Llama(model) => Self::Llama(model.with_compute_dtype(dtype.dtype())),
+            Self::Rwkv7(model) => Self::Rwkv7(model.with_compute_dtype(dtype.dtype())),
+        })
     }
 
-    /// The dtype activations are computed in ([`with_compute_dtype`](Self::with_compute_dtype);
-    /// RWKV-7 always computes in f32).
+    /// The dtype activations are computed in ([`with_compute_dtype`](Self::with_compute_dtype)).
     pub fn compute_dtype(&self) -> burn::tensor::DType {
         match self {
             Self::Llama(model) => model.compute_dtype(),
-            Self::Rwkv7(_) => burn::tensor::DType::F32,
+            Self::Rwkv7(model) => model.compute_dtype(),
         }
     }
 

@@ -164,7 +164,8 @@ pub struct ModelArgs {
     #[arg(long, value_enum)]
     pub base_quant: Option<QuantFormat>,
     /// Dtype the activations are computed in: f32, or bf16 / f16 as transformers runs a
-    /// half-precision model (Llama; norms and softmax in f32, each op rounded).
+    /// half-precision model (Llama: norms and softmax in f32, each op rounded; RWKV-7: the
+    /// norms and the WKV recurrence in f32).
     #[arg(long, value_name = "f32|f16|bf16", default_value_t = ComputeDtype::F32)]
     pub compute_dtype: ComputeDtype,
     /// Compute backend.

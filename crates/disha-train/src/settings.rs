@@ -133,8 +133,9 @@ pub struct TrainSettings {
     pub base_dtype: Option<BaseDtype>,
     /// Dtype the activations are computed in: f32, or bf16 / f16 for mixed-precision training
     /// as PEFT trains on a half-precision base (products and activations in the half dtype,
-    /// norms and softmax in f32, adapter terms, gradients of the adapters and optimizer state
-    /// in f32; f16 with dynamic loss scaling; Llama) [default: f32].
+    /// norms and softmax in f32 (RWKV-7: norms and the WKV recurrence), adapter terms,
+    /// gradients of the adapters and optimizer state in f32; f16 with dynamic loss scaling)
+    /// [default: f32].
     #[arg(long, value_name = "f32|bf16|f16")]
     pub compute_dtype: Option<ComputeDtype>,
     /// Keep the decoder blocks' linear weights block-quantized, QLoRA-style: q8 (ggml Q8_0,

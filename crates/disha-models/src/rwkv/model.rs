@@ -66,24 +66,37 @@ fn layer_norm(
     Ok(norm)
 }
 
+/// `t` in `dtype` (a no-op when it already is).
+fn in_dtype<const D: usize>(t: Tensor<D>, dtype: DType) -> Tensor<D> {
+    if t.dtype() == dtype { t } else { t.cast(dtype) }
+}
+
+/// A LayerNorm computed in f32 and rounded once to the input's dtype (what PyTorch's
+/// `layer_norm` does for a half input).
+fn layer_norm_rounded(norm: &LayerNorm, x: Tensor<3>) -> Tensor<3> {
+    let dtype = x.dtype();
+    in_dtype(norm.forward(in_dtype(x, DType::F32)), dtype)
+}
+
 /// Token shift: the previous position's input (the carried one for position 0) minus the
-/// current one, and the last position (the next call's carried input).
+/// current one, and the last position (the next call's carried input, kept in f32 as the
+/// state is: exact for a half-precision `x`).
 ///
 /// # Shapes
 /// - x: `[batch, seq, C]`, prev: `[batch, C]` → (`[batch, seq, C]`, `[batch, C]`)
 fn token_shift(x: &Tensor<3>, prev: Tensor<2>) -> (Tensor<3>, Tensor<2>) {
     let [b, t, c] = x.dims();
-    let prev = prev.reshape([b, 1, c]);
+    let prev = in_dtype(prev, x.dtype()).reshape([b, 1, c]);
     let shifted = if t == 1 {
         prev
     } else {
         Tensor::cat(vec![prev, x.clone().narrow(1, 0, t - 1)], 1)
     };
-    let last = x.clone().narrow(1, t - 1, 1).reshape([b, c]);
+    let last = in_dtype(x.clone().narrow(1, t - 1, 1).reshape([b, c]), DType::F32);
     (shifted - x.clone(), last)
 }
 
-/// `x · A`, then `f`, then `· B` over the last dimension (the low-rank MLPs).
+/// `x · A`, then `f`, then `· B` over the last dimension (the low-rank MLPs), in `x`'s dtype.
 fn low_rank(
     x: Tensor<3>,
     a: &Param<Tensor<2>>,
@@ -91,15 +104,21 @@ fn low_rank(
     f: impl Fn(Tensor<2>) -> Tensor<2>,
 ) -> Tensor<3> {
     let [batch, t, c] = x.dims();
-    let out = b.dims()[1];
-    f(x.reshape([batch * t, c]).matmul(a.val()))
-        .matmul(b.val())
+    let (out, dtype) = (b.dims()[1], x.dtype());
+    f(x.reshape([batch * t, c]).matmul(in_dtype(a.val(), dtype)))
+        .matmul(in_dtype(b.val(), dtype))
         .reshape([batch, t, out])
 }
 
+/// A `[C]` parameter as `[1, 1, C]` (f32, as stored).
 fn row(p: &Param<Tensor<1>>) -> Tensor<3> {
     let c = p.dims()[0];
     p.val().reshape([1, 1, c])
+}
+
+/// A `[C]` parameter as `[1, 1, C]` in `dtype` (the token-shift lerps in the compute dtype).
+fn row_in(p: &Param<Tensor<1>>, dtype: DType) -> Tensor<3> {
+    in_dtype(row(p), dtype)
 }
 
 /// The time mix (`att`): token-shift lerps, the WKV-7 recurrence, GroupNorm, bonus, gate.
@@ -165,6 +184,10 @@ impl RwkvTimeMix {
     /// The time mix of normalized inputs `x`, continuing `state` (its token-shift input and WKV
     /// state are updated). Layer 0 sets `v_first`; later layers read it.
     ///
+    /// The lerps and every projection run in `x`'s dtype. The recurrence's inputs are formed in
+    /// f32 from the rounded projections, and the recurrence, GroupNorm and bonus stay in f32
+    /// (the state is f32 whatever the model's dtype); their sum is rounded once before the gate.
+    ///
     /// # Shapes
     /// - x: `[batch, seq, C]` → `[batch, seq, C]`
     fn forward(
@@ -176,24 +199,26 @@ impl RwkvTimeMix {
     ) -> Tensor<3> {
         let [b, t, c] = x.dims();
         let [h, n] = self.r_k.dims();
+        let dtype = x.dtype();
+        let f32 = |z: Tensor<3>| in_dtype(z, DType::F32);
         let (delta, last) = token_shift(&x, state.att_x_prev.clone());
         state.att_x_prev = last;
-        let mix = |mu: &Param<Tensor<1>>| x.clone() + delta.clone() * row(mu);
-        let r = self.receptance.forward(mix(&self.x_r));
-        let omega = row(&self.w0) + low_rank(mix(&self.x_w), &self.w1, &self.w2, |z| z.tanh());
+        let mix = |mu: &Param<Tensor<1>>| x.clone() + delta.clone() * row_in(mu, dtype);
+        let r = f32(self.receptance.forward(mix(&self.x_r)));
+        let omega = row(&self.w0) + f32(low_rank(mix(&self.x_w), &self.w1, &self.w2, |z| z.tanh()));
         let w = sigmoid(omega).mul_scalar(-DECAY_SCALE).exp();
-        let k = self.key.forward(mix(&self.x_k));
+        let k = f32(self.key.forward(mix(&self.x_k)));
         let xv = mix(&self.x_v);
-        let mut v = self.value.forward(xv.clone());
+        let mut v = f32(self.value.forward(xv.clone()));
         match (self.layer, v_first.as_ref(), &self.v0, &self.v1, &self.v2) {
             (0, _, _, _, _) => *v_first = Some(v.clone()),
             (_, Some(first), Some(v0), Some(v1), Some(v2)) => {
-                let gate = sigmoid(row(v0) + low_rank(xv, v1, v2, |z| z));
+                let gate = sigmoid(row(v0) + f32(low_rank(xv, v1, v2, |z| z)));
                 v = v.clone() + (first.clone() - v) * gate;
             }
             _ => unreachable!("layers after 0 are built with v0/v1/v2, layer 0 sets v_first"),
         }
-        let a = sigmoid(row(&self.a0) + low_rank(mix(&self.x_a), &self.a1, &self.a2, |z| z));
+        let a = sigmoid(row(&self.a0) + f32(low_rank(mix(&self.x_a), &self.a1, &self.a2, |z| z)));
         let g = low_rank(mix(&self.x_g), &self.g1, &self.g2, sigmoid);
         let heads = |z: Tensor<3>| z.reshape([b, t, h, n]);
         let kk = heads(k.clone() * row(&self.k_k));
@@ -233,7 +258,8 @@ impl RwkvTimeMix {
             * row(&self.ln_x_weight)
             + row(&self.ln_x_bias);
         let bonus = (r * k * self.r_k.val().reshape([1, 1, h, n])).sum_dim(3) * v;
-        self.output.forward((y + bonus.reshape([b, t, c])) * g)
+        self.output
+            .forward(in_dtype(y + bonus.reshape([b, t, c]), dtype) * g)
     }
 }
 
@@ -252,7 +278,8 @@ impl RwkvChannelMix {
     fn forward(&self, x: Tensor<3>, state: &mut RwkvLayerState) -> Tensor<3> {
         let (delta, last) = token_shift(&x, state.ffn_x_prev.clone());
         state.ffn_x_prev = last;
-        let k = relu(self.key.forward(x + delta * row(&self.x_k))).powi_scalar(2);
+        let mu = row_in(&self.x_k, x.dtype());
+        let k = relu(self.key.forward(x + delta * mu)).powi_scalar(2);
         self.value.forward(k)
     }
 }
@@ -297,6 +324,9 @@ pub struct Rwkv7 {
     config: RwkvConfig,
     #[module(skip)]
     wkv_chunk_len: usize,
+    /// The dtype activations are computed in ([`with_compute_dtype`](Self::with_compute_dtype)).
+    #[module(skip)]
+    compute_dtype: DType,
 }
 
 impl Rwkv7 {
@@ -402,7 +432,36 @@ impl Rwkv7 {
             head,
             config: config.clone(),
             wkv_chunk_len: DEFAULT_WKV_CHUNK_LEN,
+            compute_dtype: DType::F32,
         })
+    }
+
+    /// Computes the activations in `dtype`: f32 (the default), or bf16 / f16 in the manner of
+    /// BlinkDL's half-precision training (half tensors around a WKV kernel that sums in f32),
+    /// with the recurrence's inputs kept in f32 too: the residual stream, the token-shift lerps
+    /// and every projection (the adapted linears, the low-rank MLPs, the head) in that dtype;
+    /// the LayerNorms computed in f32 and rounded once; the WKV recurrence with its inputs,
+    /// decay, GroupNorm and bonus in f32 (the state is f32 in every dtype), rounded once before
+    /// the output gate. The logits are returned in f32 (holding the rounded values); the
+    /// carried state stays f32. Adapter terms are computed in f32 and rounded once, as in the
+    /// Llama models. For inference and mixed-precision training (RWKV-7 chapter,
+    /// "Half-precision compute").
+    ///
+    /// # Panics
+    /// A dtype other than F32, BF16 or F16 (a programmer error).
+    pub fn with_compute_dtype(mut self, dtype: DType) -> Self {
+        assert!(
+            matches!(dtype, DType::F32 | DType::BF16 | DType::F16),
+            "Rwkv7::with_compute_dtype: {dtype:?} is not a float dtype to compute in"
+        );
+        self.compute_dtype = dtype;
+        self
+    }
+
+    /// The dtype activations are computed in (f32 unless
+    /// [`with_compute_dtype`](Self::with_compute_dtype) said otherwise).
+    pub fn compute_dtype(&self) -> DType {
+        self.compute_dtype
     }
 
     /// The dimensions.
@@ -463,7 +522,7 @@ impl Rwkv7 {
         input_ids: Tensor<2, Int>,
         state: &mut RwkvState,
     ) -> Tensor<3> {
-        self.head.forward(self.run(input_ids, state))
+        in_dtype(self.head.forward(self.run(input_ids, state)), DType::F32)
     }
 
     /// Logits of the last position only, continuing `state` (RNN-mode generation).
@@ -473,9 +532,8 @@ impl Rwkv7 {
     pub fn forward_last(&self, input_ids: Tensor<2, Int>, state: &mut RwkvState) -> Tensor<2> {
         let h = self.run(input_ids, state);
         let [b, t, c] = h.dims();
-        self.head
-            .forward(h.narrow(1, t - 1, 1).reshape([b, c]))
-            .reshape([b, self.config.vocab_size])
+        let logits = self.head.forward(h.narrow(1, t - 1, 1).reshape([b, c]));
+        in_dtype(logits, DType::F32).reshape([b, self.config.vocab_size])
     }
 
     /// Logits of packed rows: each sequence of `segments[b]` starts from the zero state (as if
@@ -510,27 +568,25 @@ impl Rwkv7 {
         Tensor::cat(rows, 0)
     }
 
-    /// Embeddings through every block and `ln_out`, continuing `state`.
+    /// Embeddings through every block and `ln_out`, continuing `state`; the hidden states in
+    /// the compute dtype.
     fn run(&self, input_ids: Tensor<2, Int>, state: &mut RwkvState) -> Tensor<3> {
         let [b, t] = input_ids.dims();
         assert_eq!(state.batch(), b, "the state's batch size");
-        // Rows of a half-precision embedding, in the f32 the model computes in.
-        let mut x = self.emb.forward(input_ids);
-        if x.dtype() != DType::F32 {
-            x = x.cast(DType::F32);
-        }
-        let mut x = self.ln0.forward(x);
+        // The embedding rows (of any stored dtype) through `ln0` in f32, rounded once.
+        let rows = in_dtype(self.emb.forward(input_ids), DType::F32);
+        let mut x = in_dtype(self.ln0.forward(rows), self.compute_dtype);
         let mut v_first = None;
         for (block, layer) in self.blocks.iter().zip(state.layers.iter_mut()) {
-            let xx = block.ln1.forward(x.clone());
+            let xx = layer_norm_rounded(&block.ln1, x.clone());
             x = x + block
                 .att
                 .forward(xx, layer, &mut v_first, self.wkv_chunk_len);
-            let xx = block.ln2.forward(x.clone());
+            let xx = layer_norm_rounded(&block.ln2, x.clone());
             x = x + block.ffn.forward(xx, layer);
         }
         state.len += t;
-        self.ln_out.forward(x)
+        layer_norm_rounded(&self.ln_out, x)
     }
 
     /// Every tensor under its BlinkDL name and shape, adapters merged into the linears (the

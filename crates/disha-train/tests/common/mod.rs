@@ -111,6 +111,14 @@ pub fn losses(out: &Path) -> Vec<String> {
         .collect()
 }
 
+/// The loss of every step in `metrics.jsonl`, as numbers.
+pub fn loss_values(out: &Path) -> Vec<f64> {
+    losses(out)
+        .iter()
+        .map(|l| l.split(':').nth(1).unwrap().parse().unwrap())
+        .collect()
+}
+
 pub fn tiny_train_args<'a>(
     model: &'a Path,
     data: &'a Path,
