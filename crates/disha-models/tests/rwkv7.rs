@@ -502,9 +502,13 @@ fn rms_diff(a: &[f32], b: &[f32]) -> f32 {
 ///   (measured 0.54 bf16 / 0.44 f16; LayerNorms computed in the half dtype instead give 1.01 /
 ///   1.08).
 ///
-/// Then a prompt fed in two calls continues the f32 state and ends on the sequence's last
-/// logits within 4 units in the last place of the half dtype (the WKV chunks differ, so its f32
-/// sums round differently; measured 0 bf16 / 2 f16 units).
+/// Then the prompt without its last token, and that token alone (RNN decoding: the per-token
+/// WKV step, one-row products) continue the f32 state: the decoded logits must be within 4× the
+/// package's largest half-vs-f32 logit deviation of the f32 logits. Measured 0.51 / 0.77 of it
+/// in bf16 (tiny / trained; the same logits as the sequence's) and 2.7 / 2.4 in f16 on Flex,
+/// whose f16 matmul sums a one-row product in f16 (the `gemm` crate's vector kernel: 15 units in
+/// the last place on a 512-long sum, against about 1 from two rows up), so f16 decoding on the
+/// CPU is less exact than f16 prefill; on lavapipe the two agree.
 #[test]
 fn half_compute_matches_the_rwkv_package_half_runs() {
     use burn::tensor::DType;
@@ -569,23 +573,25 @@ fn half_compute_matches_the_rwkv_package_half_runs() {
 
             // The carried state stays f32 (readable as such), and RNN mode continues it.
             let mut state = model.new_decode_state();
-            let split = ids.len() / 2;
+            // The prompt through the fused WKV op, the last token through the per-token step
+            // (RNN decoding).
+            let split = ids.len() - 1;
             model.forward_last(tokens(&ids[..split], &device), &mut state);
             let last = host(model.forward_last(tokens(&ids[split..], &device), &mut state));
             let v = last.len();
             let seq_last = &logits[logits.len() - v..];
-            let largest = seq_last.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-            let eps = match compute {
-                ComputeDtype::Bf16 => 2f32.powi(-7),
-                _ => 2f32.powi(-10),
-            };
-            let d = assert_close(
-                &format!("{tag} {name}: two chunks vs one sequence"),
-                &last,
-                seq_last,
-                4.0 * eps * largest,
+            let ref_last = &reference[reference.len() - v..];
+            let package_worst = max_abs_diff(package, reference);
+            let decoded = max_abs_diff(&last, ref_last);
+            eprintln!(
+                "{tag} {name}: last token decoded alone {decoded:e} from f32 (the sequence's {:e}; \
+                 the package's largest half-vs-f32 deviation {package_worst:e})",
+                max_abs_diff(seq_last, ref_last)
             );
-            eprintln!("{tag} {name}: two chunks vs one sequence, last logits max |diff| {d:e}");
+            assert!(
+                decoded <= 4.0 * package_worst,
+                "{tag} {name}: decoding step"
+            );
             let disha_models::DecodeState::Rwkv7(state) = state else {
                 panic!("an RWKV-7 model decodes with an RWKV-7 state")
             };
