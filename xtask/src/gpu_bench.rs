@@ -18,14 +18,23 @@ const LLVM_SENTINEL: &str = ".tracel-llvm-installed";
 const RUN_SCRIPT: &str = r#"#!/bin/sh
 # disha one-shot GPU benchmark: unpacks the binary, runs it (at most 8 minutes), prints one JSON
 # and writes it to $OUT/gpu-bench.json (or next to this script). Progress goes to stderr.
-# DISHA_GPU_BENCH=smoke runs the small shapes instead.
+# DISHA_GPU_BENCH=smoke runs the small shapes instead. A run stopped early (the time limit:
+# status 124) prints, and leaves in gpu-bench.partial.json, the rows it measured.
 set -e
 here=$(cd "$(dirname "$0")" && pwd)
 bin="${TMPDIR:-/tmp}/disha-gpu-bench"
 xz -dc "$here/disha-gpu-bench.xz" > "$bin"
 chmod +x "$bin"
 out="${OUT:-$here}"
-timeout 480 "$bin" > "$out/gpu-bench.json"
+partial="$out/gpu-bench.partial.json"
+status=0
+DISHA_GPU_BENCH_PARTIAL="$partial" timeout 480 "$bin" > "$out/gpu-bench.json" || status=$?
+if [ "$status" -ne 0 ]; then
+    echo "disha-gpu-bench stopped with status $status (124: the 8-minute limit); rows so far:" >&2
+    cat "$partial" 2>/dev/null || echo "(none)" >&2
+    exit "$status"
+fi
+rm -f "$partial"
 cat "$out/gpu-bench.json"
 "#;
 

@@ -27,8 +27,11 @@
 //! ```
 //!
 //! `DISHA_GPU_BENCH`: `full` (default) or `smoke` (small shapes that run anywhere in seconds,
-//! what CI-sized machines use to check the binary end to end).
+//! what CI-sized machines use to check the binary end to end). `DISHA_GPU_BENCH_PARTIAL`: a
+//! file rewritten (temp file, then rename) with the rows measured so far after every row, so
+//! that a run stopped by its time limit still leaves them (`run.sh` sets it).
 
+use std::path::PathBuf;
 use std::time::Instant;
 
 use burn::tensor::{DType, Device, Distribution, Int, Tensor, TensorData};
@@ -55,6 +58,23 @@ enum Scale {
     Smoke,
 }
 
+impl Scale {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Full => "full",
+            Self::Smoke => "smoke",
+        }
+    }
+}
+
+/// The report's key for a family's train-step rows.
+fn section(family: ModelFamily) -> &'static str {
+    match family {
+        ModelFamily::Llama => "llama_3_2_1b",
+        ModelFamily::Rwkv7 => "rwkv7_0_1b",
+    }
+}
+
 /// Median seconds of [`RUNS`] runs of `f` after one warm-up run, each ended by a device sync.
 fn median_secs(device: &Device, mut f: impl FnMut()) -> f64 {
     let mut run = || {
@@ -76,11 +96,41 @@ fn reserved_mb(device: &Device) -> Option<f64> {
         .map(|u| u.bytes_reserved as f64 / 1e6)
 }
 
+/// The report so far, kept in the file `DISHA_GPU_BENCH_PARTIAL` names (if any) after every
+/// row: a run cut short by its time limit keeps what it measured.
+struct Partial {
+    path: Option<PathBuf>,
+    report: serde_json::Map<String, Value>,
+}
+
+impl Partial {
+    fn from_env(device: &Device, scale: Scale) -> Self {
+        let mut partial = Self {
+            path: std::env::var_os("DISHA_GPU_BENCH_PARTIAL").map(PathBuf::from),
+            report: serde_json::Map::new(),
+        };
+        partial.set("device", json!(format!("{device:?}")));
+        partial.set("scale", json!(scale.name()));
+        partial
+    }
+
+    /// Sets `key` and rewrites the file.
+    fn set(&mut self, key: &str, value: Value) {
+        self.report.insert(key.into(), value);
+        let Some(path) = &self.path else { return };
+        let tmp = path.with_extension("tmp");
+        let text = serde_json::to_string_pretty(&self.report).expect("JSON");
+        if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path)) {
+            eprintln!("{}: {e} (the partial report is not kept)", path.display());
+        }
+    }
+}
+
 /// One case's forward: `y` from the shared tensors.
 type Forward<'a> = Box<dyn Fn() -> Tensor<2> + 'a>;
 
 /// Plain vs fused Bone / BAT, forward + backward, one row per shape and case.
-fn kernels(device: &Device, scale: Scale) -> Vec<Value> {
+fn kernels(device: &Device, scale: Scale, partial: &mut Partial) -> Vec<Value> {
     let (tokens, shapes, r) = match scale {
         Scale::Full => (4096, vec![(4096, 4096), (4096, 11008), (11008, 4096)], 64),
         Scale::Smoke => (128, vec![(256, 256), (256, 384)], 16),
@@ -140,6 +190,7 @@ fn kernels(device: &Device, scale: Scale) -> Vec<Value> {
                 // Single-pass products CubeK declined (run in the op body instead): 0 expected.
                 "fallbacks": single_pass_fallbacks() - fallbacks_before,
             }));
+            partial.set("kernels", json!(rows));
         }
     }
     rows
@@ -186,7 +237,12 @@ fn model(family: ModelFamily, scale: Scale, device: &Device) -> CausalLm {
 }
 
 /// One training step per method (and the frozen forward + loss) for `family`.
-fn train_steps(device: &Device, family: ModelFamily, scale: Scale) -> Vec<Value> {
+fn train_steps(
+    device: &Device,
+    family: ModelFamily,
+    scale: Scale,
+    partial: &mut Partial,
+) -> Vec<Value> {
     let (batch, seq) = match (scale, family) {
         (Scale::Smoke, _) => (1, 64),
         (Scale::Full, ModelFamily::Llama) => (2, 1024),
@@ -260,6 +316,7 @@ fn train_steps(device: &Device, family: ModelFamily, scale: Scale) -> Vec<Value>
             "tokens_per_s": tokens as f64 / secs, "device_reserved_mb": reserved_mb(&device),
             "loss": loss,
         }));
+        partial.set(section(family), json!(rows));
     }
     rows
 }
@@ -321,16 +378,17 @@ fn main() {
     };
     let device = Device::default();
     let start = Instant::now();
-    let kernels = kernels(&device, scale);
-    let llama = train_steps(&device, ModelFamily::Llama, scale);
-    let rwkv = train_steps(&device, ModelFamily::Rwkv7, scale);
+    let mut partial = Partial::from_env(&device, scale);
+    let kernels = kernels(&device, scale, &mut partial);
+    let llama = train_steps(&device, ModelFamily::Llama, scale, &mut partial);
+    let rwkv = train_steps(&device, ModelFamily::Rwkv7, scale, &mut partial);
     let report = json!({
         "device": format!("{device:?}"),
-        "scale": if scale == Scale::Full { "full" } else { "smoke" },
+        "scale": scale.name(),
         "targets": targets(&kernels, &llama),
         "kernels": kernels,
-        "llama_3_2_1b": llama,
-        "rwkv7_0_1b": rwkv,
+        section(ModelFamily::Llama): llama,
+        section(ModelFamily::Rwkv7): rwkv,
         "seconds": start.elapsed().as_secs_f64(),
     });
     println!("{}", serde_json::to_string_pretty(&report).expect("JSON"));
