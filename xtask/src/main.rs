@@ -210,8 +210,9 @@ fn vulkan_driver_installed() -> bool {
         })
 }
 
-/// `target/xdg-runtime`, created private (mode 0700, as the XDG spec asks), for the kernel
-/// tests where the environment has no runtime directory; `None` if it cannot be made.
+/// `target/xdg-runtime`, created private (mode 0700, as the XDG spec asks), given to every
+/// cargo step where the environment has no runtime directory (the kernel tests open Vulkan
+/// devices, and Mesa complains without one); `None` if it cannot be made.
 fn private_runtime_dir() -> Option<PathBuf> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/xdg-runtime");
     std::fs::create_dir_all(&dir).ok()?;

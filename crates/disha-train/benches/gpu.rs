@@ -96,33 +96,39 @@ fn reserved_mb(device: &Device) -> Option<f64> {
         .map(|u| u.bytes_reserved as f64 / 1e6)
 }
 
-/// The report so far, kept in the file `DISHA_GPU_BENCH_PARTIAL` names (if any) after every
-/// row: a run cut short by its time limit keeps what it measured.
-struct Partial {
-    path: Option<PathBuf>,
-    report: serde_json::Map<String, Value>,
+/// The report, built up section by section and printed at the end; after every change it is
+/// also written to the file `DISHA_GPU_BENCH_PARTIAL` names (if any), so a run cut short by its
+/// time limit keeps what it measured.
+struct Report {
+    partial: Option<PathBuf>,
+    fields: serde_json::Map<String, Value>,
 }
 
-impl Partial {
-    fn from_env(device: &Device, scale: Scale) -> Self {
-        let mut partial = Self {
-            path: std::env::var_os("DISHA_GPU_BENCH_PARTIAL").map(PathBuf::from),
-            report: serde_json::Map::new(),
+impl Report {
+    fn new(device: &Device, scale: Scale) -> Self {
+        let mut report = Self {
+            partial: std::env::var_os("DISHA_GPU_BENCH_PARTIAL").map(PathBuf::from),
+            fields: serde_json::Map::new(),
         };
-        partial.set("device", json!(format!("{device:?}")));
-        partial.set("scale", json!(scale.name()));
-        partial
+        report.set("device", json!(format!("{device:?}")));
+        report.set("scale", json!(scale.name()));
+        report
     }
 
-    /// Sets `key` and rewrites the file.
+    /// Sets `key` and rewrites the partial file.
     fn set(&mut self, key: &str, value: Value) {
-        self.report.insert(key.into(), value);
-        let Some(path) = &self.path else { return };
+        self.fields.insert(key.into(), value);
+        let Some(path) = &self.partial else { return };
         let tmp = path.with_extension("tmp");
-        let text = serde_json::to_string_pretty(&self.report).expect("JSON");
-        if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path)) {
+        if let Err(e) =
+            std::fs::write(&tmp, self.to_json()).and_then(|()| std::fs::rename(&tmp, path))
+        {
             eprintln!("{}: {e} (the partial report is not kept)", path.display());
         }
+    }
+
+    fn to_json(&self) -> String {
+        serde_json::to_string_pretty(&self.fields).expect("JSON")
     }
 }
 
@@ -130,7 +136,7 @@ impl Partial {
 type Forward<'a> = Box<dyn Fn() -> Tensor<2> + 'a>;
 
 /// Plain vs fused Bone / BAT, forward + backward, one row per shape and case.
-fn kernels(device: &Device, scale: Scale, partial: &mut Partial) -> Vec<Value> {
+fn kernels(device: &Device, scale: Scale, report: &mut Report) -> Vec<Value> {
     let (tokens, shapes, r) = match scale {
         Scale::Full => (4096, vec![(4096, 4096), (4096, 11008), (11008, 4096)], 64),
         Scale::Smoke => (128, vec![(256, 256), (256, 384)], 16),
@@ -190,7 +196,7 @@ fn kernels(device: &Device, scale: Scale, partial: &mut Partial) -> Vec<Value> {
                 // Single-pass products CubeK declined (run in the op body instead): 0 expected.
                 "fallbacks": single_pass_fallbacks() - fallbacks_before,
             }));
-            partial.set("kernels", json!(rows));
+            report.set("kernels", json!(rows));
         }
     }
     rows
@@ -241,7 +247,7 @@ fn train_steps(
     device: &Device,
     family: ModelFamily,
     scale: Scale,
-    partial: &mut Partial,
+    report: &mut Report,
 ) -> Vec<Value> {
     let (batch, seq) = match (scale, family) {
         (Scale::Smoke, _) => (1, 64),
@@ -316,7 +322,7 @@ fn train_steps(
             "tokens_per_s": tokens as f64 / secs, "device_reserved_mb": reserved_mb(&device),
             "loss": loss,
         }));
-        partial.set(section(family), json!(rows));
+        report.set(section(family), json!(rows));
     }
     rows
 }
@@ -378,18 +384,11 @@ fn main() {
     };
     let device = Device::default();
     let start = Instant::now();
-    let mut partial = Partial::from_env(&device, scale);
-    let kernels = kernels(&device, scale, &mut partial);
-    let llama = train_steps(&device, ModelFamily::Llama, scale, &mut partial);
-    let rwkv = train_steps(&device, ModelFamily::Rwkv7, scale, &mut partial);
-    let report = json!({
-        "device": format!("{device:?}"),
-        "scale": scale.name(),
-        "targets": targets(&kernels, &llama),
-        "kernels": kernels,
-        section(ModelFamily::Llama): llama,
-        section(ModelFamily::Rwkv7): rwkv,
-        "seconds": start.elapsed().as_secs_f64(),
-    });
-    println!("{}", serde_json::to_string_pretty(&report).expect("JSON"));
+    let mut report = Report::new(&device, scale);
+    let kernels = kernels(&device, scale, &mut report);
+    let llama = train_steps(&device, ModelFamily::Llama, scale, &mut report);
+    train_steps(&device, ModelFamily::Rwkv7, scale, &mut report);
+    report.set("targets", targets(&kernels, &llama));
+    report.set("seconds", json!(start.elapsed().as_secs_f64()));
+    println!("{}", report.to_json());
 }

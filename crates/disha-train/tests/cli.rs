@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::{
-    disha, fails, loss_values, losses, ok, s, tiny_run_inputs, tiny_train_args, write_sums,
+    disha, fails, loss_values, losses, max_relative_diff, ok, s, tiny_run_inputs, tiny_train_args,
+    write_sums,
 };
 
 fn fixtures() -> Option<PathBuf> {
@@ -613,10 +614,7 @@ fn a_bf16_base_trains_like_its_f32_upcast() {
         ok(&args);
         let c = loss_values(&out);
         assert_eq!(c.len(), 12);
-        let worst = c
-            .iter()
-            .zip(&a)
-            .fold(0.0f64, |m, (c, a)| m.max((c - a).abs() / a.abs()));
+        let worst = max_relative_diff(&c, &a);
         eprintln!("{dtype} compute: losses within {worst:e} (relative) of f32 compute");
         assert!(worst <= tol, "{dtype} compute: {c:?} vs f32 {a:?}");
         let settings: serde_json::Value =
@@ -999,10 +997,7 @@ fn rwkv_peft_checkpoints_merge_and_rwkv_trains() {
             &["--seed", "3", "--compute-dtype", dtype],
         ));
         let half = loss_values(&half);
-        let worst = half
-            .iter()
-            .zip(&f32_losses)
-            .fold(0.0f64, |m, (h, f)| m.max((h - f).abs() / f.abs()));
+        let worst = max_relative_diff(&half, &f32_losses);
         eprintln!("RWKV {dtype} compute: losses within {worst:e} (relative) of f32 compute");
         assert!(
             worst <= tol,

@@ -6,6 +6,7 @@ use disha_core::AdaptedLinear;
 use disha_core::fused::softmax_last;
 
 use super::rope::apply_rotary;
+use crate::base_dtype::in_dtype;
 
 /// Keys and values of one layer for the positions seen so far.
 ///
@@ -102,12 +103,11 @@ impl LlamaAttention {
         // round(cos))`: transformers' scaled scores, exactly).
         let dtype = x.dtype();
         let scale = (hd as f64).powf(-0.5);
-        let in_dtype = |t: Tensor<4>| if t.dtype() == dtype { t } else { t.cast(dtype) };
         let (q_cos, q_sin) = (
-            in_dtype(cos.clone().mul_scalar(scale)),
-            in_dtype(sin.clone().mul_scalar(scale)),
+            in_dtype(cos.clone().mul_scalar(scale), dtype),
+            in_dtype(sin.clone().mul_scalar(scale), dtype),
         );
-        let (cos, sin) = (&in_dtype(cos.clone()), &in_dtype(sin.clone()));
+        let (cos, sin) = (&in_dtype(cos.clone(), dtype), &in_dtype(sin.clone(), dtype));
         let q = apply_rotary(heads(self.q_proj.forward(x.clone()), h), &q_cos, &q_sin);
         let mut k = apply_rotary(heads(self.k_proj.forward(x.clone()), kvh), cos, sin);
         let mut v = heads(self.v_proj.forward(x), kvh);

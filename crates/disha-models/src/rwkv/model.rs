@@ -10,6 +10,7 @@ use disha_core::{AdaptableModel, AdaptedLinear, HostTensor, LinearSite};
 use super::config::{DECAY_SCALE, GROUP_NORM_EPS, L2_NORM_EPS, LAYER_NORM_EPS, RwkvConfig};
 use super::state::{RwkvLayerState, RwkvState};
 use super::wkv::{DEFAULT_WKV_CHUNK_LEN, MAX_WKV_CHUNK_LEN, wkv7_chunked};
+use crate::base_dtype::in_dtype;
 use crate::error::{ModelError, Result};
 use crate::weights::{
     WeightSource, base_matrix, check_all_taken, dense_linear, device_tensor, linear, take,
@@ -64,11 +65,6 @@ fn layer_norm(
         device,
     )));
     Ok(norm)
-}
-
-/// `t` in `dtype` (a no-op when it already is).
-fn in_dtype<const D: usize>(t: Tensor<D>, dtype: DType) -> Tensor<D> {
-    if t.dtype() == dtype { t } else { t.cast(dtype) }
 }
 
 /// A LayerNorm computed in f32 and rounded once to the input's dtype (what PyTorch's

@@ -119,6 +119,15 @@ pub fn loss_values(out: &Path) -> Vec<f64> {
         .collect()
 }
 
+/// Largest `|actual − expected| / |expected|` over two loss traces of the same length.
+pub fn max_relative_diff(actual: &[f64], expected: &[f64]) -> f64 {
+    assert_eq!(actual.len(), expected.len(), "loss trace lengths");
+    actual
+        .iter()
+        .zip(expected)
+        .fold(0.0, |m, (a, e)| m.max((a - e).abs() / e.abs()))
+}
+
 pub fn tiny_train_args<'a>(
     model: &'a Path,
     data: &'a Path,
