@@ -9,7 +9,7 @@ use crate::adapter::{Adapter, AdapterSet};
 use crate::bat::block_affine_linear;
 use crate::dtype::{to_dtype, to_f32};
 use crate::error::{DishaError, Result};
-use crate::fused::frozen_matmul;
+use crate::fused::{frozen_matmul, takes_frozen_matmul};
 use crate::kernels::{KernelPolicy, kernel_policy};
 use crate::quantized::{QuantFormat, QuantizedMatrix};
 use crate::spec::AdapterSpec;
@@ -745,9 +745,10 @@ impl AdaptedLinear {
 }
 
 /// `x · W + b` for the base weight. A frozen weight stored in another dtype than `x` (a bf16
-/// base under f32 compute) goes through [`frozen_matmul`]: cast for this product, and again in
-/// the backward, never kept converted. A trainable weight in another dtype is cast as a tracked
-/// op (its gradient flows back in its own dtype).
+/// base under f32 compute), or in the same half-precision dtype, goes through
+/// [`frozen_matmul`] ([`takes_frozen_matmul`]): cast for this product, and again in the
+/// backward, never kept converted. A trainable weight in another dtype is cast as a tracked op
+/// (its gradient flows back in its own dtype).
 fn base_linear<const D: usize>(
     input: Tensor<D>,
     weight: Tensor<2>,
@@ -756,11 +757,8 @@ fn base_linear<const D: usize>(
 ) -> Tensor<D> {
     let dtype = input.dtype();
     let bias = bias.map(|b| to_dtype(b, dtype));
-    if weight.dtype() == dtype {
-        return burn::tensor::module::linear(input, weight, bias);
-    }
-    if !frozen {
-        return burn::tensor::module::linear(input, weight.cast(dtype), bias);
+    if !frozen || !takes_frozen_matmul(dtype, weight.dtype()) {
+        return burn::tensor::module::linear(input, to_dtype(weight, dtype), bias);
     }
     let y = frozen_matmul(input, weight);
     match bias {

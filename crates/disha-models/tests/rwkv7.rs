@@ -503,12 +503,11 @@ fn rms_diff(a: &[f32], b: &[f32]) -> f32 {
 ///   1.08).
 ///
 /// Then the prompt without its last token, and that token alone (RNN decoding: the per-token
-/// WKV step, one-row products) continue the f32 state: the decoded logits must be within 4× the
+/// WKV step, one-row products) continue the f32 state: the decoded logits must be within the
 /// package's largest half-vs-f32 logit deviation of the f32 logits. Measured 0.51 / 0.77 of it
-/// in bf16 (tiny / trained; the same logits as the sequence's) and 2.7 / 2.4 in f16 on Flex,
-/// whose f16 matmul sums a one-row product in f16 (the `gemm` crate's vector kernel: 15 units in
-/// the last place on a 512-long sum, against about 1 from two rows up), so f16 decoding on the
-/// CPU is less exact than f16 prefill; on lavapipe the two agree.
+/// in bf16 and 0.69 / 0.66 in f16 (tiny / trained), the same logits as the sequence's. (Flex's
+/// own f16 matmul sums a one-row product in f16 — 2.7 / 2.4 of it when the projections took that
+/// route; they take the frozen-matmul op, which sums in f32.)
 #[test]
 fn half_compute_matches_the_rwkv_package_half_runs() {
     use burn::tensor::DType;
@@ -584,10 +583,7 @@ fn half_compute_matches_the_rwkv_package_half_runs() {
                  the package's largest half-vs-f32 deviation {package_worst:e})",
                 max_abs_diff(seq_last, ref_last)
             );
-            assert!(
-                decoded <= 4.0 * package_worst,
-                "{tag} {name}: decoding step"
-            );
+            assert!(decoded <= package_worst, "{tag} {name}: decoding step");
             let disha_models::DecodeState::Rwkv7(state) = state else {
                 panic!("an RWKV-7 model decodes with an RWKV-7 state")
             };

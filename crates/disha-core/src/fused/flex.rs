@@ -5,7 +5,8 @@
 //! Flex runs its own element-wise ops on one thread and the chains they form (RoPE's halves, the
 //! RMS-norm reductions, SwiGLU's gate, the cross-entropy's softmax) each materialize several
 //! intermediates; here each is one read of the inputs and one write of the output. Anything
-//! that is not `f32` takes the reference bodies ([`reference`]).
+//! that is not `f32` takes the reference bodies ([`reference`]), except the frozen and
+//! quantized products, which widen half-precision inputs, sum in `f32` and round once.
 //!
 //! Reductions are deterministic for any thread count: rows are reduced one by one in order,
 //! and the one cross-row sum (the RMS-norm scale's gradient) adds fixed blocks of rows in
@@ -14,7 +15,7 @@
 use burn::backend::Flex;
 use burn::backend::ops::FloatTensorOps;
 use burn::backend::tensor::{FloatTensor, IntTensor};
-use burn::tensor::{Bytes, DType, Shape};
+use burn::tensor::{Bytes, DType, FloatDType, Shape};
 use burn_flex::{FlexTensor, Layout};
 use half::slice::HalfFloatSliceExt;
 
@@ -32,22 +33,37 @@ const CHUNK: usize = 16 * 1024;
 const REDUCE_BLOCK_ROWS: usize = 64;
 
 impl FusedTrainingOps for Flex {
-    /// A half-precision weight under `f32` compute: converted block by block in parallel (at
-    /// most 64 MiB of `f32` at a time) instead of Flex's whole-tensor, one-thread cast.
+    /// A frozen weight in another float dtype than `x` (a half-precision base under `f32`
+    /// compute, an `f32` base under half compute), or `x` and the weight both half precision:
+    /// the weight converted block by block in parallel (at most 64 MiB of `f32` at a time) and
+    /// rounded to `x`'s dtype where `x` is half, the products summed in `f32` and the output
+    /// rounded once. Flex's own route casts the whole weight on one thread, converts whole bf16
+    /// operands again inside its matmul, and sums a one-row f16 product in f16 (its `gemm`
+    /// crate's vector kernel) — the error of f16 decoding.
     fn frozen_matmul(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         transpose_weight: bool,
     ) -> FloatTensor<Self> {
-        if x.dtype() != DType::F32 || !matches!(weight.dtype(), DType::BF16 | DType::F16) {
+        let (x_dtype, w_dtype) = (x.dtype(), weight.dtype());
+        let shape = x.layout().shape();
+        let rows = shape.num_elements() / shape[shape.num_dims() - 1].max(1);
+        // Both f16 over several rows: Flex's own matmul sums in f32 there, without converting.
+        let f16_matmul = x_dtype == DType::F16 && w_dtype == x_dtype && rows > HALF_DIRECT_ROWS;
+        if !is_float(x_dtype)
+            || !is_float(w_dtype)
+            || x_dtype == DType::F32 && w_dtype == x_dtype
+            || f16_matmul
+        {
             return reference::frozen_matmul::<Self>(x, weight, transpose_weight);
         }
         frozen_matmul_blocked(x, weight, transpose_weight, FROZEN_BLOCK_ELEMENTS)
     }
 
-    /// A block-quantized matrix under `f32` compute: dequantized a block of rows at a time in
-    /// parallel (at most 64 MiB of `f32` at a time) instead of the reference's whole-matrix
-    /// tensor ops.
+    /// A block-quantized matrix: dequantized a block of rows at a time in parallel (at most
+    /// 64 MiB of `f32` at a time) instead of the reference's whole-matrix tensor ops; under half
+    /// compute the values rounded to `x`'s dtype, the products summed in `f32` and the output
+    /// rounded once (as [`frozen_matmul`](FusedTrainingOps::frozen_matmul)).
     fn quantized_matmul(
         x: FloatTensor<Self>,
         codes: IntTensor<Self>,
@@ -55,7 +71,7 @@ impl FusedTrainingOps for Flex {
         layout: QuantLayout,
         transpose_weight: bool,
     ) -> FloatTensor<Self> {
-        if x.dtype() != DType::F32 || scales.dtype() != DType::F16 {
+        if !is_float(x.dtype()) || scales.dtype() != DType::F16 {
             return reference::quantized_matmul::<Self>(x, codes, scales, layout, transpose_weight);
         }
         let (codes, scales) = (codes.to_contiguous(), scales.to_contiguous());
@@ -459,14 +475,18 @@ fn adamw_chunk<const FIRST: bool, const DECAY: bool>(
 /// 1 GiB in f32).
 const FROZEN_BLOCK_ELEMENTS: usize = 16 << 20;
 
-/// `x · W` (`x · Wᵀ` when `transpose`) for a half-precision `W` stored `[r, c]` and an `f32`
-/// `x`, through [`blocked_product`]: stored rows converted with `half`'s slice conversion.
+/// `x · W` (`x · Wᵀ` when `transpose`) for a frozen `W` stored `[r, c]` in `f32`, bf16 or f16
+/// and an `x` in `f32`, bf16 or f16, through [`blocked_product`] in `f32`: `x` widened (exact),
+/// the stored rows converted with `half`'s slice conversion and, when `x` is half precision in
+/// another dtype than `W`, rounded to `x`'s dtype (the reference's cast of the weight); the
+/// output rounded to `x`'s dtype once.
 fn frozen_matmul_blocked(
     x: FlexTensor,
     weight: FlexTensor,
     transpose: bool,
     block_elements: usize,
 ) -> FlexTensor {
+    let (x, x_dtype) = widened(x);
     let w = weight.to_contiguous();
     let dims = w.layout().shape().clone();
     let (r, c) = (dims[0], dims[1]);
@@ -475,26 +495,110 @@ fn frozen_matmul_blocked(
         align: 1,
         direct_rows: HALF_DIRECT_ROWS,
     };
-    match w.dtype() {
-        DType::BF16 => blocked_product(x, [r, c], transpose, plan, half_span::<half::bf16>(&w)),
-        _ => blocked_product(x, [r, c], transpose, plan, half_span::<half::f16>(&w)),
+    let stored = StoredRows::of(&w);
+    // Values stored in `x`'s dtype need no rounding.
+    let round = if w.dtype() == x_dtype {
+        DType::F32
+    } else {
+        x_dtype
+    };
+    let span = |i: usize, col0: usize, out: &mut [f32]| {
+        stored.read(i * c + col0, out);
+        round_to(round, out);
+    };
+    narrowed(blocked_product(x, [r, c], transpose, plan, span), x_dtype)
+}
+
+/// Whether the fast routes take a tensor of this dtype (`f32`, bf16, f16).
+fn is_float(dtype: DType) -> bool {
+    matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
+}
+
+/// `x` in `f32` (exact for bf16 and f16), and the dtype it came in.
+fn widened(x: FlexTensor) -> (FlexTensor, DType) {
+    match x.dtype() {
+        DType::F32 => (x, DType::F32),
+        dtype => (Flex::float_cast(x, FloatDType::F32), dtype),
     }
 }
 
-/// The span reader of a contiguous half-precision `w` `[r, c]` for [`blocked_product`].
-fn half_span<T: burn::tensor::Element + pulp::bytemuck::Pod>(
-    w: &FlexTensor,
-) -> impl Fn(usize, usize, &mut [f32]) + Sync + '_
-where
-    [T]: HalfFloatSliceExt,
-{
-    let c = w.layout().shape()[1];
-    let src = w
-        .as_slice::<T>()
-        .expect("a contiguous half-precision weight");
-    move |i, col0, out| {
-        let start = i * c + col0;
-        src[start..start + out.len()].convert_to_f32_slice(out);
+/// The `f32` result `y` rounded to `dtype` (a no-op for `f32`).
+fn narrowed(y: FlexTensor, dtype: DType) -> FlexTensor {
+    match dtype {
+        DType::F32 => y,
+        _ => Flex::float_cast(y, FloatDType::from(dtype)),
+    }
+}
+
+/// Values per stack buffer of [`round_to`]'s f16 conversions.
+const ROUND_CHUNK: usize = 256;
+
+/// Rounds each value to `dtype` where it is half precision (the reference's cast of a weight
+/// to `x`'s dtype; round to nearest, ties to even, as `half`'s conversions); a no-op for `f32`.
+/// f16 through `half`'s slice conversions (the CPU's conversion instructions where it has
+/// them), bf16 with integer operations that vectorize.
+fn round_to(dtype: DType, values: &mut [f32]) {
+    match dtype {
+        DType::BF16 => pulp::Arch::new().dispatch(RoundToBf16(values)),
+        DType::F16 => {
+            let mut buffer = [half::f16::ZERO; ROUND_CHUNK];
+            for chunk in values.chunks_mut(ROUND_CHUNK) {
+                let halves = &mut buffer[..chunk.len()];
+                halves.convert_from_f32_slice(chunk);
+                halves.convert_to_f32_slice(chunk);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// [`round_to`] for bf16 as a [`pulp::WithSimd`] operation: adding `0x7FFF` plus the kept
+/// part's lowest bit and clearing the low 16 bits rounds to nearest, ties to even (a finite
+/// value past bf16's largest becomes infinity); a NaN is kept as it is.
+struct RoundToBf16<'a>(&'a mut [f32]);
+
+impl pulp::WithSimd for RoundToBf16<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) {
+        for v in self.0.iter_mut() {
+            let bits = v.to_bits();
+            let rounded = bits.wrapping_add(0x7FFF + ((bits >> 16) & 1)) & 0xFFFF_0000;
+            *v = if v.is_nan() {
+                *v
+            } else {
+                f32::from_bits(rounded)
+            };
+        }
+    }
+}
+
+/// The values of a contiguous `f32`, bf16 or f16 weight, read as `f32`.
+enum StoredRows<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [half::bf16]),
+    F16(&'a [half::f16]),
+}
+
+impl<'a> StoredRows<'a> {
+    fn of(w: &'a FlexTensor) -> Self {
+        let expect = "a contiguous float weight";
+        match w.dtype() {
+            DType::F32 => Self::F32(w.as_slice::<f32>().expect(expect)),
+            DType::BF16 => Self::Bf16(w.as_slice::<half::bf16>().expect(expect)),
+            _ => Self::F16(w.as_slice::<half::f16>().expect(expect)),
+        }
+    }
+
+    /// Writes the values `start..start + out.len()` (row-major) into `out`.
+    fn read(&self, start: usize, out: &mut [f32]) {
+        let end = start + out.len();
+        match self {
+            Self::F32(src) => out.copy_from_slice(&src[start..end]),
+            Self::Bf16(src) => src[start..end].convert_to_f32_slice(out),
+            Self::F16(src) => src[start..end].convert_to_f32_slice(out),
+        }
     }
 }
 
@@ -518,8 +622,9 @@ impl pulp::WithSimd for DequantizeSpan<'_> {
 }
 
 /// `x · Mᵀ` (`x · M` without `transpose`) for a block-quantized `M` `[rows, layout.cols]` and
-/// an `f32` `x`, through [`blocked_product`]: stored rows dequantized under run-time SIMD
-/// dispatch (column blocks start at multiples of 32, whole quantization blocks).
+/// an `x` in `f32`, bf16 or f16, through [`blocked_product`] in `f32`: stored rows dequantized
+/// under run-time SIMD dispatch (column blocks start at multiples of 32, whole quantization
+/// blocks) and, for a half-precision `x`, rounded to its dtype; the output in `x`'s dtype.
 fn quantized_matmul_blocked(
     x: FlexTensor,
     codes: &[u8],
@@ -536,16 +641,21 @@ fn quantized_matmul_blocked(
         align: QUANT_BLOCK,
         direct_rows: QUANT_DIRECT_ROWS,
     };
+    let (x, x_dtype) = widened(x);
     let span = |i: usize, col0: usize, out: &mut [f32]| {
         pulp::Arch::new().dispatch(DequantizeSpan {
             format: layout.format,
             codes: &codes[i * row_bytes..(i + 1) * row_bytes],
             params: &scales[i * row_params..(i + 1) * row_params],
             col0,
-            out,
-        })
+            out: &mut *out,
+        });
+        round_to(x_dtype, out);
     };
-    blocked_product(x, [rows, layout.cols], transpose, plan, span)
+    narrowed(
+        blocked_product(x, [rows, layout.cols], transpose, plan, span),
+        x_dtype,
+    )
 }
 
 /// How [`blocked_product`] cuts a product.
@@ -989,6 +1099,133 @@ mod tests {
         }
     }
 
+    /// Half-precision `x` against a frozen weight in each float dtype, through the op: every
+    /// output is the dot product of `x` and the weight rounded to `x`'s dtype (the reference's
+    /// cast), summed exactly and rounded to `x`'s dtype once — within one unit in the last place
+    /// (the f32 sum of 512 terms is off by about 1e-7 relative; 1e-5 absolute covers the sums
+    /// that cancel to near zero). One row is the decoding step, where Flex's own f16 matmul is
+    /// about 15 units off (it sums in f16).
+    #[test]
+    fn half_inputs_are_summed_in_f32_and_rounded_once() {
+        use burn::tensor::TensorData;
+        let (k, n) = (512, 24);
+        let round = |v: f32, dtype: DType| match dtype {
+            DType::BF16 => half::bf16::from_f32(v).to_f32(),
+            DType::F16 => half::f16::from_f32(v).to_f32(),
+            _ => v,
+        };
+        for rows in [1, 10] {
+            let xs = values(rows * k, 3)
+                .iter()
+                .map(|v| v * 2.0)
+                .collect::<Vec<_>>();
+            for x_dtype in [DType::BF16, DType::F16] {
+                let x = FlexTensor::from_data(
+                    TensorData::new(xs.clone(), [rows, k]).convert_dtype(x_dtype),
+                );
+                for w_dtype in [DType::F32, DType::BF16, DType::F16] {
+                    for transpose in [false, true] {
+                        let ws = values(k * n, 4);
+                        let shape = if transpose { [n, k] } else { [k, n] };
+                        let w = TensorData::new(ws.clone(), shape).convert_dtype(w_dtype);
+                        let y = Flex::frozen_matmul(x.clone(), FlexTensor::from_data(w), transpose);
+                        assert_eq!(y.dtype(), x_dtype, "the output is in x's dtype");
+                        let y = Flex::float_cast(y, FloatDType::F32).to_contiguous();
+                        for (i, j) in (0..rows).flat_map(|i| (0..n).map(move |j| (i, j))) {
+                            let exact: f64 = (0..k)
+                                .map(|l| {
+                                    let w = ws[if transpose { j * k + l } else { l * n + j }];
+                                    let w = round(round(w, w_dtype), x_dtype);
+                                    round(xs[i * k + l], x_dtype) as f64 * w as f64
+                                })
+                                .sum();
+                            let expected = round(exact as f32, x_dtype);
+                            let got = slice(&y)[i * n + j];
+                            assert!(
+                                (got - expected).abs() <= ulp(expected, x_dtype) + 1e-5,
+                                "{rows} rows, x {x_dtype:?}, weight {w_dtype:?}, transpose \
+                                 {transpose}, [{i}, {j}]: {got} against {expected}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`round_to`] against `half`'s scalar conversions, bit for bit: ties both ways, values
+    /// near each format's largest, subnormals, infinities, zeros, and seeded random bits (NaN
+    /// stays NaN).
+    #[test]
+    fn rounding_to_half_matches_the_half_crate() {
+        let mut bits = vec![
+            0x3F80_8000, // a tie between two bf16 values, the lower one even
+            0x3F81_8000, // a tie, the upper one even
+            0x3F80_8001,
+            0x7F7F_FFFF, // f32's largest: infinity in bf16 and f16
+            0x477F_E000, // 65504 = f16's largest
+            0x477F_F000, // a tie past f16's largest: infinity
+            0x3380_0000, // 2⁻²⁴, f16's smallest subnormal
+            0x3300_0001,
+            0x0000_0001,
+            0x8000_0000,
+            0x7F80_0000,
+            0xFF80_0000,
+            0x7FC0_0001,
+        ];
+        let mut state = 7u64;
+        bits.extend((0..4096).map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 32) as u32
+        }));
+        let values: Vec<f32> = bits.iter().map(|b| f32::from_bits(*b)).collect();
+        for (dtype, scalar) in [
+            (
+                DType::BF16,
+                (|v| half::bf16::from_f32(v).to_f32()) as fn(f32) -> f32,
+            ),
+            (DType::F16, |v| half::f16::from_f32(v).to_f32()),
+        ] {
+            let mut rounded = values.clone();
+            round_to(dtype, &mut rounded);
+            for (v, r) in values.iter().zip(&rounded) {
+                let expected = scalar(*v);
+                assert!(
+                    r.to_bits() == expected.to_bits() || r.is_nan() && expected.is_nan(),
+                    "{dtype:?}: {v:e} ({:#010x}) rounded to {r:e}, not {expected:e}",
+                    v.to_bits()
+                );
+            }
+        }
+    }
+
+    /// One unit in the last place of `v` in `dtype` (bf16, f16; `f32` for anything else).
+    fn ulp(v: f32, dtype: DType) -> f32 {
+        let mantissa = match dtype {
+            DType::BF16 => 7,
+            DType::F16 => 10,
+            _ => 23,
+        };
+        2f32.powi(v.abs().max(f32::MIN_POSITIVE).log2().floor() as i32 - mantissa)
+    }
+
+    /// Two results of one dtype, each element within one unit in the last place of the other's
+    /// (two sums in another order, each rounded once) plus 1e-5 (f32 sums that cancel).
+    fn assert_within_one_ulp(ours: &FlexTensor, theirs: &FlexTensor, what: &str) {
+        assert_eq!(ours.dtype(), theirs.dtype(), "{what}: dtypes");
+        let dtype = ours.dtype();
+        let f32s = |t: &FlexTensor| Flex::float_cast(t.clone(), FloatDType::F32).to_contiguous();
+        let (a, b) = (f32s(ours), f32s(theirs));
+        for (i, (a, b)) in slice(&a).iter().zip(slice(&b)).enumerate() {
+            assert!(
+                (a - b).abs() <= ulp(*b, dtype) + 1e-5,
+                "{what}: [{i}] {a} against {b}"
+            );
+        }
+    }
+
     /// The largest elementwise difference of two f32 tensors of one shape.
     fn max_abs_diff(a: &FlexTensor, b: &FlexTensor) -> f32 {
         let (a, b) = (a.to_contiguous(), b.to_contiguous());
@@ -1048,27 +1285,39 @@ mod tests {
                 .flat_map(|t| [(t, [2, 3]), (t, [3, 4])])
             {
                 let width = if transpose { cols } else { rows };
-                let x = FlexTensor::from_data(TensorData::new(
-                    values(batch[0] * batch[1] * width, 4),
-                    [batch[0], batch[1], width],
-                ));
-                let block = if transpose { 3 * cols } else { 64 * rows };
-                let ours =
-                    quantized_matmul_blocked(x.clone(), &bytes, &sc, m.layout(), transpose, block);
-                let theirs = reference::quantized_matmul::<Flex>(
-                    x,
-                    codes.clone(),
-                    scales.clone(),
-                    m.layout(),
-                    transpose,
-                );
-                let out = if transpose { rows } else { cols };
-                assert_eq!(
-                    ours.layout().shape().to_vec(),
-                    vec![batch[0], batch[1], out]
-                );
-                let d = max_abs_diff(&ours, &theirs);
-                assert!(d <= 1e-5, "{format:?}, transpose {transpose}: {d}");
+                for x_dtype in [DType::F32, DType::BF16, DType::F16] {
+                    let x = FlexTensor::from_data(
+                        TensorData::new(
+                            values(batch[0] * batch[1] * width, 4),
+                            [batch[0], batch[1], width],
+                        )
+                        .convert_dtype(x_dtype),
+                    );
+                    let block = if transpose { 3 * cols } else { 64 * rows };
+                    let ours = quantized_matmul_blocked(
+                        x.clone(),
+                        &bytes,
+                        &sc,
+                        m.layout(),
+                        transpose,
+                        block,
+                    );
+                    let theirs = reference::quantized_matmul::<Flex>(
+                        x,
+                        codes.clone(),
+                        scales.clone(),
+                        m.layout(),
+                        transpose,
+                    );
+                    let out = if transpose { rows } else { cols };
+                    assert_eq!(
+                        ours.layout().shape().to_vec(),
+                        vec![batch[0], batch[1], out]
+                    );
+                    assert_eq!(ours.dtype(), x_dtype, "the output is in x's dtype");
+                    let what = format!("{format:?}, x {x_dtype:?}, transpose {transpose}");
+                    assert_within_one_ulp(&ours, &theirs, &what);
+                }
             }
         }
     }

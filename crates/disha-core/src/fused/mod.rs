@@ -12,7 +12,7 @@ mod ops;
 
 use burn::backend::Dispatch;
 use burn::backend::tensor::{FloatTensor, IntTensor};
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{DType, Int, Tensor};
 
 use crate::quantized::QuantLayout;
 
@@ -150,6 +150,14 @@ pub fn adamw_step<const D: usize>(
         Tensor::from_dispatch(moment_1),
         Tensor::from_dispatch(moment_2),
     )
+}
+
+/// Whether a product of an `x` in `x_dtype` with a frozen weight stored in `weight_dtype` goes
+/// through [`frozen_matmul`] rather than a plain matmul: when the weight needs a cast, and when
+/// both are half precision (on Flex the op sums in `f32` and rounds once, where Flex's own f16
+/// matmul sums a one-row product in f16; other backends run their own matmul either way).
+pub fn takes_frozen_matmul(x_dtype: DType, weight_dtype: DType) -> bool {
+    x_dtype != weight_dtype || matches!(x_dtype, DType::BF16 | DType::F16)
 }
 
 /// `x · W` for a frozen weight `W` stored in any float dtype, computed in `x`'s dtype: `W` is

@@ -430,7 +430,10 @@ pub(crate) mod reference {
         weight: FloatTensor<B>,
         transpose_weight: bool,
     ) -> FloatTensor<B> {
-        let weight = B::float_cast(weight, FloatDType::from(x.dtype()));
+        let weight = match weight.dtype() == x.dtype() {
+            true => weight,
+            false => B::float_cast(weight, FloatDType::from(x.dtype())),
+        };
         match transpose_weight {
             true => B::linear_x_backward(weight, x),
             false => B::linear(x, weight, None),

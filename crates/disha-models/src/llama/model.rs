@@ -3,7 +3,7 @@
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, RmsNorm, RmsNormConfig};
 use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
-use disha_core::fused::{frozen_matmul_transposed, rms_norm};
+use disha_core::fused::{frozen_matmul_transposed, rms_norm, takes_frozen_matmul};
 use disha_core::{AdaptableModel, AdaptedLinear, LinearSite};
 
 use super::attention::{LayerKv, LlamaAttention, PositionContext};
@@ -368,8 +368,11 @@ impl Llama {
                 let vocab = self.config.vocab_size;
                 let embed = self.embed_tokens.weight.val();
                 let rows = hidden.reshape([b * s, d]);
-                if embed.dtype() != rows.dtype() && !self.embed_tokens.weight.is_require_grad() {
-                    // A half-precision embedding under f32 compute: cast for this product only.
+                if takes_frozen_matmul(rows.dtype(), embed.dtype())
+                    && !self.embed_tokens.weight.is_require_grad()
+                {
+                    // A half-precision embedding under f32 compute (cast for this product
+                    // only), or under half compute (summed in f32).
                     frozen_matmul_transposed(rows, embed).reshape([b, s, vocab])
                 } else if b * s <= TIED_HEAD_TRANSPOSED_ROWS && !rows.is_require_grad() {
                     // `(E · hᵀ)ᵀ`: for a few rows the transposed result is (nearly) free.

@@ -4,6 +4,7 @@ use burn::module::{Module, Param};
 use burn::nn::{Embedding, LayerNorm, LayerNormConfig};
 use burn::tensor::activation::{relu, sigmoid};
 use burn::tensor::{DType, Device, Int, Tensor};
+use disha_core::fused::{frozen_matmul, takes_frozen_matmul};
 use disha_core::kernels::kernel_policy;
 use disha_core::{AdaptableModel, AdaptedLinear, HostTensor, LinearSite};
 
@@ -92,7 +93,8 @@ fn token_shift(x: &Tensor<3>, prev: Tensor<2>) -> (Tensor<3>, Tensor<2>) {
     (shifted - x.clone(), last)
 }
 
-/// `x · A`, then `f`, then `· B` over the last dimension (the low-rank MLPs), in `x`'s dtype.
+/// `x · A`, then `f`, then `· B` over the last dimension (the low-rank MLPs), in `x`'s dtype;
+/// a frozen `A` or `B` under half compute through [`frozen_matmul`] (summed in f32).
 fn low_rank(
     x: Tensor<3>,
     a: &Param<Tensor<2>>,
@@ -100,10 +102,15 @@ fn low_rank(
     f: impl Fn(Tensor<2>) -> Tensor<2>,
 ) -> Tensor<3> {
     let [batch, t, c] = x.dims();
-    let (out, dtype) = (b.dims()[1], x.dtype());
-    f(x.reshape([batch * t, c]).matmul(in_dtype(a.val(), dtype)))
-        .matmul(in_dtype(b.val(), dtype))
-        .reshape([batch, t, out])
+    let out = b.dims()[1];
+    let product = |x: Tensor<2>, w: &Param<Tensor<2>>| {
+        let (dtype, w) = (x.dtype(), w.val());
+        match !w.is_require_grad() && takes_frozen_matmul(dtype, w.dtype()) {
+            true => frozen_matmul(x, w),
+            false => x.matmul(in_dtype(w, dtype)),
+        }
+    };
+    product(f(product(x.reshape([batch * t, c]), a)), b).reshape([batch, t, out])
 }
 
 /// A `[C]` parameter as `[1, 1, C]` (f32, as stored).
