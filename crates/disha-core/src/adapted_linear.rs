@@ -7,7 +7,6 @@ use burn::tensor::{DType, Device, Tensor};
 
 use crate::adapter::{Adapter, AdapterSet};
 use crate::bat::block_affine_linear;
-use crate::dtype::{to_dtype, to_f32};
 use crate::error::{DishaError, Result};
 use crate::fused::{frozen_matmul, takes_frozen_matmul};
 use crate::kernels::{KernelPolicy, kernel_policy};
@@ -182,7 +181,8 @@ impl AdaptedLinear {
         let weight = self.weight.val();
         let device = weight.device();
         let [d_input, d_output] = weight.dims();
-        let values = to_f32(weight)
+        let values = weight
+            .cast(DType::F32)
             .transpose()
             .into_data()
             .try_into_vec::<f32>()
@@ -508,7 +508,7 @@ impl AdaptedLinear {
                 Some(q) => {
                     let y = q.matmul_transposed(input.clone());
                     match bias {
-                        Some(b) => y + to_dtype(b, in_dtype).unsqueeze(),
+                        Some(b) => y + b.cast(in_dtype).unsqueeze(),
                         None => y,
                     }
                 }
@@ -523,7 +523,7 @@ impl AdaptedLinear {
                 // which its backward keeps; Memory chapter of the docs).
                 let weight = before
                     .iter()
-                    .fold(to_dtype(weight, in_dtype), |w, (_, adapter)| {
+                    .fold(weight.cast(in_dtype), |w, (_, adapter)| {
                         adapter.merge_into(w)
                     });
                 block_affine_linear(
@@ -537,7 +537,7 @@ impl AdaptedLinear {
             (Some(_), _) => unreachable!("pending() puts only BAT adapters first"),
         };
         if additive.len() > usize::from(fused_bone.is_some()) {
-            y = to_f32(y);
+            y = y.cast(DType::F32);
             for (k, (_, adapter)) in additive.iter().enumerate() {
                 if Some(k) == fused_bone {
                     continue;
@@ -549,7 +549,7 @@ impl AdaptedLinear {
                 };
             }
         }
-        to_dtype(y, in_dtype)
+        y.cast(in_dtype)
     }
 
     /// The weight the layer would have with every pending adapter merged (Burn layout, base
@@ -571,9 +571,9 @@ impl AdaptedLinear {
         let merged = names
             .iter()
             .filter_map(|n| self.adapters.get(n))
-            .fold(to_f32(base), |w, adapter| adapter.merge_into(w))
+            .fold(base.cast(DType::F32), |w, adapter| adapter.merge_into(w))
             .detach();
-        to_dtype(merged, dtype)
+        merged.cast(dtype)
     }
 
     fn store_weight(&mut self, weight: Tensor<2>) {
@@ -638,7 +638,7 @@ impl AdaptedLinear {
         }
         let base = self.weight.val();
         let dtype = base.dtype();
-        let mut weight = to_f32(base);
+        let mut weight = base.cast(DType::F32);
         for name in self.state.merged.iter().rev() {
             let adapter = self.adapters.get(name).expect("merged adapters exist");
             weight = match adapter {
@@ -655,7 +655,7 @@ impl AdaptedLinear {
                 }
             };
         }
-        self.store_weight(to_dtype(weight.detach(), dtype));
+        self.store_weight(weight.detach().cast(dtype));
         self.state.merged.clear();
         Ok(())
     }
@@ -692,7 +692,7 @@ impl AdaptedLinear {
             .adapters
             .get(name)
             .ok_or_else(|| self.not_found(name))?;
-        let weight = to_f32(self.dense_base_weight());
+        let weight = self.dense_base_weight().cast(DType::F32);
         Ok(adapter.merge_into(weight.clone()).sub(weight).detach())
     }
 
@@ -727,7 +727,7 @@ impl AdaptedLinear {
             });
         }
         let mut adapter = adapter.clone();
-        let mut tensors = tensors.into_iter().map(to_f32);
+        let mut tensors = tensors.into_iter().map(|t| t.cast(DType::F32));
         let mut next = || tensors.next().expect("counted above");
         match &mut adapter {
             Adapter::Bone(a) | Adapter::Mini(a) => {
@@ -756,9 +756,9 @@ fn base_linear<const D: usize>(
     frozen: bool,
 ) -> Tensor<D> {
     let dtype = input.dtype();
-    let bias = bias.map(|b| to_dtype(b, dtype));
+    let bias = bias.map(|b| b.cast(dtype));
     if !frozen || !takes_frozen_matmul(dtype, weight.dtype()) {
-        return burn::tensor::module::linear(input, to_dtype(weight, dtype), bias);
+        return burn::tensor::module::linear(input, weight.cast(dtype), bias);
     }
     let y = frozen_matmul(input, weight);
     match bias {

@@ -11,9 +11,8 @@
 //!   HF PEFT does.
 
 use burn::module::{Module, Param};
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{DType, Tensor, TensorData};
 
-use crate::dtype::to_f32;
 use crate::inverse::{SingularMatrix, invert_batch};
 use crate::kernels::kernel_policy;
 use crate::shard::{add_bias, flatten_rows, unflatten_rows};
@@ -66,7 +65,7 @@ impl BatAdapter {
     /// # Shapes
     /// - `weight`: `[in, out]`, `in % r = out % r = 0`; output: `[in, out]`
     pub fn transform_weight(&self, weight: Tensor<2>) -> Tensor<2> {
-        let weight = to_f32(weight);
+        let weight = weight.cast(DType::F32);
         let dt = self.broadcast_over_blocks(self.blocks.val().swap_dims(1, 2));
         let blocks = block_view(weight, self.r());
         let transformed = blocks.clone() + dt.clone().matmul(blocks) + dt;
@@ -88,7 +87,7 @@ impl BatAdapter {
         let z = x_blocks.matmul(self.blocks.val().swap_dims(1, 2));
         let z_sum = z.clone().sum_dim(0).reshape([m, r]);
         let z = z.swap_dims(0, 1).reshape([m, d_input]);
-        let y = (x + z).matmul(to_f32(weight));
+        let y = (x + z).matmul(weight.cast(DType::F32));
         crate::shard::add_tiled_cols(y, z_sum)
     }
 
@@ -101,7 +100,7 @@ impl BatAdapter {
         &self,
         weight: Tensor<2>,
     ) -> Result<Tensor<2>, SingularMatrix> {
-        let weight = to_f32(weight);
+        let weight = weight.cast(DType::F32);
         let d = self.blocks.val();
         let device = d.device();
         let [k, r, _] = d.dims();
@@ -150,13 +149,16 @@ pub fn block_affine_linear<const D: usize>(
     match adapter.orientation {
         BatOrientation::Peft if fused => {
             let dims = x.dims();
-            let y =
-                crate::kernels::bat_linear(to_f32(flatten_rows(x)), weight, adapter.blocks.val());
+            let y = crate::kernels::bat_linear(
+                flatten_rows(x).cast(DType::F32),
+                weight,
+                adapter.blocks.val(),
+            );
             unflatten_rows(add_bias(y, bias), dims)
         }
         BatOrientation::RwkvPeft => {
             let dims = x.dims();
-            let y = adapter.prologue_linear(to_f32(flatten_rows(x)), weight);
+            let y = adapter.prologue_linear(flatten_rows(x).cast(DType::F32), weight);
             unflatten_rows(add_bias(y, bias), dims)
         }
         BatOrientation::Peft => reference_block_affine_linear(x, weight, bias, adapter),
@@ -177,7 +179,11 @@ pub fn reference_block_affine_linear<const D: usize>(
     adapter: &BatAdapter,
 ) -> Tensor<D> {
     let transformed = adapter.transform_weight(weight);
-    burn::tensor::module::linear(to_f32(x), transformed, bias.map(to_f32))
+    burn::tensor::module::linear(
+        x.cast(DType::F32),
+        transformed,
+        bias.map(|b| b.cast(DType::F32)),
+    )
 }
 
 /// `[in, out]` → `[in/r, out/r, r, r]` with element `(b, a, p, q) = W_B⟨b,a⟩[p, q]`.

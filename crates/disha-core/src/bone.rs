@@ -2,9 +2,8 @@
 
 use burn::module::{Module, Param};
 use burn::nn::Dropout;
-use burn::tensor::Tensor;
+use burn::tensor::{DType, Tensor};
 
-use crate::dtype::to_f32;
 use crate::shard::{
     add_bias, add_tiled_block, add_tiled_cols, flatten_rows, shard_sum, unflatten_rows,
 };
@@ -59,7 +58,7 @@ impl BoneAdapter {
     /// - `y`: `[..., out]` — the running output the term is added to; returned with the term added.
     pub fn add_to_output<const D: usize>(&self, x: Tensor<D>, y: Tensor<D>) -> Tensor<D> {
         let dims = y.dims();
-        let x = to_f32(flatten_rows(x));
+        let x = flatten_rows(x).cast(DType::F32);
         let x = self.dropout.forward(x);
         let term = shard_sum(x, self.r()).matmul(self.block.val());
         let y = flatten_rows(y);
@@ -86,7 +85,7 @@ impl BoneAdapter {
         bias: Option<Tensor<1>>,
     ) -> Tensor<D> {
         let dims = x.dims();
-        let x = to_f32(flatten_rows(x));
+        let x = flatten_rows(x).cast(DType::F32);
         let y = crate::kernels::bone_linear(x, weight, self.block.val());
         unflatten_rows(add_bias(y, bias), dims)
     }

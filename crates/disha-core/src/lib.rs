@@ -23,7 +23,6 @@ mod adapter;
 mod bat;
 mod bone;
 mod convert;
-mod dtype;
 mod error;
 pub mod fused;
 mod inverse;

@@ -2,9 +2,8 @@
 
 use burn::module::{Module, Param};
 use burn::nn::Dropout;
-use burn::tensor::Tensor;
+use burn::tensor::{DType, Tensor};
 
-use crate::dtype::to_f32;
 use crate::shard::{flatten_rows, unflatten_rows};
 
 /// A LoRA adapter in activation space: `y = base(x) + s · (dropout(x) Aᵀ) Bᵀ`.
@@ -47,7 +46,7 @@ impl LoraAdapter {
     /// - `x`: `[..., in]`, `y`: `[..., out]`; output: `[..., out]`
     pub fn add_to_output<const D: usize>(&self, x: Tensor<D>, y: Tensor<D>) -> Tensor<D> {
         let dims = y.dims();
-        let x = to_f32(flatten_rows(x));
+        let x = flatten_rows(x).cast(DType::F32);
         // The scale goes on the `[M, r]` intermediate, not on the `[M, out]` term as PEFT writes
         // it: the same product (up to f32 rounding), one `out`-wide pass fewer in each direction.
         let h = self

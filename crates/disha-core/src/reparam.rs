@@ -15,10 +15,9 @@
 use burn::module::{
     Module, ModuleVisitor, Param, ParamGroup, ParamId, Reparameterization, Reparameterizer,
 };
-use burn::tensor::Tensor;
+use burn::tensor::{DType, Tensor};
 
 use crate::adapter::Adapter;
-use crate::dtype::{to_dtype, to_f32};
 use crate::error::Result;
 use crate::spec::AdapterSpec;
 
@@ -37,8 +36,8 @@ impl Reparameterization for DishaReparam {
         let dims = base.dims();
         assert!(D == 2, "DishaReparam is attached to rank-2 weights only");
         let dtype = base.dtype();
-        let weight: Tensor<2> = to_f32(base).reshape([dims[0], dims[1]]);
-        to_dtype(self.adapter.merge_into(weight), dtype).reshape(dims)
+        let weight: Tensor<2> = base.cast(DType::F32).reshape([dims[0], dims[1]]);
+        self.adapter.merge_into(weight).cast(dtype).reshape(dims)
     }
 }
 

@@ -3,10 +3,8 @@
 //! All of them work in Burn's `[in, out]` layout and on plain, differentiable tensor ops, so every
 //! backend runs them and autodiff derives their gradients.
 
-use burn::tensor::Tensor;
 use burn::tensor::ops::PadMode;
-
-use crate::dtype::to_f32;
+use burn::tensor::{DType, Tensor};
 
 /// The block sum `S(x̃) = Σ_c x̃_c` of the zero-padded input (method.md §1–2).
 ///
@@ -83,7 +81,7 @@ pub(crate) fn add_tiled_cols(y: Tensor<2>, term: Tensor<2>) -> Tensor<2> {
 /// `y + bias` (broadcast over rows, f32).
 pub(crate) fn add_bias(y: Tensor<2>, bias: Option<Tensor<1>>) -> Tensor<2> {
     match bias {
-        Some(bias) => y + to_f32(bias).unsqueeze_dim(0),
+        Some(bias) => y + bias.cast(DType::F32).unsqueeze_dim(0),
         None => y,
     }
 }

@@ -5,17 +5,11 @@ use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
 
-use burn::tensor::{DType, Device, Tensor, TensorData};
+use burn::tensor::{DType, Device, TensorData};
 use disha_core::{HostTensor, QuantFormat};
 
 use crate::error::{ModelError, Result};
 use crate::weights::WeightSource;
-
-/// `t` in `dtype` (a no-op when it already is): the casts between a model's compute dtype and
-/// the f32 its norms, recurrences and logits use.
-pub(crate) fn in_dtype<const D: usize>(t: Tensor<D>, dtype: DType) -> Tensor<D> {
-    if t.dtype() == dtype { t } else { t.cast(dtype) }
-}
 
 /// The dtype of the frozen base's matrices (every adaptable linear's weight and the token
 /// embedding). Norms, biases and RWKV's small per-channel tensors stay f32, and so do adapters,

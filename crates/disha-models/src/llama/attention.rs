@@ -6,7 +6,6 @@ use disha_core::AdaptedLinear;
 use disha_core::fused::softmax_last;
 
 use super::rope::apply_rotary;
-use crate::base_dtype::in_dtype;
 
 /// Keys and values of one layer for the positions seen so far.
 ///
@@ -104,10 +103,10 @@ impl LlamaAttention {
         let dtype = x.dtype();
         let scale = (hd as f64).powf(-0.5);
         let (q_cos, q_sin) = (
-            in_dtype(cos.clone().mul_scalar(scale), dtype),
-            in_dtype(sin.clone().mul_scalar(scale), dtype),
+            cos.clone().mul_scalar(scale).cast(dtype),
+            sin.clone().mul_scalar(scale).cast(dtype),
         );
-        let (cos, sin) = (&in_dtype(cos.clone(), dtype), &in_dtype(sin.clone(), dtype));
+        let (cos, sin) = (&cos.clone().cast(dtype), &sin.clone().cast(dtype));
         let q = apply_rotary(heads(self.q_proj.forward(x.clone()), h), &q_cos, &q_sin);
         let mut k = apply_rotary(heads(self.k_proj.forward(x.clone()), kvh), cos, sin);
         let mut v = heads(self.v_proj.forward(x), kvh);

@@ -10,7 +10,6 @@ use super::attention::{LayerKv, LlamaAttention, PositionContext};
 use super::config::LlamaConfig;
 use super::mlp::LlamaMlp;
 use super::rope::RotaryEmbedding;
-use crate::base_dtype::in_dtype;
 use crate::error::Result;
 use crate::weights::{
     WeightSource, base_matrix, check_all_taken, dense_linear, device_tensor, linear, take,
@@ -357,7 +356,7 @@ impl Llama {
     /// # Shapes
     /// - `[batch, seq, hidden]` → `[batch, seq, vocab]`
     pub fn head(&self, hidden: Tensor<3>) -> Tensor<3> {
-        in_dtype(self.head_in_compute_dtype(hidden), DType::F32)
+        self.head_in_compute_dtype(hidden).cast(DType::F32)
     }
 
     fn head_in_compute_dtype(&self, hidden: Tensor<3>) -> Tensor<3> {
@@ -410,7 +409,10 @@ impl Llama {
             }
         });
         // Rows of the embedding, in the dtype the model computes in.
-        let mut x = in_dtype(self.embed_tokens.forward(input_ids), self.compute_dtype);
+        let mut x = self
+            .embed_tokens
+            .forward(input_ids)
+            .cast(self.compute_dtype);
         let mut slots = cache;
         if let Some(c) = slots.as_deref_mut()
             && c.layers.len() != self.layers.len()

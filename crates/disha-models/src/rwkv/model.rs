@@ -11,7 +11,6 @@ use disha_core::{AdaptableModel, AdaptedLinear, HostTensor, LinearSite};
 use super::config::{DECAY_SCALE, GROUP_NORM_EPS, L2_NORM_EPS, LAYER_NORM_EPS, RwkvConfig};
 use super::state::{RwkvLayerState, RwkvState};
 use super::wkv::{DEFAULT_WKV_CHUNK_LEN, MAX_WKV_CHUNK_LEN, wkv7_chunked};
-use crate::base_dtype::in_dtype;
 use crate::error::{ModelError, Result};
 use crate::weights::{
     WeightSource, base_matrix, check_all_taken, dense_linear, device_tensor, linear, take,
@@ -72,7 +71,7 @@ fn layer_norm(
 /// `layer_norm` does for a half input).
 fn layer_norm_rounded(norm: &LayerNorm, x: Tensor<3>) -> Tensor<3> {
     let dtype = x.dtype();
-    in_dtype(norm.forward(in_dtype(x, DType::F32)), dtype)
+    norm.forward(x.cast(DType::F32)).cast(dtype)
 }
 
 /// Token shift: the previous position's input (the carried one for position 0) minus the
@@ -83,13 +82,17 @@ fn layer_norm_rounded(norm: &LayerNorm, x: Tensor<3>) -> Tensor<3> {
 /// - x: `[batch, seq, C]`, prev: `[batch, C]` → (`[batch, seq, C]`, `[batch, C]`)
 fn token_shift(x: &Tensor<3>, prev: Tensor<2>) -> (Tensor<3>, Tensor<2>) {
     let [b, t, c] = x.dims();
-    let prev = in_dtype(prev, x.dtype()).reshape([b, 1, c]);
+    let prev = prev.cast(x.dtype()).reshape([b, 1, c]);
     let shifted = if t == 1 {
         prev
     } else {
         Tensor::cat(vec![prev, x.clone().narrow(1, 0, t - 1)], 1)
     };
-    let last = in_dtype(x.clone().narrow(1, t - 1, 1).reshape([b, c]), DType::F32);
+    let last = x
+        .clone()
+        .narrow(1, t - 1, 1)
+        .reshape([b, c])
+        .cast(DType::F32);
     (shifted - x.clone(), last)
 }
 
@@ -107,7 +110,7 @@ fn low_rank(
         let (dtype, w) = (x.dtype(), w.val());
         match !w.is_require_grad() && takes_frozen_matmul(dtype, w.dtype()) {
             true => frozen_matmul(x, w),
-            false => x.matmul(in_dtype(w, dtype)),
+            false => x.matmul(w.cast(dtype)),
         }
     };
     product(f(product(x.reshape([batch * t, c]), a)), b).reshape([batch, t, out])
@@ -121,7 +124,7 @@ fn row(p: &Param<Tensor<1>>) -> Tensor<3> {
 
 /// A `[C]` parameter as `[1, 1, C]` in `dtype` (the token-shift lerps in the compute dtype).
 fn row_in(p: &Param<Tensor<1>>, dtype: DType) -> Tensor<3> {
-    in_dtype(row(p), dtype)
+    row(p).cast(dtype)
 }
 
 /// The time mix (`att`): token-shift lerps, the WKV-7 recurrence, GroupNorm, bonus, gate.
@@ -203,7 +206,7 @@ impl RwkvTimeMix {
         let [b, t, c] = x.dims();
         let [h, n] = self.r_k.dims();
         let dtype = x.dtype();
-        let f32 = |z: Tensor<3>| in_dtype(z, DType::F32);
+        let f32 = |z: Tensor<3>| z.cast(DType::F32);
         let (delta, last) = token_shift(&x, state.att_x_prev.clone());
         state.att_x_prev = last;
         let mix = |mu: &Param<Tensor<1>>| x.clone() + delta.clone() * row_in(mu, dtype);
@@ -262,7 +265,7 @@ impl RwkvTimeMix {
             + row(&self.ln_x_bias);
         let bonus = (r * k * self.r_k.val().reshape([1, 1, h, n])).sum_dim(3) * v;
         self.output
-            .forward(in_dtype(y + bonus.reshape([b, t, c]), dtype) * g)
+            .forward((y + bonus.reshape([b, t, c])).cast(dtype) * g)
     }
 }
 
@@ -525,7 +528,9 @@ impl Rwkv7 {
         input_ids: Tensor<2, Int>,
         state: &mut RwkvState,
     ) -> Tensor<3> {
-        in_dtype(self.head.forward(self.run(input_ids, state)), DType::F32)
+        self.head
+            .forward(self.run(input_ids, state))
+            .cast(DType::F32)
     }
 
     /// Logits of the last position only, continuing `state` (RNN-mode generation).
@@ -536,7 +541,7 @@ impl Rwkv7 {
         let h = self.run(input_ids, state);
         let [b, t, c] = h.dims();
         let logits = self.head.forward(h.narrow(1, t - 1, 1).reshape([b, c]));
-        in_dtype(logits, DType::F32).reshape([b, self.config.vocab_size])
+        logits.cast(DType::F32).reshape([b, self.config.vocab_size])
     }
 
     /// Logits of packed rows: each sequence of `segments[b]` starts from the zero state (as if
@@ -577,8 +582,8 @@ impl Rwkv7 {
         let [b, t] = input_ids.dims();
         assert_eq!(state.batch(), b, "the state's batch size");
         // The embedding rows (of any stored dtype) through `ln0` in f32, rounded once.
-        let rows = in_dtype(self.emb.forward(input_ids), DType::F32);
-        let mut x = in_dtype(self.ln0.forward(rows), self.compute_dtype);
+        let rows = self.emb.forward(input_ids).cast(DType::F32);
+        let mut x = self.ln0.forward(rows).cast(self.compute_dtype);
         let mut v_first = None;
         for (block, layer) in self.blocks.iter().zip(state.layers.iter_mut()) {
             let xx = layer_norm_rounded(&block.ln1, x.clone());
