@@ -1,7 +1,9 @@
 //! `cargo xtask bench gpu`: prepares the one-shot GPU benchmark (`benches/gpu.rs` of
 //! disha-train) for a machine with an NVIDIA GPU and no Rust toolchain: a release build with
 //! the `cuda` feature, stripped and xz-compressed, and a POSIX script that unpacks and runs it
-//! and prints its JSON. Output in `target/gpu-bench/` (about 20 MB).
+//! and prints its JSON, then (where the GPU machine's python3 has torch, transformers and peft)
+//! the PyTorch + PEFT side, `benches/python/peft_gpu.py`. Output in `target/gpu-bench/` (about
+//! 23 MB).
 //!
 //! Burn's `cuda` feature builds CubeCL's LLVM back end, whose build script downloads an LLVM
 //! bundle; offline, an installed LLVM must stand in for it (docs: kernels chapter, "Building
@@ -17,18 +19,47 @@ const LLVM_SENTINEL: &str = ".tracel-llvm-installed";
 /// The script that runs on the GPU machine.
 const RUN_SCRIPT: &str = r#"#!/bin/sh
 # disha one-shot GPU benchmark: unpacks the binary, runs it (at most 8 minutes), prints one JSON
-# and writes it to $OUT/gpu-bench.json (or next to this script). Progress goes to stderr.
-# DISHA_GPU_BENCH=smoke runs the small shapes instead. A run stopped early (the time limit:
-# status 124) prints, and leaves in gpu-bench.partial.json, the rows it measured.
+# and writes it to $OUT/gpu-bench.json (or next to this script), with its progress log in
+# gpu-bench.log there. DISHA_GPU_BENCH=smoke runs the small shapes instead. A run stopped early
+# (the time limit: status 124) prints, and leaves in gpu-bench.partial.json, the rows it measured.
+# Where python3 has torch, transformers and peft, the PyTorch + PEFT side (peft_gpu.py: cuBLAS's
+# plain layer and the same Llama-3.2-1B-shaped steps) then runs too, into peft-gpu.json (at most
+# 100 seconds). Set DISHA_GPU_BENCH_PYTORCH=0 to skip it.
 set -e
 here=$(cd "$(dirname "$0")" && pwd)
 bin="${TMPDIR:-/tmp}/disha-gpu-bench"
 xz -dc "$here/disha-gpu-bench.xz" > "$bin"
 chmod +x "$bin"
 out="${OUT:-$here}"
+mkdir -p "$out"
+log="$out/gpu-bench.log"
 partial="$out/gpu-bench.partial.json"
+# CubeCL opens the CUDA driver and NVRTC at run time (dlopen). Where the loader's cache does not
+# list NVRTC, look for it in the usual CUDA and Python-wheel places.
+if ! ldconfig -p 2>/dev/null | grep -q 'libnvrtc\.so'; then
+    for lib in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/lib/x86_64-linux-gnu \
+        $(find /usr/local /opt -name 'libnvrtc.so*' -exec dirname {} \; 2>/dev/null | sort -u); do
+        if ls "$lib"/libnvrtc.so* >/dev/null 2>&1; then
+            LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+            export LD_LIBRARY_PATH
+            echo "NVRTC from $lib" >&2
+            break
+        fi
+    done
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader >&2 || true
 status=0
-DISHA_GPU_BENCH_PARTIAL="$partial" timeout 480 "$bin" > "$out/gpu-bench.json" || status=$?
+BURN_DEVICE="${BURN_DEVICE:-cuda}" DISHA_GPU_BENCH_PARTIAL="$partial" \
+    timeout 480 "$bin" > "$out/gpu-bench.json" 2> "$log" || status=$?
+tail -c 8000 "$log" >&2
+smoke=
+[ "${DISHA_GPU_BENCH:-full}" = smoke ] && smoke=--smoke
+if [ "${DISHA_GPU_BENCH_PYTORCH:-1}" != 0 ] && python3 -c 'import torch, transformers, peft' 2>/dev/null; then
+    echo "PyTorch + PEFT side (peft-gpu.json):" >&2
+    timeout 100 python3 "$here/peft_gpu.py" $smoke --out "$out/peft-gpu.json" > /dev/null \
+        2> "$out/peft-gpu.log" || echo "peft_gpu.py stopped with status $? (see peft-gpu.log)" >&2
+    cat "$out/peft-gpu.json" >&2 || true
+fi
 if [ "$status" -ne 0 ]; then
     echo "disha-gpu-bench stopped with status $status (124: the 8-minute limit); rows so far:" >&2
     cat "$partial" 2>/dev/null || echo "(none)" >&2
@@ -84,6 +115,9 @@ pub(crate) fn prepare(root: &Path) -> Result<PathBuf, String> {
     run_tool("strip", &[binary.as_os_str()])?;
     let _ = std::fs::remove_file(out.join("disha-gpu-bench.xz"));
     run_tool("xz", &["-6".as_ref(), "-T0".as_ref(), binary.as_os_str()])?;
+    let pytorch_side = root.join("benches/python/peft_gpu.py");
+    std::fs::copy(&pytorch_side, out.join("peft_gpu.py"))
+        .map_err(|e| format!("{}: {e}", pytorch_side.display()))?;
     let script = out.join("run.sh");
     std::fs::write(&script, RUN_SCRIPT).map_err(|e| format!("{}: {e}", script.display()))?;
     run_tool("chmod", &["+x".as_ref(), script.as_os_str()])?;
