@@ -572,6 +572,9 @@ fn main() {
     let device = Device::default();
     let mut report = Report::new(&device, scale);
     let kernels = kernels(&device, scale, &mut report);
+    // The targets are set after every section, from the rows so far, so that a run cut short
+    // still reports the ones it can (`null` values where a row is missing).
+    report.set("targets", targets(&kernels, &[]));
     if std::env::var("DISHA_GPU_BENCH_ONLY").as_deref() == Ok("kernels") {
         println!("{}", report.to_json());
         return;
@@ -585,9 +588,9 @@ fn main() {
         (ModelFamily::Llama, ComputeDtype::F32),
     ] {
         train_steps(&device, family, compute, scale, &mut report);
+        let llama = report.rows(section(ModelFamily::Llama));
+        report.set("targets", targets(&kernels, &llama));
     }
-    let llama = report.rows(section(ModelFamily::Llama));
-    report.set("targets", targets(&kernels, &llama));
     report.set(
         "seconds",
         json!(START.get().map(|s| s.elapsed().as_secs_f64())),
