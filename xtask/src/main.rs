@@ -8,7 +8,7 @@
 //! - `cargo xtask bench [adapters|kernels|models|rwkv|compare|memory]` — the benchmarks, with
 //!   their summary tables (`compare`: disha against PyTorch + PEFT, one training step side by
 //!   side; `memory`: resident memory of a real-size Llama per base dtype); `bench gpu` prepares
-//!   the one-shot GPU benchmark (a CUDA release binary and its run script, `target/gpu-bench/`).
+//!   the one-shot GPU benchmark (CUDA release binaries and their run script, `target/gpu-bench/`).
 //! - `cargo xtask converge` — Bone vs LoRA vs BAT fine-tuning convergence on SmolLM2 + GSM8K.
 //! - `cargo xtask make-demo` — rebuild the embedded demo model and data under `assets/demo/`.
 //! - `cargo xtask fuzz` — a long fuzzing campaign over every reader (`crates/disha-fuzz`).
@@ -33,7 +33,7 @@ struct Cli {
 enum Task {
     /// Run every CI check, in CI's order, stopping at the first failure.
     Ci {
-        /// Skip the opt-in feature clippy (burn-train, wgpu, cuda, fusion): it checks the Burn
+        /// Skip the opt-in feature clippy (burn-train, wgpu, cuda, fusion, autotune): it checks the Burn
         /// stack again with those features, about 7 minutes.
         #[arg(long)]
         skip_feature_check: bool,
@@ -56,7 +56,7 @@ enum Task {
         /// mini, LoRA; one training step side by side, JSON / markdown / PNG in target/bench/)
         /// or `memory` (a generated Llama-3.2-1B- or Llama-2-7B-shaped bf16 checkpoint: resident
         /// memory after load and at one Bone r64 step's peak, per base dtype) or `gpu` (builds
-        /// the one-shot GPU benchmark for CUDA into target/gpu-bench/: binary + run.sh; it does
+        /// the one-shot GPU benchmark for CUDA into target/gpu-bench/: binaries + run.sh; it does
         /// not run it).
         #[arg(default_value = "adapters")]
         which: String,
@@ -139,7 +139,7 @@ const CI_STEPS: &[Step] = &[
 /// once more, not once per feature. CUDA builds normally need `nvcc` or LLVM at build time;
 /// `DOCS_RS=1` with an explicit `CUDARC_CUDA_VERSION` type-checks without either.
 const FEATURE_CHECK_STEPS: &[Step] = &[Step {
-    label: "clippy, every opt-in feature (burn-train, wgpu, cuda, fusion)",
+    label: "clippy, every opt-in feature (burn-train, wgpu, cuda, fusion, autotune)",
     args: &[
         "clippy",
         "-p",
@@ -149,7 +149,7 @@ const FEATURE_CHECK_STEPS: &[Step] = &[Step {
         "-p",
         "disha-train",
         "--features",
-        "disha-train/burn-train,disha-train/wgpu,disha-train/cuda,disha-train/fusion",
+        "disha-train/burn-train,disha-train/wgpu,disha-train/cuda,disha-train/fusion,disha-train/autotune",
         "--all-targets",
         "--",
         "-D",
@@ -310,7 +310,7 @@ fn main() -> ExitCode {
         return match gpu_bench::prepare(&root) {
             Ok(out) => {
                 println!(
-                    "ready: {}/ (disha-gpu-bench.xz + run.sh). On the GPU machine: sh run.sh",
+                    "ready: {}/ (two binaries, peft_gpu.py and run.sh). On the GPU machine: sh run.sh",
                     out.display()
                 );
                 ExitCode::SUCCESS
