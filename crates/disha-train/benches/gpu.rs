@@ -45,7 +45,7 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 use burn::nn::DropoutConfig;
-use burn::tensor::{DType, Device, Distribution, Int, Tensor, TensorData};
+use burn::tensor::{DType, Device, Distribution, Gradients, Int, Tensor, TensorData};
 use disha_core::kernels::{bat_linear_with, bone_linear_with, single_pass_fallbacks};
 use disha_core::{
     AdapterSpec, BatAdapter, BatOrientation, BoneAdapter, PeftConfig, PeftModelExt, TargetModules,
@@ -206,6 +206,22 @@ struct Parity {
 const PARITY_TOLERANCE: f64 = 0.02;
 
 impl Parity {
+    /// One run of a case: `y`, and for the cotangent `c` the gradient of `x` and the adapter
+    /// parameter's (`d_param` reads it from the gradients, flattened).
+    fn of(
+        y: Tensor<2>,
+        cotangent: &Tensor<2>,
+        x: &Tensor<2>,
+        d_param: impl Fn(&Gradients) -> Tensor<1>,
+    ) -> Self {
+        let grads = (y.clone() * cotangent.clone()).sum().backward();
+        Self {
+            dx: x.grad(&grads).expect("x is tracked"),
+            d_param: d_param(&grads),
+            y: y.detach(),
+        }
+    }
+
     /// The Bone and BAT references for the bf16 operands, computed in f32.
     fn references(
         x: &Tensor<2>,
@@ -219,27 +235,19 @@ impl Parity {
             t.clone().inner().cast(DType::F32).autodiff().require_grad()
         }
         let weight = weight.clone().cast(DType::F32);
-        let cotangent = cotangent.clone().cast(DType::F32);
-        let run = |y: Tensor<2>, x: &Tensor<2>, grads_of_param: &dyn Fn(&_) -> Tensor<1>| {
-            let grads = (y.clone() * cotangent.clone()).sum().backward();
-            Self {
-                dx: x.grad(&grads).expect("x is tracked"),
-                d_param: grads_of_param(&grads),
-                y: y.detach(),
-            }
-        };
+        let cotangent = &cotangent.clone().cast(DType::F32);
         let x_bone = f32_leaf(x);
         let block = f32_leaf(block);
         let bone = BoneAdapter::new(block.clone(), DropoutConfig::new(0.0).init())
             .add_to_output(x_bone.clone(), x_bone.clone().matmul(weight.clone()));
-        let bone = run(bone, &x_bone, &|g| {
+        let bone = Self::of(bone, cotangent, &x_bone, |g| {
             block.grad(g).expect("B is tracked").flatten(0, 1)
         });
         let x_bat = f32_leaf(x);
         let blocks = f32_leaf(blocks);
         let adapter = BatAdapter::new(blocks.clone(), BatOrientation::Peft);
         let bat = reference_block_affine_linear(x_bat.clone(), weight, None, &adapter);
-        let bat = run(bat, &x_bat, &|g| {
+        let bat = Self::of(bat, cotangent, &x_bat, |g| {
             blocks.grad(g).expect("D is tracked").flatten(0, 2)
         });
         [bone, bat]
@@ -247,7 +255,7 @@ impl Parity {
 
     /// The relative deviations of a bf16 result from this reference, and whether all three are
     /// within [`PARITY_TOLERANCE`].
-    fn compare(&self, y: Tensor<2>, dx: Tensor<2>, d_param: Tensor<1>) -> Value {
+    fn compare(&self, actual: Self) -> Value {
         fn deviation<const D: usize>(actual: Tensor<D>, expected: &Tensor<D>) -> f64 {
             let actual = actual.detach().cast(DType::F32);
             let scale = expected.clone().abs().max().into_scalar::<f64>();
@@ -255,9 +263,9 @@ impl Parity {
             worst / scale
         }
         let [y, dx, d_param] = [
-            deviation(y, &self.y),
-            deviation(dx, &self.dx),
-            deviation(d_param, &self.d_param),
+            deviation(actual.y, &self.y),
+            deviation(actual.dx, &self.dx),
+            deviation(actual.d_param, &self.d_param),
         ];
         let ok = [y, dx, d_param].iter().all(|d| *d <= PARITY_TOLERANCE);
         json!({ "y": y, "dx": dx, "d_param": d_param, "ok": ok })
@@ -330,18 +338,14 @@ fn kernels(device: &Device, scale: Scale, report: &mut Report) -> Vec<Value> {
                 let parity = match (case, &references) {
                     ("plain", _) => Value::Null,
                     (_, Err(error)) => json!({ "error": error }),
-                    (_, Ok([bone, bat])) => {
-                        let y = forward();
-                        let grads = (y.clone() * cotangent.clone()).sum().backward();
-                        let dx = x.grad(&grads).expect("x is tracked");
-                        if case.starts_with("bone") {
-                            let d_block = block.grad(&grads).expect("B is tracked");
-                            bone.compare(y, dx, d_block.flatten(0, 1))
-                        } else {
-                            let d_blocks = blocks.grad(&grads).expect("D is tracked");
-                            bat.compare(y, dx, d_blocks.flatten(0, 2))
-                        }
+                    (_, Ok([bone, _])) if case.starts_with("bone") => {
+                        bone.compare(Parity::of(forward(), &cotangent, &x, |g| {
+                            block.grad(g).expect("B is tracked").flatten(0, 1)
+                        }))
                     }
+                    (_, Ok([_, bat])) => bat.compare(Parity::of(forward(), &cotangent, &x, |g| {
+                        blocks.grad(g).expect("D is tracked").flatten(0, 2)
+                    })),
                 };
                 (secs, parity)
             })
